@@ -1,0 +1,67 @@
+"""virtio-lab's kernel core: runs in the user's process, reaches devices only via virtio.
+
+Theory of operation
+-------------------
+A small library OS in the spirit of the Linux Kernel Library. ``kernel.boot()`` starts
+one process per device (``python -m vdev ...``) and binds a driver to each over the
+virtio bus; from then on the user talks to the kernel (``k.sys.pwrite(...)``) and the
+kernel talks to the devices only through split virtqueues in shared memory, ZeroMQ
+doorbells and a vhost-user-like control channel. The layers, top down:
+
+==================  =========================================================
+``kernel.syscalls``  ``k.sys``: ``os``-style calls on ``/dev/vda`` …, errnos
+``kernel.blk``       the block layer (async ``submit``, split, software queue)
+                     and the virtio-blk driver
+``kernel.bus``       the virtio bus: drivers registered by device id, probing
+``kernel.transport`` one device: control session, shared region, queues, the
+                     interrupt thread, failure handling
+``kernel.core``      ``boot()``, ``Kernel``, device handles, clean shutdown
+``kernel.errors``    every error and its errno in one place
+==================  =========================================================
+
+Example::
+
+    import os, kernel
+    with kernel.boot(devices=[kernel.Blk("disk.img")]) as k:
+        fd = k.sys.open("/dev/vda", os.O_RDWR)
+        k.sys.pwrite(fd, b"hello", 4096)
+        assert k.sys.pread(fd, 5, 4096) == b"hello"
+        print(k.devices[0].features, k.devices[0].queues[0].stats)
+"""
+
+from __future__ import annotations
+
+from .blk import BlkDriver, BlockDevice
+from .bus import VirtioBus, VirtioDriver, default_bus, register_driver
+from .core import Kernel, RingView, VirtioDevice, boot
+from .errors import (
+    DeviceControlError,
+    DeviceGoneError,
+    DeviceProbeError,
+    KernelError,
+)
+from .specs import Blk, DeviceSpec
+from .syscalls import Syscalls
+from .transport import KernelQueue, VirtioTransport
+
+__all__ = [
+    "boot",
+    "Kernel",
+    "VirtioDevice",
+    "RingView",
+    "DeviceSpec",
+    "Blk",
+    "VirtioBus",
+    "VirtioDriver",
+    "default_bus",
+    "register_driver",
+    "BlkDriver",
+    "BlockDevice",
+    "Syscalls",
+    "KernelQueue",
+    "VirtioTransport",
+    "KernelError",
+    "DeviceProbeError",
+    "DeviceControlError",
+    "DeviceGoneError",
+]

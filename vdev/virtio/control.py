@@ -31,6 +31,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "CONFIG_CHANGE",
     "REQUESTS",
     "ErrorCode",
     "Request",
@@ -43,6 +44,10 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
+
+#: A call doorbell with this "queue index" means: device status or config changed
+#: (e.g. DEVICE_NEEDS_RESET was set); the driver should GET_STATUS.
+CONFIG_CHANGE = 0xFFFF
 
 
 class ErrorCode:
@@ -118,7 +123,7 @@ def _unpack(data: bytes) -> dict[str, Any]:
 
 def _check_version(obj: dict[str, Any]) -> None:
     v = obj.get("v")
-    if v != PROTOCOL_VERSION or isinstance(v, bool):
+    if type(v) is not int or v != PROTOCOL_VERSION:  # not 1.0, not True
         raise ProtocolError(
             ErrorCode.BAD_VERSION, f"protocol version {v!r}, this side speaks {PROTOCOL_VERSION}"
         )
@@ -137,8 +142,12 @@ def _check_type(name: str, value: Any, want: type) -> None:
 def encode_request(type_: str, **fields: Any) -> bytes:
     """Encode a request; checks it against the schema first (``ProtocolError``)."""
     obj = {"v": PROTOCOL_VERSION, "type": type_, **fields}
-    decode_request(_pack(obj))  # one checker for both directions
-    return _pack(obj)
+    try:
+        data = _pack(obj)
+    except OverflowError:  # msgpack cannot carry ints outside [-2**63, 2**64)
+        raise ProtocolError(ErrorCode.BAD_VALUE, f"{type_}: an integer is not a u64") from None
+    decode_request(data)  # one checker for both directions
+    return data
 
 
 def decode_request(data: bytes) -> Request:
@@ -154,7 +163,7 @@ def decode_request(data: bytes) -> Request:
         if name not in fields:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{type_}: field {name!r} is missing")
         _check_type(name, fields[name], want)
-    extra = sorted(set(fields) - set(schema))
+    extra = sorted(set(fields) - set(schema), key=repr)  # keys may be str and bytes
     if extra:
         raise ProtocolError(ErrorCode.BAD_FIELD, f"{type_}: unexpected field(s) {extra}")
     return Request(type_, fields)

@@ -39,6 +39,7 @@ Every loop over ring data is bounded by the queue size (a chain's TTL is N).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,7 +61,7 @@ from .errors import (
     UsageError,
 )
 from .memory import GuestMemory
-from .ring import DESC, U16, USED_ELEM, RingLayout, vring_need_event
+from .ring import DESC, USED_ELEM, RingLayout, vring_need_event
 
 __all__ = [
     "Chain",
@@ -172,6 +173,21 @@ def _ring_views(memory: GuestMemory, layout: RingLayout) -> tuple[memoryview, ..
     )
 
 
+def _word_views(avail: memoryview, used: memoryview) -> tuple[memoryview, memoryview]:
+    """u16 views of the avail and used rings.
+
+    The other side reads ``idx``, ``flags`` and the event indices while we write them,
+    so each must move in ONE 16-bit store/load (§2.7.13: "idx written last ... in one
+    16-bit store"). ``struct`` with an explicit byte order copies byte by byte, and a
+    peer can then see a half-written index; a native ``memoryview.cast("H")`` is one
+    aligned 16-bit access. Native order equals the ring's little-endian order only on
+    little-endian hosts, the only ones supported.
+    """
+    if sys.byteorder != "little":
+        raise UsageError("virtqueues need a little-endian host (native u16 ring access)")
+    return avail.cast("H"), used.cast("H")
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -226,9 +242,11 @@ class DriverQueue:
         self._published = 0  # avail.idx last written to memory
         self._kicked = 0  # avail.idx at the last kick decision
         self._last_used = 0  # next used index to reap
-        self._used_event_off = 4 + 2 * n
-        self._avail_event_off = 4 + 8 * n
-        self.broken: DeviceSpecError | None = None
+        # u16 word views: one 16-bit load/store per index (see _word_views)
+        self._a16, self._u16 = _word_views(self._avail, self._used)
+        self._used_event = 2 + n  # word index of avail.used_event
+        self._avail_event = 2 + 4 * n  # word index of used.avail_event
+        self.broken: DeviceSpecError | UsageError | None = None
         self.stats = DriverQueueStats()
 
     # -- state
@@ -315,7 +333,7 @@ class DriverQueue:
             head = descs[0]
         self._inflight[head] = _InFlight(token, descs, wlen)
         self._n_inflight += 1
-        U16.pack_into(self._avail, 4 + 2 * (self._avail_idx % self.size), head)
+        self._a16[2 + self._avail_idx % self.size] = head
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
         self.stats.requests += 1
         return head
@@ -329,14 +347,14 @@ class DriverQueue:
         old = self._kicked
         if new == old:
             return False
-        U16.pack_into(self._avail, 2, new)
+        self._a16[1] = new
         self._published = new
         self.memory.barrier()  # store avail.idx before loading avail_event / flags
         if self.event_idx:
-            event = U16.unpack_from(self._used, self._avail_event_off)[0]
+            event = self._u16[self._avail_event]
             notify = vring_need_event(event, new, old)
         else:
-            notify = not U16.unpack_from(self._used, 0)[0] & VRING_USED_F_NO_NOTIFY
+            notify = not self._u16[0] & VRING_USED_F_NO_NOTIFY
         self._kicked = new
         if notify:
             self.stats.kicks_sent += 1
@@ -347,7 +365,7 @@ class DriverQueue:
     # -- completions
     def has_used(self) -> bool:
         """True if the device has published used entries not yet reaped."""
-        return bool(U16.unpack_from(self._used, 2)[0] != self._last_used)
+        return bool(self._u16[1] != self._last_used)
 
     def get_used(self, limit: int | None = None) -> list[tuple[Any, int]]:
         """Reap used entries: returns ``(token, written_len)`` in completion order and
@@ -356,7 +374,7 @@ class DriverQueue:
         returned; the next call raises. At most ``limit`` (default: N) entries."""
         self._check_broken()
         used = self._used
-        used_idx = U16.unpack_from(used, 2)[0]
+        used_idx = self._u16[1]
         pending = (used_idx - self._last_used) & 0xFFFF
         if pending == 0:
             return []
@@ -409,15 +427,15 @@ class DriverQueue:
         """Ask the device not to interrupt (a hint, §2.7.7). Without EVENT_IDX this sets
         NO_INTERRUPT; with EVENT_IDX ``used_event`` is simply left behind."""
         if not self.event_idx:
-            U16.pack_into(self._avail, 0, VRING_AVAIL_F_NO_INTERRUPT)
+            self._a16[0] = VRING_AVAIL_F_NO_INTERRUPT
 
     def enable_interrupts(self) -> bool:
         """Re-enable interrupts and re-check: returns True if used entries arrived in
         the meantime (reap again before sleeping — the lost-wake-up guard)."""
         if self.event_idx:
-            U16.pack_into(self._avail, self._used_event_off, self._last_used)
+            self._a16[self._used_event] = self._last_used
         else:
-            U16.pack_into(self._avail, 0, 0)
+            self._a16[0] = 0
         self.memory.barrier()
         return self.has_used()
 
@@ -432,7 +450,7 @@ class DriverQueue:
         self._inflight = [None] * self.size
         self._n_inflight = 0
         if self.broken is None:
-            self.broken = DeviceSpecError(Rule.USED_IDX_JUMP, "queue abandoned")
+            self.broken = UsageError("queue abandoned (device gone or reset); build a new one")
         return tokens
 
     def in_flight_tokens(self) -> list[Any]:
@@ -478,11 +496,13 @@ class DeviceQueue:
         self.event_idx = event_idx
         self.indirect = indirect
         self._desc, self._avail, self._used = _ring_views(memory, layout)
+        # u16 word views: one 16-bit load/store per index (see _word_views)
+        self._a16, self._u16 = _word_views(self._avail, self._used)
         self.last_avail = last_avail & 0xFFFF
-        self.used_idx = U16.unpack_from(self._used, 2)[0]
+        self.used_idx = self._u16[1]
         self._signalled = self.used_idx  # used.idx at the last interrupt decision
-        self._used_event_off = 4 + 2 * n
-        self._avail_event_off = 4 + 8 * n
+        self._used_event = 2 + n  # word index of avail.used_event
+        self._avail_event = 2 + 4 * n  # word index of used.avail_event
         self.broken: RingError | None = None
         self.stats = DeviceQueueStats()
 
@@ -493,7 +513,7 @@ class DeviceQueue:
 
     def has_avail(self) -> bool:
         """True if the driver has published chains not yet popped."""
-        return bool(U16.unpack_from(self._avail, 2)[0] != self.last_avail)
+        return bool(self._a16[1] != self.last_avail)
 
     def pop(self) -> Chain | None:
         """Take the next available chain, validated; None if there is none.
@@ -503,7 +523,7 @@ class DeviceQueue:
         trusted (the queue is then broken and keeps raising)."""
         if self.broken is not None:
             raise self.broken
-        avail_idx = U16.unpack_from(self._avail, 2)[0]
+        avail_idx = self._a16[1]
         last = self.last_avail
         if avail_idx == last:
             return None
@@ -512,7 +532,7 @@ class DeviceQueue:
             raise self._ring_error(
                 Rule.AVAIL_IDX_JUMP, f"avail.idx {avail_idx}, device at {last}, size {n}"
             )
-        head = U16.unpack_from(self._avail, 4 + 2 * (last % n))[0]
+        head = self._a16[2 + last % n]
         if head >= n:
             raise self._ring_error(Rule.HEAD_OUT_OF_RANGE, f"head {head}, queue size {n}")
         self.last_avail = (last + 1) & 0xFFFF
@@ -595,7 +615,7 @@ class DeviceQueue:
         idx = self.used_idx
         USED_ELEM.pack_into(self._used, 4 + 8 * (idx % self.size), head, written)
         self.used_idx = idx = (idx + 1) & 0xFFFF
-        U16.pack_into(self._used, 2, idx)
+        self._u16[1] = idx
 
     def should_interrupt(self) -> bool:
         """Decide whether the driver must be interrupted for what was pushed since the
@@ -607,10 +627,10 @@ class DeviceQueue:
             return False
         self.memory.barrier()  # store used.idx before loading used_event / flags
         if self.event_idx:
-            event = U16.unpack_from(self._avail, self._used_event_off)[0]
+            event = self._a16[self._used_event]
             notify = vring_need_event(event, new, old)
         else:
-            notify = not U16.unpack_from(self._avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+            notify = not self._a16[0] & VRING_AVAIL_F_NO_INTERRUPT
         self._signalled = new
         if notify:
             self.stats.interrupts_sent += 1
@@ -622,14 +642,14 @@ class DeviceQueue:
         """Ask the driver not to kick while we drain (a hint, §2.7.10). Without
         EVENT_IDX this sets NO_NOTIFY; with EVENT_IDX ``avail_event`` is left behind."""
         if not self.event_idx:
-            U16.pack_into(self._used, 0, VRING_USED_F_NO_NOTIFY)
+            self._u16[0] = VRING_USED_F_NO_NOTIFY
 
     def enable_notifications(self) -> bool:
         """Re-enable kicks and re-check: returns True if chains arrived meanwhile
         (process them before sleeping — the lost-wake-up guard)."""
         if self.event_idx:
-            U16.pack_into(self._used, self._avail_event_off, self.last_avail)
+            self._u16[self._avail_event] = self.last_avail
         else:
-            U16.pack_into(self._used, 0, 0)
+            self._u16[0] = 0
         self.memory.barrier()
         return self.has_avail()

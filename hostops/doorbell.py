@@ -1,0 +1,194 @@
+"""ZeroMQ doorbells: the driver's *kick* and the device's *call*.
+
+Theory of operation
+-------------------
+A doorbell carries no data, only "queue N has something for you". On the wire it is one
+ZeroMQ message of exactly 2 bytes: the little-endian ``u16`` queue index. Several queues
+share one endpoint, so one socket (and one poll entry) serves a whole device.
+
+* :class:`DoorbellListener` binds a ``PULL`` socket; the side being notified owns it.
+  :meth:`DoorbellListener.recv_all` drains everything pending without blocking and returns
+  the distinct queue indices in first-arrival order -- a doorbell is level-triggered
+  ("look at queue N"), so two kicks for the same queue need one look. Malformed messages
+  are counted in :attr:`DoorbellListener.malformed` and dropped; a hostile peer cannot make
+  the listener raise.
+* :class:`Doorbell` connects a ``PUSH`` socket. :meth:`Doorbell.ring` never blocks: the
+  send high-water mark is large (100 000 doorbells) and sends are ``NOBLOCK``; when that
+  queue is full the peer has been gone for a long time and :class:`~hostops.errors.PeerGone`
+  is raised. ``ZMQ_IMMEDIATE`` is deliberately *not* set, so rings made before the
+  listener has bound are queued and delivered once it does.
+
+All sockets come from the one process-wide context and have ``LINGER 0``, so ``close``
+never hangs. The price: ``ring`` only queues the message for ZeroMQ's I/O thread, so a
+doorbell rung immediately before :meth:`Doorbell.close` or process exit may never be
+delivered. That is harmless for virtio -- the ring indices in shared memory are the truth
+and the peer re-checks them -- but a process must not use a doorbell as its last word.
+A listener removes its ``ipc://`` socket file when closed.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import zmq
+
+from hostops._zmq import IpcFile, new_socket
+from hostops.errors import ChannelClosed, PeerGone
+
+__all__ = ["DoorbellListener", "Doorbell", "HIGH_WATER_MARK"]
+
+HIGH_WATER_MARK = 100_000
+"""Doorbells queued per socket before :meth:`Doorbell.ring` reports the peer gone."""
+
+_U16 = struct.Struct("<H")
+
+
+class DoorbellListener:
+    """The receiving end of one or more doorbells: a bound ``PULL`` socket.
+
+    Not thread-safe: receive from a single thread (typically the one that polls it).
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        self._endpoint = endpoint
+        self._sock: zmq.Socket[bytes] | None = new_socket(zmq.PULL)
+        try:
+            self._sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+            self._sock.bind(endpoint)
+        except BaseException:
+            self._sock.close(linger=0)
+            self._sock = None
+            raise
+        self._ipc_file = IpcFile(endpoint)
+        self.malformed = 0
+        """Messages dropped because they were not exactly one 2-byte frame."""
+        self.received = 0
+        """Valid doorbell messages received (duplicates included)."""
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint this listener is bound to."""
+        return self._endpoint
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self._sock is None:
+            raise ChannelClosed(f"doorbell listener {self._endpoint} is closed")
+        return self._sock
+
+    def recv_all(self) -> list[int]:
+        """Drain all pending doorbells without blocking; return distinct queue indices.
+
+        Indices are in order of first arrival; an empty list means nothing was pending.
+        """
+        sock = self._socket()
+        seen: dict[int, None] = {}
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if len(frames) != 1 or len(frames[0]) != 2:
+                self.malformed += 1
+                continue
+            self.received += 1
+            seen[_U16.unpack(frames[0])[0]] = None
+        return list(seen)
+
+    def wait(self, timeout_s: float | None) -> list[int]:
+        """Block up to ``timeout_s`` seconds (None: forever) for a doorbell, then drain.
+
+        Returns an empty list on timeout.
+        """
+        sock = self._socket()
+        timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))
+        if sock.poll(timeout_ms, zmq.POLLIN):
+            return self.recv_all()
+        return []
+
+    def _pollable(self) -> zmq.Socket[bytes]:
+        return self._socket()
+
+    def close(self) -> None:
+        """Close the socket and remove its ``ipc://`` file. Idempotent, never blocks."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close(linger=0)
+            self._ipc_file.remove()
+
+    def __enter__(self) -> DoorbellListener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<DoorbellListener {self._endpoint}{' closed' if self._sock is None else ''}>"
+
+
+class Doorbell:
+    """The ringing end of a doorbell: a connected ``PUSH`` socket. Thread-safe.
+
+    ``high_water_mark`` (default :data:`HIGH_WATER_MARK`) bounds how many doorbells may
+    wait for the peer before :meth:`ring` gives up with :class:`PeerGone`.
+    """
+
+    def __init__(self, endpoint: str, *, high_water_mark: int = HIGH_WATER_MARK) -> None:
+        self._endpoint = endpoint
+        self._lock = threading.Lock()
+        self._sock: zmq.Socket[bytes] | None = new_socket(zmq.PUSH)
+        try:
+            self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
+            self._sock.connect(endpoint)
+        except BaseException:
+            self._sock.close(linger=0)
+            self._sock = None
+            raise
+        self._hwm = high_water_mark
+        self.rung = 0
+        """Doorbells sent successfully."""
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint this doorbell rings."""
+        return self._endpoint
+
+    def ring(self, queue_index: int) -> None:
+        """Notify the listener about ``queue_index`` (0..65535). Never blocks.
+
+        Raises :class:`PeerGone` if the peer has not drained the queued doorbells,
+        :class:`ChannelClosed` after :meth:`close`, ValueError for a bad index.
+        """
+        if not 0 <= queue_index <= 0xFFFF:
+            raise ValueError(f"queue index must be in 0..65535, got {queue_index}")
+        payload = _U16.pack(queue_index)
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                raise ChannelClosed(f"doorbell {self._endpoint} is closed")
+            try:
+                sock.send(payload, zmq.NOBLOCK)
+            except zmq.Again as exc:
+                raise PeerGone(
+                    f"doorbell {self._endpoint}: {self._hwm} doorbells undelivered"
+                ) from exc
+            self.rung += 1
+
+    def close(self) -> None:
+        """Close the socket, dropping undelivered doorbells. Idempotent, never blocks.
+
+        Doorbells still queued (e.g. rung just before) are discarded.
+        """
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close(linger=0)
+
+    def __enter__(self) -> Doorbell:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Doorbell {self._endpoint}{' closed' if self._sock is None else ''}>"

@@ -1,0 +1,259 @@
+"""``kernel.boot()``: bring devices up, hand out the kernel, tear everything down.
+
+Theory of operation
+-------------------
+:func:`boot` is the whole life cycle in one call: it sweeps what crashed runs left
+behind (``/dev/shm/vlab-*`` segments, runtime directories of dead processes), creates
+a private 0700 :class:`~hostops.rundir.RuntimeDir` for the endpoints and logs, starts
+every device process at once (their start-up overlaps), then probes them one by one on
+the virtio bus (:mod:`kernel.bus`): device ``i`` of a kind gets the name ``<prefix>a``,
+``<prefix>b``, ... (``vda``, ``vdb`` for disks). If any device fails to come up,
+everything already started is torn down and :class:`~kernel.errors.DeviceProbeError`
+says which device failed and why (with its log).
+
+The returned :class:`Kernel` owns all of it. :meth:`Kernel.shutdown` -- idempotent,
+safe from any thread -- closes every fd, resets each device (best effort), stops its
+interrupt thread and process, unmaps and unlinks its region and removes the runtime
+directory. It runs on every way out: leaving the ``with`` block (also by
+KeyboardInterrupt), SIGTERM (``hostops.signals.on_terminate``) and interpreter exit
+(``register_atexit``). A SIGKILL of the user's process leaves nothing either: shm names
+are unlinked right after SET_MEM_TABLE, the device processes notice their parent's
+death, and the next :func:`boot` sweeps the runtime directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hostops.rundir import RuntimeDir, sweep_stale_rundirs
+from hostops.shm import sweep_stale_segments
+from hostops.signals import on_terminate, register_atexit
+from hostops.sync import Event, Lock, is_main_thread, start_thread
+from vdev.virtio import RingLayout
+
+from .blk import BlockDevice
+from .bus import VirtioBus, VirtioDriver, default_bus
+from .specs import DeviceSpec
+from .syscalls import Syscalls
+from .transport import KernelQueue, VirtioTransport
+
+__all__ = ["boot", "Kernel", "VirtioDevice", "RingView", "device_name"]
+
+log = logging.getLogger(__name__)
+
+#: How long the SIGTERM handler waits for the shutdown before letting the process exit.
+SIGTERM_GRACE_S = 5.0
+#: How long a second shutdown() call waits for one already in progress elsewhere.
+SHUTDOWN_WAIT_S = 30.0
+
+
+def device_name(prefix: str, index: int) -> str:
+    """Linux-style disk names: ``vda`` … ``vdz``, ``vdaa`` …"""
+    letters = ""
+    i = index
+    while True:
+        letters = chr(ord("a") + i % 26) + letters
+        i = i // 26 - 1
+        if i < 0:
+            return prefix + letters
+
+
+@dataclass(frozen=True)
+class RingView:
+    """Where queue rings live, for inspection: ``memory`` is a read-only view of the
+    whole shared region as the kernel maps it; ``desc``, ``avail``, ``used`` are byte
+    offsets of the three parts in it; ``size`` is the queue size N."""
+
+    memory: memoryview
+    desc: int
+    avail: int
+    used: int
+    size: int
+
+
+class VirtioDevice:
+    """One device of a booted kernel, as the user sees it.
+
+    ``name`` (``"vda"``), ``device_id``, ``pid`` (of the device process),
+    ``features`` (negotiated feature names), ``feature_bits``, ``queues`` (each with
+    ``.stats``), ``block`` (the :class:`BlockDevice` for a disk, else None),
+    ``driver``, ``transport``.
+    """
+
+    def __init__(self, transport: VirtioTransport, driver: VirtioDriver) -> None:
+        self.transport = transport
+        self.driver = driver
+        self.name = transport.name
+        self.device_id = transport.device_id
+        self.pid = transport.pid
+        self.feature_bits = transport.features
+        self.features: list[str] = transport.feature_names
+        self.queues: list[KernelQueue] = [q for q in transport.queues if q is not None]
+        self.block: BlockDevice | None = driver.block
+
+    @property
+    def failed(self) -> OSError | None:
+        """Why the device stopped working (died, needs reset, broke the rules), or None."""
+        return self.transport.failed
+
+    def wait_failed(self, timeout_s: float | None = None) -> OSError | None:
+        """Block until the device fails (or ``timeout_s`` passes); returns
+        :attr:`failed`."""
+        return self.transport.wait_failed(timeout_s)
+
+    def metrics(self) -> dict[str, Any]:
+        """The device's own counters (GET_METRICS): ``{"device": {...}, "queues":
+        [{...}, ...]}``. Raises :class:`~kernel.errors.DeviceGoneError` if it died."""
+        return self.transport.metrics()
+
+    def ring_layout(self, index: int = 0) -> RingView:
+        """Where queue ``index``'s rings are in the shared region (read-only view)."""
+        t = self.transport
+        q = self.queues[index]
+        if t.region is None or t.memory is None:
+            raise RuntimeError(f"{self.name}: the device's memory is no longer mapped")
+        lay: RingLayout = q.layout
+        return RingView(t.region.buf.toreadonly(), lay.desc, lay.avail, lay.used, lay.size)
+
+    def __repr__(self) -> str:
+        return f"<VirtioDevice {self.name} id={self.device_id} pid={self.pid}>"
+
+
+class Kernel:
+    """A booted kernel: ``devices``, ``sys`` (the syscall layer) and :meth:`shutdown`.
+    Use it as a context manager."""
+
+    def __init__(self, rundir: RuntimeDir) -> None:
+        self.rundir = rundir
+        self.devices: list[VirtioDevice] = []
+        self._transports: list[VirtioTransport] = []
+        self._lock = Lock()
+        self._down = False
+        self._done = Event()
+        self._uninstall: list[Callable[[], Any]] = []
+        self.sys = Syscalls(self._block_devices)
+
+    def _block_devices(self) -> dict[str, BlockDevice]:
+        return {d.name: d.block for d in self.devices if d.block is not None}
+
+    def device(self, name: str) -> VirtioDevice:
+        """The device called ``name`` (KeyError if there is none)."""
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    @property
+    def is_shut_down(self) -> bool:
+        """True once :meth:`shutdown` has run."""
+        return self._down
+
+    def _install_handlers(self) -> None:
+        self._uninstall.append(register_atexit(self.shutdown))
+        if is_main_thread():
+            try:
+                self._uninstall.append(on_terminate(self._on_sigterm))
+            except ValueError:  # not possible from this thread / interpreter state
+                pass
+
+    def _on_sigterm(self) -> None:
+        # We are inside a signal handler on the main thread, which may hold a lock the
+        # shutdown needs (a queue lock, the control channel). Shut down on a helper
+        # thread; if it cannot finish now, it finishes once hostops' SystemExit has
+        # unwound the main thread, and every later shutdown() call waits for it.
+        t = start_thread(self.shutdown, name="kernel-sigterm-shutdown")
+        t.join(SIGTERM_GRACE_S)
+
+    def shutdown(self) -> None:
+        """Close every fd, reset and stop every device, release every region and the
+        runtime directory. Idempotent; safe from any thread and from signal handlers."""
+        with self._lock:
+            first = not self._down
+            self._down = True
+        if not first:
+            self._done.wait(SHUTDOWN_WAIT_S)
+            return
+        try:
+            self._shutdown()
+        finally:
+            self._done.set()
+
+    def _shutdown(self) -> None:
+        self.sys.shutdown()
+        for t in reversed(self._transports):
+            try:
+                t.shutdown()
+            except Exception:
+                log.exception("%s: shutdown failed", t.name)
+        for d in self.devices:
+            try:
+                d.driver.remove()
+            except Exception:
+                log.exception("%s: driver remove failed", d.name)
+        try:
+            self.rundir.cleanup()
+        except Exception:
+            log.exception("removing the runtime directory failed")
+        for undo in self._uninstall:
+            try:
+                undo()
+            except Exception:
+                pass
+        self._uninstall.clear()
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "down" if self._down else "up"
+        return f"<Kernel {state} devices={[d.name for d in self.devices]}>"
+
+
+def boot(
+    devices: Sequence[DeviceSpec] = (),
+    *,
+    region_size: int | None = None,
+    bus: VirtioBus | None = None,
+) -> Kernel:
+    """Start a kernel with the given devices (``kernel.Blk(...)``, ...).
+
+    ``region_size`` sets the size of each device's shared region (rings + DMA pool;
+    default: the rings plus 8 MiB). ``bus`` is the driver table (default: the one the
+    built-in drivers and :func:`kernel.register_driver` use). Raises
+    :class:`~kernel.errors.DeviceProbeError` if a device cannot be brought up (nothing
+    is left running then).
+    """
+    specs = list(devices)
+    for s in specs:
+        if not isinstance(s, DeviceSpec):
+            raise TypeError(f"not a device spec: {s!r} (use kernel.Blk(...))")
+    if region_size is not None and (not isinstance(region_size, int) or region_size <= 0):
+        raise ValueError(f"region_size must be a positive int, got {region_size!r}")
+    bus = bus or default_bus
+    sweep_stale_segments()
+    sweep_stale_rundirs()
+    k = Kernel(RuntimeDir.create())
+    try:
+        k._install_handlers()
+        counters: dict[str, int] = {}
+        for spec in specs:
+            i = counters.get(spec.name_prefix, 0)
+            counters[spec.name_prefix] = i + 1
+            t = VirtioTransport(
+                device_name(spec.name_prefix, i), spec, k.rundir, region_size=region_size
+            )
+            k._transports.append(t)
+            t.launch()
+        for t in k._transports:
+            driver = bus.probe(t)
+            k.devices.append(VirtioDevice(t, driver))
+    except BaseException:
+        k.shutdown()
+        raise
+    return k
