@@ -170,13 +170,19 @@ def _virtio(block: object, w: Workload, size: int, seconds: float, data: bytes) 
                 if not state["inflight"]:
                     finished.set()
                 return
-        issue()
+        try:
+            issue()
+        except OSError as e:  # the device failed: submit refuses, no callback will come
+            done(e)
 
     start = time.perf_counter()
     with lock:
         state["inflight"] = w.depth
     for _ in range(w.depth):
-        issue()
+        try:
+            issue()
+        except OSError as e:
+            done(e)
     if not finished.wait(seconds + 60):
         raise CliError(f"{w.name}: requests did not complete within {seconds + 60:.0f} s")
     elapsed = time.perf_counter() - start
