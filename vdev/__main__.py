@@ -20,11 +20,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from vdev.virtio.constants import MAX_QUEUE_SIZE
+from vdev.virtio.units import parse_size
+
 if TYPE_CHECKING:
     from vdev.blk import BlkDevice
 
 PROG = "python -m vdev"
-MAX_QUEUE_SIZE = 32768
 
 
 class UsageFailure(Exception):
@@ -37,16 +39,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = units.get(t[-1:], 1)
     try:
-        value = int(t[:-1] if t[-1:] in units else t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0 or value % 512:
-        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 512: {text!r}")
-    return value
+        return parse_size(text, multiple_of=512)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _queue_size(text: str) -> int:
