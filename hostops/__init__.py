@@ -32,7 +32,13 @@ from hostops.process import (
 )
 from hostops.rundir import SUN_PATH_MAX, RuntimeDir, sweep_stale_rundirs
 from hostops.shm import PAGE_SIZE, PageAllocator, SharedRegion, sweep_stale_segments
-from hostops.signals import SIGTERM_EXIT_CODE, ignore_sigint, on_terminate, register_atexit
+from hostops.signals import (
+    SIGTERM_EXIT_CODE,
+    ignore_sigint,
+    on_terminate,
+    register_atexit,
+    wake_on_signals,
+)
 from hostops.sync import (
     BoundedSemaphore,
     Condition,
@@ -99,6 +105,7 @@ __all__ = [
     # signals
     "SIGTERM_EXIT_CODE",
     "on_terminate",
+    "wake_on_signals",
     "ignore_sigint",
     "register_atexit",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from typing import cast
 
 import zmq
 
@@ -83,7 +84,10 @@ class DoorbellListener:
         """
         sock = self._socket()
         seen: dict[int, None] = {}
-        while True:
+        events = sock.get
+        # Ask ZMQ_EVENTS before each receive: ending the loop on zmq.Again would cost
+        # an exception per wake-up.
+        while cast(int, events(zmq.EVENTS)) & zmq.POLLIN:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -145,6 +149,7 @@ class Doorbell:
             self._sock = None
             raise
         self._hwm = high_water_mark
+        self._payloads: dict[int, bytes] = {}  # queue index -> its 2-byte message
         self.rung = 0
         """Doorbells sent successfully."""
 
@@ -159,9 +164,13 @@ class Doorbell:
         Raises :class:`PeerGone` if the peer has not drained the queued doorbells,
         :class:`ChannelClosed` after :meth:`close`, ValueError for a bad index.
         """
-        if not 0 <= queue_index <= 0xFFFF:
-            raise ValueError(f"queue index must be in 0..65535, got {queue_index}")
-        payload = _U16.pack(queue_index)
+        payload = self._payloads.get(queue_index)
+        if payload is None:
+            if not 0 <= queue_index <= 0xFFFF:
+                raise ValueError(f"queue index must be in 0..65535, got {queue_index}")
+            payload = _U16.pack(queue_index)
+            if len(self._payloads) < 64:
+                self._payloads[queue_index] = payload
         with self._lock:
             sock = self._sock
             if sock is None:

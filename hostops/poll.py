@@ -69,6 +69,10 @@ class Waker:
         """The read end's fd."""
         return self._r
 
+    def wakeup_fd(self) -> int:
+        """The (non-blocking) write end's fd, e.g. for ``signal.set_wakeup_fd``."""
+        return self._w
+
     def _pollable(self) -> int:
         return self._r
 
@@ -124,8 +128,9 @@ class Poller:
         Returns the registered objects that are ready, in registration order; an empty
         list on timeout.
         """
-        timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))
-        events = dict(self._poller.poll(timeout_ms))
-        if not events:
+        timeout_ms = -1 if timeout_s is None else max(0, int(timeout_s * 1000 + 0.999))
+        ready = zmq.zmq_poll(self._poller.sockets, timeout_ms)
+        if not ready:
             return []
+        events = dict(ready)
         return [obj for obj in self._objects if events.get(self._keys[id(obj)], 0)]

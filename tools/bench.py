@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import kernel
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.table import render_table
 
 __all__ = ["Row", "WORKLOADS", "run_blk"]

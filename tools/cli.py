@@ -12,17 +12,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from tools.errors import CliError
 from vdev.virtio.units import parse_size
 
 __all__ = ["main", "CliError"]
-
-
-class CliError(Exception):
-    """A failure to report as one line; ``status`` is the exit status."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,13 +30,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+MAX_SECONDS = 86400.0
+
+
 def _positive_float(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    if not 0 < v <= MAX_SECONDS:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most {MAX_SECONDS:.0f}: {text!r}")
     return v
 
 
@@ -87,6 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="run only this row (repeatable)",
     )
+
+    v = sub.add_parser(
+        "vm",
+        help="boot a small Linux guest in QEMU whose /dev/vda is a vhost-user-blk backend",
+    )
+    v.add_argument("--setup", action="store_true", help="download and unpack the guest kernel")
+    v.add_argument("--image", help="raw image to serve (default: a temporary empty one)")
+    v.add_argument(
+        "--size", type=_size, default=64 << 20, help="size of the temporary image (default 64M)"
+    )
+    v.add_argument(
+        "--backend",
+        choices=["vlab", "qsd"],
+        default="vlab",
+        help="vlab: python -m vdev blk --vhost-user (default); qsd: qemu-storage-daemon",
+    )
+    v.add_argument(
+        "--run", metavar="CMD", help="shell command to run in the guest (exit status is ours)"
+    )
+    v.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=180.0,
+        help="kill the guest after S seconds (default 180)",
+    )
+    v.add_argument("--verbose", action="store_true", help="echo the guest console to stderr")
     return p
 
 
@@ -103,6 +125,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return bench.run_blk(
                 image=args.image, seconds=args.seconds, as_json=args.json, only=args.only
+            )
+        if args.command == "vm":
+            from tools import vm
+
+            if args.setup and (args.image or args.run):
+                raise CliError("vm: --setup does not boot a guest; run it alone", 2)
+            return vm.run(
+                image=args.image,
+                backend=args.backend,
+                command=args.run,
+                timeout=args.timeout,
+                size=args.size,
+                do_setup=args.setup,
+                verbose=args.verbose,
             )
         raise CliError(f"unknown command {args.command!r}", 2)
     except CliError as e:

@@ -14,7 +14,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import kernel
-from tools.cli import CliError
+from tools.errors import CliError
 from tools.table import render_table
 
 __all__ = ["run", "pattern"]
@@ -53,7 +53,7 @@ def _check_image(path: str, write: bool) -> int:
 def run(image: str | None = None, write: bool = False, size: int = 64 << 20) -> int:
     """Run the demo; returns the exit status (0 when every check passed)."""
     if write and image is None:
-        raise CliError("--write only makes sense with --image")
+        raise CliError("--write only makes sense with --image", 2)
     with tempfile.TemporaryDirectory(prefix="vlab-demo-") as tmp:
         if image is None:
             path = os.path.join(tmp, "disk.img")
@@ -68,12 +68,26 @@ def run(image: str | None = None, write: bool = False, size: int = 64 << 20) -> 
 
 
 def _demo(path: str, size: int, writable: bool, temporary: bool) -> int:
-    span = min(size - size % 4096, 4 << 20)
+    span = min(size - size % 512, 4 << 20)
     offsets = list(range(0, span, CHUNK))
     print(
         f"image: {path} ({size} bytes){' [temporary]' if temporary else ''}"
         f"{'' if writable else ' [read-only]'}"
     )
+    saved: list[bytes] = []  # the user's bytes while the pattern is on their image
+    try:
+        return _run_kernel(path, span, offsets, writable, temporary, saved)
+    finally:
+        if saved:  # the device path failed before restoring: put them back from the host
+            with open(path, "r+b") as f:
+                f.write(saved[0])
+                os.fsync(f.fileno())
+            print(f"  [ok] original {len(saved[0])} bytes restored from the host side")
+
+
+def _run_kernel(
+    path: str, span: int, offsets: list[int], writable: bool, temporary: bool, saved: list[bytes]
+) -> int:
     with kernel.boot(devices=[kernel.Blk(path, readonly=not writable)]) as k:
         dev = k.devices[0]
         print(f"device /dev/{dev.name}: device id {dev.device_id}, process {dev.pid}")
@@ -84,6 +98,7 @@ def _demo(path: str, size: int, writable: bool, temporary: bool) -> int:
                 if not temporary:
                     with open(path, "rb") as f:
                         original = f.read(span)
+                    saved.append(original)
 
                 def put(off: int) -> None:
                     data = pattern(off, min(CHUNK, span - off))
@@ -117,6 +132,8 @@ def _demo(path: str, size: int, writable: bool, temporary: bool) -> int:
                 k.sys.fsync(fd)
                 with open(path, "rb") as f:
                     restored = f.read(span) == original
+                if restored:
+                    saved.clear()
                 ok &= _report(f"original {n} bytes restored", restored)
         finally:
             k.sys.close(fd)

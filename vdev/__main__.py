@@ -2,9 +2,13 @@
 
     python -m vdev blk --image PATH [--readonly] [--queue-size N] --control ENDPOINT
     python -m vdev blk --memory SIZE [--readonly] [--queue-size N] --control ENDPOINT
+    python -m vdev blk --image PATH ... --vhost-user SOCKET_PATH
 
 The process binds a control server at ENDPOINT (``ipc://...``) and serves the kernel
-until SIGTERM or until the process that launched it dies (SIGINT is ignored). A bad
+until SIGTERM or until the process that launched it dies (SIGINT is ignored). With
+``--vhost-user`` it is instead a vhost-user back-end listening on SOCKET_PATH (see
+:mod:`vdev.vhost_user`), serving one front-end (e.g. QEMU) after another until SIGTERM
+or SIGINT; the socket file is removed on exit. A bad
 argument or a missing image is reported as one line on stderr with exit status 2; a
 failure while running as one line with status 1. No traceback unless ``VLAB_DEBUG=1``.
 
@@ -81,14 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="largest queue size the driver may use (power of two, default 256)",
     )
-    blk.add_argument(
+    _add_transport(blk)
+    return p
+
+
+def _add_transport(kind: argparse.ArgumentParser) -> None:
+    """Exactly one of ``--control`` (our ZeroMQ runtime) or ``--vhost-user`` (a
+    vhost-user back-end socket, for QEMU), for every device kind."""
+    transport = kind.add_mutually_exclusive_group(required=True)
+    transport.add_argument(
         "--control",
         metavar="ENDPOINT",
         type=_endpoint,
-        required=True,
         help="ipc:// endpoint to bind the control channel at",
     )
-    return p
+    transport.add_argument(
+        "--vhost-user",
+        metavar="SOCKET_PATH",
+        type=_socket_path,
+        help="serve as a vhost-user back-end on this Unix socket (e.g. for QEMU)",
+    )
+
+
+def _socket_path(text: str) -> str:
+    if not text or len(os.fsencode(text)) >= 108:
+        raise argparse.ArgumentTypeError(f"not a usable Unix socket path: {text!r}")
+    return text
 
 
 def _open_blk(args: argparse.Namespace) -> BlkDevice:
@@ -119,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return 2
     try:
+        if args.vhost_user is not None:
+            from vdev.vhost_user import serve as serve_vhost_user
+
+            return serve_vhost_user(device, args.vhost_user)
         from vdev.runtime import serve
 
         return serve(device, args.control)

@@ -9,7 +9,9 @@ Theory of operation
 * the kick ``DoorbellListener`` (one per distinct kick endpoint; a kick is a u16 queue
   index),
 * the ``ParentWatch`` (the process that launched us is gone: exit), and
-* a ``Waker`` (``stop()`` from a signal handler or another thread).
+* a ``Waker`` (``stop()`` from a signal handler or another thread; under :func:`serve`
+  it is also the process's signal wake-up fd, so a SIGTERM that lands just before the
+  poll blocks still wakes it at once).
 
 The control session is the one in ``vdev.virtio.control`` (vhost-user's vocabulary):
 the runtime keeps the device's *status byte* (order checked by
@@ -30,17 +32,10 @@ Data path. A kick for queue *q* marks it pending; a pending queue is served with
 disable–drain–re-enable–recheck loop of :mod:`vdev.virtio.queue`, at most
 :attr:`DeviceRuntime.budget` chains per round so that one busy queue cannot starve the
 control channel or the other queues (a queue with work left stays pending and the
-poller is asked with timeout 0). Per chain:
-
-=======================  ==================================================================
-event                    what the runtime does
-=======================  ==================================================================
-valid chain              ``n = device.handle(q, chain)``; ``push(head, n)``
-``ChainError``           ``push(head, 0)``; count ``bad_chains``; go on
-``device.handle`` raises a device bug: log it; ``push(head, 0)``; count ``handler_errors``
-``RingError``            the ring cannot be trusted: stop the queue, set DEVICE_NEEDS_RESET,
-                         ring the call doorbell with ``CONFIG_CHANGE`` (0xFFFF)
-=======================  ==================================================================
+poller is asked with timeout 0). The loop and the per-chain rules are
+:class:`vdev.queue_service.QueueServer`'s, shared with the vhost-user transport; a
+``RingError`` (the ring cannot be trusted) stops the queue, sets DEVICE_NEEDS_RESET and
+rings the call doorbell with ``CONFIG_CHANGE`` (0xFFFF).
 
 After each drain, ``should_interrupt()`` (EVENT_IDX aware) decides whether to ring the
 queue's call doorbell with its index.
@@ -72,7 +67,9 @@ from hostops.errors import TransportError
 from hostops.poll import Poller, Waker
 from hostops.process import ParentWatch
 from hostops.shm import SharedRegion
+from hostops.signals import wake_on_signals
 from vdev.device import RING_FEATURES, Device
+from vdev.queue_service import QueueServer
 from vdev.virtio.constants import F, Status, bit
 from vdev.virtio.control import (
     CONFIG_CHANGE,
@@ -85,13 +82,12 @@ from vdev.virtio.control import (
 )
 from vdev.virtio.errors import (
     AddressError,
-    ChainError,
     ProtocolError,
     RingError,
     UsageError,
 )
 from vdev.virtio.memory import FlatMemory
-from vdev.virtio.queue import Chain, DeviceQueue, DeviceQueueStats
+from vdev.virtio.queue import DeviceQueue, DeviceQueueStats
 from vdev.virtio.ring import RingLayout
 from vdev.virtio.status import describe_status, next_status
 
@@ -113,6 +109,7 @@ RUNTIME_COUNTERS = (
     "activations",  # DRIVER_OK accepted
 )
 
+_DRIVER_OK = int(Status.DRIVER_OK)
 _QUEUE_STAT_FIELDS = tuple(f.name for f in fields(DeviceQueueStats) if f.name != "rule_violations")
 _MAX_LOG_PER_KIND = 100
 
@@ -130,7 +127,6 @@ class _Queue:
     enabled: bool = False
     dq: DeviceQueue | None = None  # running (or broken) queue, only after DRIVER_OK
     kicks: int = 0
-    handler_errors: int = 0
     ring_errors: int = 0
     retired: dict[str, int] = field(default_factory=dict)  # stats of dropped DeviceQueues
 
@@ -167,7 +163,6 @@ class _Queue:
             for rule, n in st.rule_violations.items():
                 out[f"rule:{rule}"] = out.get(f"rule:{rule}", 0) + n
         out["kicks_received"] = self.kicks
-        out["handler_errors"] = self.handler_errors
         out["ring_errors"] = self.ring_errors
         return out
 
@@ -181,7 +176,9 @@ class DeviceRuntime:
 
     ``budget`` bounds the chains served per queue per round; ``watch_parent`` makes the
     loop exit when the launching process dies (``ParentWatch.from_env()``; ignored when
-    the process was not launched by ``hostops.DeviceProcess``).
+    the process was not launched by ``hostops.DeviceProcess``). ``signal_wakeup`` makes
+    the runtime's Waker the process's signal wake-up fd while it runs (see
+    :func:`hostops.signals.wake_on_signals`; main thread only, used by :func:`serve`).
     """
 
     #: Seconds the poller sleeps at most when idle (stop() and the parent watch wake it
@@ -196,6 +193,7 @@ class DeviceRuntime:
         budget: int = 64,
         watch_parent: bool = True,
         log: Any = None,
+        signal_wakeup: bool = False,
     ) -> None:
         if device.num_queues < 1:
             raise UsageError(f"{device!r} has no queues")
@@ -203,9 +201,12 @@ class DeviceRuntime:
         self.control_endpoint = control_endpoint
         self.budget = max(1, budget)
         self.watch_parent = watch_parent
+        self.signal_wakeup = signal_wakeup
+        self._unwake: Any = None
         self._log_file = log if log is not None else sys.stderr
         self._log_counts: dict[str, int] = {}
         self.counters: dict[str, int] = dict.fromkeys(RUNTIME_COUNTERS, 0)
+        self._service = QueueServer(device, self.counters, lambda msg, kind: self._log(msg, kind))
         self.offered = (device.device_features() & ~RING_FEATURES) | RING_FEATURES
         self.status = 0
         self.driver_features = 0  # last SET_FEATURES (0 if none since reset)
@@ -282,6 +283,8 @@ class DeviceRuntime:
         self._poller = Poller()
         self._waker = Waker()
         self._poller.register(self._waker)
+        if self.signal_wakeup:
+            self._unwake = wake_on_signals(self._waker)
         self._server = ControlServer(self.control_endpoint)
         self._poller.register(self._server)
         if self.watch_parent:
@@ -334,6 +337,9 @@ class DeviceRuntime:
             q.drop()
         self._pending.clear()
         self._unmap()
+        unwake, self._unwake = self._unwake, None
+        if unwake is not None:
+            unwake()  # before the Waker's pipe is closed (its fd number may be reused)
         poller = self._poller
         closables: list[Any] = [
             *self._kick_listeners.values(),
@@ -429,7 +435,7 @@ class DeviceRuntime:
     @property
     def driver_ok(self) -> bool:
         """DRIVER_OK is set: queues may run."""
-        return bool(self.status & Status.DRIVER_OK)
+        return bool(int(self.status) & _DRIVER_OK)  # int: IntFlag's & is slow
 
     # -- info and features
     def _get_device_info(self, req: Request) -> dict[str, Any]:
@@ -767,7 +773,12 @@ class DeviceRuntime:
 
     # -- metrics
     def _get_metrics(self, req: Request) -> dict[str, Any]:
-        return {"device": self.metrics(), "queues": [q.metrics() for q in self.queues]}
+        queues = []
+        for q in self.queues:
+            m = q.metrics()
+            m["handler_errors"] = self._service.handler_errors.get(q.index, 0)
+            queues.append(m)
+        return {"device": self.metrics(), "queues": queues}
 
     def metrics(self) -> dict[str, int]:
         """The runtime's counters merged with the device's (``GET_METRICS["device"]``)."""
@@ -789,7 +800,8 @@ class DeviceRuntime:
             self._pending[index] = None
 
     def _runnable(self, q: _Queue) -> bool:
-        return q.dq is not None and q.enabled and self.driver_ok and q.dq.broken is None
+        dq = q.dq
+        return dq is not None and q.enabled and self.driver_ok and dq.broken is None
 
     def _serve_pending(self) -> None:
         for index in list(self._pending):
@@ -803,65 +815,13 @@ class DeviceRuntime:
         """Serve queue ``q`` for one round; True if it has work left (budget spent)."""
         dq = q.dq
         assert dq is not None
-        handled = 0
-        budget = self.budget
         try:
-            while True:
-                dq.disable_notifications()
-                while True:
-                    if handled >= budget:
-                        self._interrupt(q, dq)
-                        return True
-                    try:
-                        chain = dq.pop()
-                    except ChainError as e:
-                        handled += 1
-                        self.counters["bad_chains"] += 1
-                        self._log(f"queue {q.index}: bad chain: {e}", kind="chain")
-                        dq.push(e.head, 0)
-                        continue
-                    if chain is None:
-                        break
-                    handled += 1
-                    self.counters["chains"] += 1
-                    dq.push(chain.head, self._call_device(q, chain))
-                    del chain
-                self._interrupt(q, dq)
-                if not dq.enable_notifications():
-                    return False
+            return self._service.drain(
+                q.index, dq, self.budget, lambda: self._ring_call(q, q.index)
+            )
         except RingError as e:
             self._ring_broken(q, e)
             return False
-
-    def _call_device(self, q: _Queue, chain: Chain) -> int:
-        try:
-            written = self.device.handle(q.index, chain)
-        except Exception as e:
-            self._handler_error(q, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-            return 0
-        if (
-            not isinstance(written, int)
-            or isinstance(written, bool)
-            or not 0 <= written <= chain.writable_len
-        ):
-            self._handler_error(
-                q,
-                f"handle() returned {written!r}; want an int in 0..{chain.writable_len}",
-            )
-            return 0
-        return written
-
-    def _handler_error(self, q: _Queue, what: str) -> None:
-        q.handler_errors += 1
-        self.counters["handler_errors"] += 1
-        self._log(
-            f"queue {q.index}: device bug, request completed with length 0: {what}", kind="handler"
-        )
-
-    def _interrupt(self, q: _Queue, dq: DeviceQueue) -> None:
-        if dq.should_interrupt():
-            self.counters["interrupts"] += 1
-            self._ring_call(q, q.index)
 
     def _ring_call(self, q: _Queue, value: int) -> None:
         bell = self._call_bells.get(q.call) if q.call else None
@@ -891,16 +851,14 @@ def serve(device: Device, control_endpoint: str, **kwargs: Any) -> int:
     status 0); SIGINT is ignored (the terminal's ^C belongs to the kernel process, which
     shuts its devices down in order); the death of the parent also ends it (status 0).
     """
-    from hostops.signals import SIGTERM_EXIT_CODE, ignore_sigint, on_terminate
+    from hostops.signals import ignore_sigint, on_terminate
 
+    kwargs.setdefault("signal_wakeup", True)
     runtime = DeviceRuntime(device, control_endpoint, **kwargs)
     ignore_sigint()
-    uninstall = on_terminate(lambda: runtime.stop("SIGTERM"))
+    # no SystemExit from the handler: stop() wakes the loop, which closes everything
+    uninstall = on_terminate(lambda: runtime.stop("SIGTERM"), exit=False)
     try:
         return runtime.run()
-    except SystemExit as e:  # hostops' SIGTERM handler exits after our callback
-        if e.code == SIGTERM_EXIT_CODE and runtime.exit_reason == "SIGTERM":
-            return 0
-        raise
     finally:
         uninstall()

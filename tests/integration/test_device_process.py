@@ -615,6 +615,36 @@ def test_main_module_is_cheap_to_import(tmp_path: Path) -> None:
         p.close()
 
 
+@pytest.mark.parametrize("state", ["started", "serving", "after_control_burst"])
+def test_sigterm_stops_the_device_without_sigkill(launch: Callable[..., Dut], state: str) -> None:
+    """SIGTERM wakes the device's poll at once (its Waker is the signal wake-up fd), so
+    stop() never has to escalate -- not even when the signal lands just before the poll
+    blocks, which used to leave the device asleep for its whole idle timeout."""
+    d = launch()
+    d.req("GET_DEVICE_INFO", timeout=STARTUP_TIMEOUT)
+    if state in ("serving", "after_control_burst"):
+        d.bring_up()
+        assert d.blk(BlkType.IN, sector=0, read=512)[0] == BlkStatus.OK
+    if state == "after_control_burst":
+        for _ in range(50):
+            d.status()
+    kills: list[int] = []
+    real_kill = d.proc.kill
+
+    def spy_kill() -> None:
+        kills.append(1)
+        real_kill()
+
+    d.proc.kill = spy_kill  # type: ignore[method-assign]
+    # A device that slept through SIGTERM until its idle poll timed out would miss this
+    # grace period and be SIGKILLed.
+    code = d.proc.stop(timeout_s=DeviceRuntime.idle_timeout)
+    assert kills == [], "stop() had to SIGKILL the device"
+    assert code == 0, d.proc.exit_description()
+    log = d.log()
+    assert "exiting: SIGTERM" in log and "Traceback" not in log, log
+
+
 def test_device_exits_when_its_parent_dies(rundir: RuntimeDir) -> None:
     ep = rundir.endpoint("orphan.ctl")
     script = (

@@ -778,6 +778,54 @@ def test_on_terminate_outside_main_thread_is_noop() -> None:
     assert result == [signal.SIG_DFL]
 
 
+def test_wake_on_signals_makes_a_signal_wake_the_poller() -> None:
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    waker = Waker()
+    poller = Poller()
+    poller.register(waker)
+    try:
+        uninstall = hostops.wake_on_signals(waker)
+        try:
+            assert poller.poll(0) == []
+            signal.raise_signal(signal.SIGUSR1)
+            assert seen == [signal.SIGUSR1]
+            assert poller.poll(0) == [waker]  # the C-level handler wrote into the pipe
+            assert waker.drain() >= 1
+            other = Waker()
+            try:  # the wake-up fd is taken: a second install is a no-op
+                assert hostops.wake_on_signals(other)() is None
+            finally:
+                other.close()
+        finally:
+            uninstall()
+        assert signal.set_wakeup_fd(-1) == -1  # uninstall cleared it
+        uninstall()  # idempotent
+        signal.raise_signal(signal.SIGUSR1)
+        assert poller.poll(0) == []
+    finally:
+        poller.unregister(waker)
+        waker.close()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_wake_on_signals_outside_main_thread_is_noop() -> None:
+    done: list[bool] = []
+    waker = Waker()
+
+    def body() -> None:
+        hostops.wake_on_signals(waker)()  # neither call may touch the wake-up fd
+        done.append(True)
+
+    try:
+        t = hostops.start_thread(body, name="not-main")
+        t.join(10)
+        assert done == [True]
+        assert signal.set_wakeup_fd(-1) == -1  # nothing was installed
+    finally:
+        waker.close()
+
+
 def test_ignore_sigint() -> None:
     previous = signal.getsignal(signal.SIGINT)
     try:

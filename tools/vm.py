@@ -1,0 +1,1041 @@
+"""``vlab vm``: a small Linux guest in QEMU whose disk is a vhost-user-blk device.
+
+A real Linux kernel, with its own ``virtio_blk`` driver, drives a block backend that
+runs in a process of its own and talks vhost-user over a Unix socket: our Python
+backend (``python -m vdev blk --image PATH --vhost-user SOCK``, ``backend="vlab"``) or
+QEMU's ``qemu-storage-daemon`` (``backend="qsd"``, the known-good reference).
+
+What it needs (Debian 12 package names)
+---------------------------------------
+* ``qemu-system-x86`` and ``qemu-system-common``: ``qemu-system-x86_64`` and
+  ``qemu-storage-daemon`` (QEMU 7.2 is known to work; no KVM needed, it runs on TCG);
+* ``busybox-static``: the guest's userland (a static ``/bin/busybox``);
+* ``e2fsprogs`` (host ``e2fsck``, tests only);
+* a guest kernel: Debian's ``linux-image-<abi>-amd64-unsigned``, *downloaded and
+  unpacked, not installed*, by ``vlab vm --setup`` (``apt-get download`` +
+  ``dpkg-deb -x``). The package is the one ``linux-image-amd64`` depends on, or
+  ``$VLAB_KERNEL_PACKAGE``. Only the kernel image and the modules the guest needs are
+  kept, uncompressed, in the cache directory: ``$VLAB_CACHE``, else
+  ``$XDG_CACHE_HOME/virtio-lab``, else ``~/.cache/virtio-lab``.
+
+Without them ``vlab vm`` fails with one line naming what is missing and how to get it
+(:class:`MissingPrerequisite`); the tests skip with that line as the reason.
+
+Theory of operation
+-------------------
+* **Kernel cache** (:func:`setup`, :func:`load_kernel`): the module closure of
+  ``virtio_pci``, ``virtio_blk``, ``crc32c_generic`` and ``ext4`` (Debian serves ext2
+  with ext4) is computed from each module's own ``depends=`` entry in its ``.modinfo``
+  ELF section -- the package ships no ``modules.dep`` (``depmod`` makes it at install
+  time) -- and ordered so every module comes after what it depends on. ``.ko.xz`` /
+  ``.ko.gz`` are decompressed here (``lzma``/``gzip``), ``.ko.zst`` with the ``zstd``
+  tool, because busybox ``insmod`` reads plain ELF only. ``kernel.json`` records the
+  release, the package and the load order.
+* **Initramfs** (:mod:`tools.initramfs`): busybox, applet links, modules and ``/init``
+  in a newc cpio written by us, cached as ``initramfs-<hash of inputs>.cpio``. Commands
+  do not go into the archive: ``/init`` reads them from the serial console (base64),
+  runs them and prints ``@@VLAB-BEGIN@@`` / ``@@VLAB-EXIT <status>@@`` around their
+  output, so one archive serves every command and one boot can run several.
+* **Processes** (:class:`Guest`): a private ``0700`` run directory
+  (:class:`hostops.RuntimeDir`) holds the vhost-user socket and the logs of the
+  backend and of QEMU. The backend starts first; we wait for it to be ready by polling
+  (never a blind sleep) with a deadline, watching its process at the same time: for
+  ``qemu-storage-daemon`` the ``--pidfile`` it writes once its exports listen, for ours
+  the socket file plus its ``listening on PATH`` log line. Then QEMU: TCG,
+  memfd-backed shared guest RAM (the backend maps guest memory), the serial console
+  on a pipe to us (QEMU's own messages go to ``qemu.log``, quoted in errors). Every
+  child runs in its own session (a Ctrl-C at the terminal reaches only us) with
+  ``PR_SET_PDEATHSIG`` set to SIGKILL, so nothing outlives a killed harness.
+  :meth:`Guest.close` (also on exceptions, Ctrl-C and timeouts) stops QEMU and the
+  backend (SIGTERM, grace, SIGKILL, reaped) and removes the run directory. A step that
+  overruns its timeout kills QEMU and raises :class:`GuestTimeout` quoting the last
+  console lines.
+* **Reconnect**: :meth:`Guest.restart_backend` stops the backend and starts a fresh
+  one on the same socket path; with ``reconnect=True`` QEMU's chardev redials every
+  second and brings the device back up with the guest none the wiser.
+
+Python API: :func:`run_in_guest` for one command, :class:`Guest` for several commands
+in one boot. ``python -m tools.vm --setup`` fetches the kernel without the project's
+dependencies installed (this module only needs ``hostops`` and the standard library).
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import gzip
+import json
+import lzma
+import os
+import re
+import selectors
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING
+
+from tools.initramfs import (
+    CMD_END,
+    CMD_POWEROFF,
+    MARK_BEGIN,
+    MARK_ERROR,
+    MARK_EXIT,
+    MARK_READY,
+    ModuleFile,
+    build_initramfs,
+    initramfs_key,
+)
+
+if TYPE_CHECKING:
+    from hostops.rundir import RuntimeDir
+
+__all__ = [
+    "VmError",
+    "MissingPrerequisite",
+    "GuestError",
+    "GuestTimeout",
+    "KernelFiles",
+    "GuestResult",
+    "Backend",
+    "Guest",
+    "BACKENDS",
+    "ROOT_MODULES",
+    "cache_dir",
+    "setup",
+    "load_kernel",
+    "find_busybox",
+    "check_prerequisites",
+    "vlab_backend_supported",
+    "run_in_guest",
+    "run",
+    "main",
+]
+
+BACKENDS = ("vlab", "qsd")
+ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+"""What the guest loads; their dependencies are added and ordered by :func:`setup`."""
+
+QEMU = "qemu-system-x86_64"
+QSD = "qemu-storage-daemon"
+KERNEL_META_PACKAGE = "linux-image-amd64"
+_MANIFEST = "kernel.json"
+_MAX_MODULES = 64  # bound on the dependency walk
+_CONSOLE_TAIL = 30  # console lines quoted in error messages
+_MAX_CONSOLE = 64 << 20  # console bytes kept, so a babbling guest cannot eat our memory
+
+
+class VmError(Exception):
+    """``vlab vm`` failed; the message is one line for the user."""
+
+
+class MissingPrerequisite(VmError):
+    """A package, tool or the kernel cache is missing; the message says how to get it."""
+
+
+class GuestError(VmError):
+    """The guest, QEMU or the backend misbehaved (crashed, no ``/dev/vda``, ...)."""
+
+
+class GuestTimeout(GuestError):
+    """The guest did not finish a step in time; QEMU was killed."""
+
+
+# -- locations and prerequisites -------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """``$VLAB_CACHE``, else ``$XDG_CACHE_HOME/virtio-lab``, else ``~/.cache/virtio-lab``."""
+    if os.environ.get("VLAB_CACHE"):
+        return Path(os.environ["VLAB_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "virtio-lab"
+
+
+def _which(tool: str, packages: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise MissingPrerequisite(
+            f"{tool} not found: install the Debian package(s) {packages} "
+            f"(apt-get install {packages})"
+        )
+    return path
+
+
+def _elf_is_static(data: bytes) -> bool:
+    """True for an ELF64 executable without a PT_INTERP program header."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return False
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    if phnum > 256 or phoff + phnum * phentsize > len(data):
+        return False
+    return all(struct.unpack_from("<I", data, phoff + i * phentsize)[0] != 3 for i in range(phnum))
+
+
+def find_busybox() -> Path:
+    """The static busybox (``busybox-static``), or :class:`MissingPrerequisite`."""
+    for cand in ("/bin/busybox", "/usr/bin/busybox", shutil.which("busybox") or ""):
+        if cand and os.path.isfile(cand):
+            with open(cand, "rb") as f:
+                if _elf_is_static(f.read()):
+                    return Path(cand)
+    raise MissingPrerequisite(
+        "no static busybox found: install the Debian package busybox-static "
+        "(apt-get install busybox-static)"
+    )
+
+
+def vlab_backend_supported() -> bool:
+    """Whether ``python -m vdev blk`` has ``--vhost-user`` (the vlab backend exists)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "vdev", "blk", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--vhost-user" in out.stdout
+
+
+def check_prerequisites(backend: str = "vlab", cache: Path | None = None) -> None:
+    """Raise :class:`MissingPrerequisite` naming the first missing piece for ``backend``."""
+    if backend not in BACKENDS:
+        raise VmError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    _which(QEMU, "qemu-system-x86 qemu-system-common")
+    if backend == "qsd":
+        _which(QSD, "qemu-system-common")
+    find_busybox()
+    load_kernel(cache)
+    if backend == "vlab" and not vlab_backend_supported():
+        raise MissingPrerequisite(
+            "the vlab backend is not available: 'python -m vdev blk --help' has no "
+            "--vhost-user (use --backend qsd)"
+        )
+
+
+# -- the kernel cache -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelFiles:
+    """The unpacked guest kernel in the cache."""
+
+    directory: Path
+    release: str
+    package: str
+    vmlinuz: Path
+    modules: tuple[str, ...]  # load order
+
+    def module_path(self, name: str) -> Path:
+        """The uncompressed ``.ko`` file of module ``name``."""
+        return self.directory / "modules" / f"{name}.ko"
+
+
+def load_kernel(cache: Path | None = None) -> KernelFiles:
+    """The kernel :func:`setup` left in the cache, or :class:`MissingPrerequisite`."""
+    cache = cache or cache_dir()
+    manifest = cache / _MANIFEST
+    hint = f"run 'vlab vm --setup' to download and unpack Debian's {KERNEL_META_PACKAGE}"
+    hint += " kernel (needs apt-get and dpkg-deb)"
+    try:
+        meta = json.loads(manifest.read_text())
+        directory = cache / str(meta["directory"])
+        k = KernelFiles(
+            directory=directory,
+            release=str(meta["release"]),
+            package=str(meta["package"]),
+            vmlinuz=directory / "vmlinuz",
+            modules=tuple(str(m) for m in meta["modules"]),
+        )
+    except FileNotFoundError:
+        raise MissingPrerequisite(f"no guest kernel in {cache}: {hint}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MissingPrerequisite(f"unreadable {manifest} ({e}): {hint}") from None
+    missing = [p for p in [k.vmlinuz, *map(k.module_path, k.modules)] if not p.is_file()]
+    if missing:
+        raise MissingPrerequisite(f"guest kernel cache incomplete ({missing[0]}): {hint}")
+    return k
+
+
+def _modinfo_depends(ko: bytes) -> list[str]:
+    """The ``depends=`` list of a module, read from its ``.modinfo`` ELF section."""
+    if ko[:4] != b"\x7fELF" or ko[4] != 2:
+        raise VmError("not an ELF64 kernel module")
+    (shoff,) = struct.unpack_from("<Q", ko, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", ko, 0x3A)
+    if shnum > 4096 or shstrndx >= shnum or shoff + shnum * shentsize > len(ko):
+        raise VmError("corrupt ELF section table in kernel module")
+
+    def section(i: int) -> tuple[int, int, int]:
+        name, _type = struct.unpack_from("<II", ko, shoff + i * shentsize)
+        off, size = struct.unpack_from("<QQ", ko, shoff + i * shentsize + 24)
+        return name, off, size
+
+    _, stroff, strsize = section(shstrndx)
+    for i in range(shnum):
+        name, off, size = section(i)
+        end = ko.find(b"\0", stroff + name, stroff + strsize)
+        if ko[stroff + name : end] == b".modinfo":
+            for entry in ko[off : off + size].split(b"\0"):
+                if entry.startswith(b"depends="):
+                    return [d for d in entry[8:].decode().split(",") if d]
+            return []
+    return []
+
+
+def _read_module(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if path.name.endswith(".ko.xz"):
+        return lzma.decompress(raw)
+    if path.name.endswith(".ko.gz"):
+        return gzip.decompress(raw)
+    if path.name.endswith(".ko.zst"):
+        zstd = _which("zstd", "zstd")
+        return subprocess.run([zstd, "-dc", str(path)], capture_output=True, check=True).stdout
+    return raw
+
+
+def _module_index(moddir: Path) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    for p in moddir.rglob("*.ko*"):
+        m = re.fullmatch(r"(.+)\.ko(\.xz|\.gz|\.zst)?", p.name)
+        if m:
+            index[m.group(1).replace("-", "_")] = p
+    return index
+
+
+def _module_order(index: dict[str, Path], roots: Sequence[str]) -> list[tuple[str, bytes]]:
+    """Roots plus their dependencies, each after what it depends on."""
+    done: list[tuple[str, bytes]] = []
+    seen: set[str] = set()
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        if name in seen:
+            return
+        if name in stack or len(stack) > _MAX_MODULES:
+            raise VmError(f"module dependency loop: {' -> '.join(stack + (name,))}")
+        if name not in index:
+            raise VmError(f"kernel module {name} not in the package")
+        data = _read_module(index[name])
+        for dep in _modinfo_depends(data):
+            visit(dep.replace("-", "_"), stack + (name,))
+        seen.add(name)
+        done.append((name, data))
+        if len(done) > _MAX_MODULES:
+            raise VmError("too many kernel modules")
+
+    for r in roots:
+        visit(r, ())
+    return done
+
+
+def _run_logged(argv: list[str], log: Callable[[str], None], **kw: object) -> str:
+    log("+ " + " ".join(argv))
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]
+    except FileNotFoundError:
+        raise MissingPrerequisite(
+            f"{argv[0]} not found (setup needs apt-get and dpkg-deb)"
+        ) from None
+    if res.returncode != 0:
+        err = (res.stderr or res.stdout).strip().splitlines()
+        raise VmError(f"'{' '.join(argv)}' failed: {err[-1] if err else res.returncode}")
+    return str(res.stdout)
+
+
+def _choose_package(log: Callable[[str], None]) -> str:
+    if os.environ.get("VLAB_KERNEL_PACKAGE"):
+        return os.environ["VLAB_KERNEL_PACKAGE"]
+    out = _run_logged(["apt-cache", "depends", KERNEL_META_PACKAGE], log)
+    m = re.search(r"Depends:\s*(linux-image-\S+-amd64)\s*$", out, re.M)
+    if m:
+        return m.group(1) + "-unsigned"
+    out = _run_logged(
+        ["apt-cache", "search", "--names-only", r"^linux-image-[0-9.]+-[0-9]+-amd64-unsigned$"],
+        log,
+    )
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    if not names:
+        raise MissingPrerequisite("no linux-image-*-amd64-unsigned package known to apt")
+
+    def key(n: str) -> list[int]:
+        return [int(x) for x in re.findall(r"\d+", n)]
+
+    return max(names, key=key)
+
+
+def setup(cache: Path | None = None, log: Callable[[str], None] = print) -> KernelFiles:
+    """Download and unpack the guest kernel into the cache (see the module docstring).
+
+    Every external command is logged (``+ argv``) through ``log``. Idempotent: an
+    existing cache for the same package is reused.
+    """
+    cache = cache or cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    pkg = _choose_package(log)
+    try:
+        k = load_kernel(cache)
+        if k.package == pkg:
+            log(f"guest kernel {k.release} ({pkg}) already in {cache}")
+            return k
+    except MissingPrerequisite:
+        pass
+    with tempfile.TemporaryDirectory(prefix="setup-", dir=cache) as tmp:
+        os.chmod(tmp, 0o755)  # apt's _apt sandbox user must be able to write the .deb
+        _run_logged(["apt-get", "download", "-q", pkg], log, cwd=tmp)
+        debs = sorted(Path(tmp).glob("*.deb"))
+        if not debs:
+            raise VmError(f"apt-get download {pkg} left no .deb in {tmp}")
+        root = Path(tmp) / "root"
+        _run_logged(["dpkg-deb", "-x", str(debs[0]), str(root)], log)
+        vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
+        if not vmlinuz:
+            raise VmError(f"{pkg} has no boot/vmlinuz-*")
+        release = vmlinuz[0].name[len("vmlinuz-") :]
+        moddir = next(
+            (
+                d
+                for d in (root / "lib/modules" / release, root / "usr/lib/modules" / release)
+                if d.is_dir()
+            ),
+            None,
+        )
+        if moddir is None:
+            raise VmError(f"{pkg} has no lib/modules/{release}")
+        order = _module_order(_module_index(moddir), ROOT_MODULES)
+        name = f"kernel-{release}"
+        stage = Path(tmp) / name
+        (stage / "modules").mkdir(parents=True)
+        shutil.copy2(vmlinuz[0], stage / "vmlinuz")
+        for mod, data in order:
+            (stage / "modules" / f"{mod}.ko").write_bytes(data)
+        final = cache / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(stage, final)
+        manifest = {
+            "directory": name,
+            "release": release,
+            "package": pkg,
+            "deb": debs[0].name,
+            "modules": [m for m, _ in order],
+        }
+        tmp_manifest = cache / f".{_MANIFEST}.tmp"
+        tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp_manifest, cache / _MANIFEST)
+    k = load_kernel(cache)
+    log(f"guest kernel {k.release} ({pkg}) unpacked to {k.directory}")
+    log(f"modules (load order): {' '.join(k.modules)}")
+    return k
+
+
+def _initramfs(kernel: KernelFiles, cache: Path) -> Path:
+    """The cached initramfs for ``kernel`` and this busybox (built on first use)."""
+    bb = find_busybox()
+    busybox = bb.read_bytes()
+    applets = subprocess.run(
+        [str(bb), "--list"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    mods = [ModuleFile(m, kernel.module_path(m).read_bytes()) for m in kernel.modules]
+    path = cache / f"initramfs-{initramfs_key(busybox, applets, mods)}.cpio"
+    if not path.is_file():
+        data = build_initramfs(busybox, applets, mods)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=".initramfs-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
+
+
+# -- processes ------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _spawn(
+    argv: list[str], *, stdout: int | IO[bytes], stdin: int, stderr: int | IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own, killed if we die (PR_SET_PDEATHSIG);
+    stderr goes where stdout goes unless given."""
+    return subprocess.Popen(
+        argv,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=subprocess.STDOUT if stderr is None else stderr,
+        close_fds=True,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 5.0) -> None:
+    """SIGTERM the process group, wait ``grace_s``, SIGKILL, reap."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # also any helper left in the group
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Poll ``cond`` until true, ``proc`` exits (False) or the timeout (False).
+
+    Waits between polls on the process's pidfd, so an exit is noticed at once.
+    """
+    deadline = time.monotonic() + timeout_s
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(pidfd, selectors.EVENT_READ)
+        interval = 0.005
+        while True:
+            if cond():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or proc.poll() is not None:
+                return False
+            sel.select(min(interval, left))
+            interval = min(interval * 2, 0.1)
+    finally:
+        os.close(pidfd)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class Backend:
+    """One vhost-user-blk backend process serving ``image`` on ``socket_path``.
+
+    ``kind`` is ``"vlab"`` (``python -m vdev blk --vhost-user``) or ``"qsd"``
+    (``qemu-storage-daemon``). Output goes to ``log_path`` (appended across restarts).
+    """
+
+    def __init__(self, kind: str, image: str, socket_path: str, log_path: str) -> None:
+        if kind not in BACKENDS:
+            raise VmError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")
+        self.kind = kind
+        self.image = image
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.starts = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._pidfile = socket_path + ".pid"
+
+    def argv(self) -> list[str]:
+        """The command line of the backend process."""
+        if self.kind == "qsd":
+            return [
+                _which(QSD, "qemu-system-common"),
+                "--blockdev",
+                f"driver=file,node-name=disk,filename={_qemu_escape(self.image)}",
+                "--export",
+                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,"
+                f"addr.path={_qemu_escape(self.socket_path)},writable=on",
+                "--pidfile",
+                self._pidfile,
+            ]
+        return [
+            sys.executable,
+            "-m",
+            "vdev",
+            "blk",
+            "--image",
+            self.image,
+            "--vhost-user",
+            self.socket_path,
+        ]
+
+    @property
+    def pid(self) -> int | None:
+        """The running backend's pid."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def alive(self) -> bool:
+        """Whether the backend process is running."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the backend and wait until it accepts connections."""
+        if self.alive():
+            raise VmError("backend already running")
+        for p in (self.socket_path, self._pidfile):
+            if os.path.lexists(p):
+                os.unlink(p)
+        with open(self.log_path, "ab") as log:
+            self._proc = _spawn(self.argv(), stdout=log, stdin=subprocess.DEVNULL)
+        self.starts += 1
+        if self.kind == "qsd":
+            # qemu-storage-daemon writes its pid file after its exports are listening
+            def ready() -> bool:
+                try:
+                    return os.path.getsize(self._pidfile) > 0 and _is_socket(self.socket_path)
+                except OSError:
+                    return False
+        else:
+
+            def ready() -> bool:
+                # vdev.vhost_user logs "listening on PATH" once the socket listens
+                return _is_socket(self.socket_path) and "listening on" in self.log_text()
+
+        if not _wait_for(ready, self._proc, timeout_s):
+            rc = self._proc.poll()
+            self.stop()
+            why = f"exited with status {rc}" if rc is not None else f"not ready in {timeout_s} s"
+            raise GuestError(f"{self.kind} backend {why}: {self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the backend (SIGTERM, grace, SIGKILL); idempotent."""
+        proc, self._proc = self._proc, None
+        _stop(proc)
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Stop the backend and start a new one on the same socket path."""
+        self.stop()
+        self.start(timeout_s)
+
+    def wait_log(self, pattern: str, timeout_s: float = 10.0) -> re.Match[str]:
+        """Wait (polling, bounded) until the backend's output matches the regular
+        expression ``pattern``; return the last match. How tests read the counters our
+        backend logs when a connection ends."""
+        rx = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout_s
+        interval = 0.005
+        while True:
+            found = list(rx.finditer(self.log_text()))
+            if found:
+                return found[-1]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"{self.kind} backend never logged /{pattern}/: {self.log_tail()}")
+            if self._proc is not None and self._proc.poll() is None:
+                try:
+                    self._proc.wait(min(interval, left))
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(min(interval, left))  # nothing to wait on: the log is final
+            interval = min(interval * 2, 0.1)
+
+    def log_text(self) -> str:
+        """Everything the backend processes printed so far."""
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self) -> str:
+        """The last lines of the backend's output, on one line."""
+        lines = [ln for ln in self.log_text().splitlines() if ln.strip()]
+        return " | ".join(lines[-3:]) or "(no output)"
+
+
+def _qemu_escape(value: str) -> str:
+    """Escape a value for a QEMU ``key=value,...`` option (commas are doubled)."""
+    return value.replace(",", ",,")
+
+
+@dataclass
+class GuestResult:
+    """What one command printed in the guest and its exit status."""
+
+    status: int
+    output: str
+    seconds: float = 0.0
+
+
+@dataclass
+class _Console:
+    buf: bytearray = field(default_factory=bytearray)
+    pos: int = 0  # start of the next unread line in buf
+    lines: list[str] = field(default_factory=list)
+    cursor: int = 0  # the next line _wait_line has not looked at
+
+
+class Guest:
+    """A booted guest whose ``/dev/vda`` is served by a vhost-user-blk backend.
+
+    ``with Guest(image, backend="qsd") as g: r = g.run("cat /sys/block/vda/size")``.
+    :meth:`start` (called by ``__enter__``) starts the backend and QEMU and waits for
+    the guest's first prompt; :meth:`run` runs one shell command and returns a
+    :class:`GuestResult`; :meth:`restart_backend` restarts the backend on the same
+    socket; :meth:`close` powers the guest off (or kills it) and cleans up everything.
+    ``console`` is called with every console line as it arrives (live output).
+    ``backend`` is a kind (``"vlab"``/``"qsd"``: the guest starts and stops its own) or a
+    running :class:`Backend` (the caller owns it, e.g. to keep it across boots).
+    """
+
+    def __init__(
+        self,
+        image: str,
+        *,
+        backend: str | Backend = "vlab",
+        reconnect: bool = False,
+        boot_timeout: float = 120.0,
+        memory_mb: int = 256,
+        num_queues: int = 1,
+        cache: Path | None = None,
+        console: Callable[[str], None] | None = None,
+    ) -> None:
+        if not os.path.isfile(image):
+            raise VmError(f"image not found: {image}")
+        if os.path.getsize(image) < 512:
+            raise VmError(f"image {image} is smaller than one 512-byte sector")
+        self.image = os.path.abspath(image)
+        self._own_backend = not isinstance(backend, Backend)
+        self.backend_kind = backend.kind if isinstance(backend, Backend) else backend
+        self.reconnect = reconnect
+        self.boot_timeout = boot_timeout
+        self.memory_mb = memory_mb
+        self.num_queues = num_queues
+        self.cache = cache or cache_dir()
+        self._console_cb = console
+        self._rundir: RuntimeDir | None = None
+        self._qemu: subprocess.Popen[bytes] | None = None
+        self._sel: selectors.BaseSelector | None = None
+        self._con = _Console()
+        self.backend: Backend | None = None if self._own_backend else backend  # type: ignore[assignment]
+        self.boot_seconds = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def __enter__(self) -> Guest:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(graceful=exc_type is None)
+
+    def start(self) -> None:
+        """Start the backend, then QEMU, and wait for the guest's first prompt."""
+        check_prerequisites(self.backend_kind, self.cache)
+        kernel = load_kernel(self.cache)
+        initramfs = _initramfs(kernel, self.cache)
+        # lazily: --setup runs without the venv
+        from hostops.rundir import RuntimeDir, sweep_stale_rundirs
+
+        sweep_stale_rundirs()  # run dirs of harnesses that were SIGKILLed
+        self._rundir = RuntimeDir.create()
+        if self._own_backend:
+            sock = os.path.join(self._rundir.path, "vhost.sock")
+            log = os.path.join(self._rundir.path, "backend.log")
+            self.backend = Backend(self.backend_kind, self.image, sock, log)
+            self.backend.start()
+        assert self.backend is not None
+        if not self.backend.alive():
+            raise VmError("the given backend is not running (call its start() first)")
+        sock = self.backend.socket_path
+        chardev = f"socket,id=c0,path={_qemu_escape(sock)}"
+        if self.reconnect:
+            chardev += ",reconnect=1"
+        mem = f"{self.memory_mb}M"
+        argv = [
+            _which(QEMU, "qemu-system-x86 qemu-system-common"),
+            "-accel", "tcg",
+            "-m", mem,
+            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-numa", "node,memdev=mem",
+            "-nodefaults", "-no-user-config",
+            "-display", "none",
+            "-serial", "stdio",
+            "-monitor", "none",
+            "-no-reboot",
+            "-kernel", str(kernel.vmlinuz),
+            "-initrd", str(initramfs),
+            "-append", "console=ttyS0 quiet loglevel=2 panic=-1",
+            "-chardev", chardev,
+            "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={self.num_queues}",
+        ]  # fmt: skip
+        t0 = time.monotonic()
+        with open(os.path.join(self._rundir.path, "qemu.log"), "ab") as qlog:
+            self._qemu = _spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=qlog)
+        assert self._qemu.stdout is not None
+        os.set_blocking(self._qemu.stdout.fileno(), False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._qemu.stdout.fileno(), selectors.EVENT_READ)
+        self._wait_line(lambda ln: ln == MARK_READY, self.boot_timeout, "boot")
+        self.boot_seconds = time.monotonic() - t0
+
+    def run(self, command: str, timeout: float = 120.0) -> GuestResult:
+        """Run ``command`` with the guest's ``sh``; return its output and exit status."""
+        if self._qemu is None:
+            raise VmError("guest not started")
+        t0 = time.monotonic()
+        self._send_command(command)
+        begin, _ = self._wait_line(lambda ln: ln == MARK_BEGIN, timeout, "command start")
+        left = max(0.1, timeout - (time.monotonic() - t0))
+        end, line = self._wait_line(lambda ln: ln.startswith(MARK_EXIT + " "), left, "command")
+        m = re.fullmatch(re.escape(MARK_EXIT) + r" (\d+)@@", line)
+        if m is None:
+            raise GuestError(f"garbled exit marker from the guest: {line!r}")
+        out_lines = self._con.lines[begin + 1 : end]
+        left = max(0.1, timeout - (time.monotonic() - t0))
+        self._wait_line(lambda ln: ln == MARK_READY, left, "prompt")
+        return GuestResult(
+            int(m.group(1)), "".join(ln + "\n" for ln in out_lines), time.monotonic() - t0
+        )
+
+    def restart_backend(self, timeout: float = 30.0) -> None:
+        """Stop the backend and start a new one on the same socket path."""
+        if self.backend is None:
+            raise VmError("guest not started")
+        self.backend.restart(timeout)
+
+    def poweroff(self, timeout: float = 30.0) -> None:
+        """Ask the guest to sync and power off; wait for QEMU to exit."""
+        if self._qemu is None or self._qemu.poll() is not None:
+            return
+        self._send_lines([CMD_POWEROFF])
+        deadline = time.monotonic() + timeout
+        while self._qemu.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestTimeout(f"guest did not power off within {timeout:g} s")
+            self._pump(min(left, 0.5))
+        self._pump(0)
+
+    def close(self, graceful: bool = True) -> None:
+        """Power off (if ``graceful``) or kill QEMU, stop the backend, remove the run
+        directory. Idempotent; never raises for cleanup trouble."""
+        try:
+            if graceful and self._qemu is not None and self._qemu.poll() is None:
+                try:
+                    self.poweroff()
+                except (VmError, OSError):
+                    pass
+        finally:
+            qemu, self._qemu = self._qemu, None
+            if qemu is not None:
+                if qemu.stdin is not None:
+                    try:
+                        qemu.stdin.close()
+                    except OSError:
+                        pass
+                _stop(qemu, grace_s=2.0)
+                if qemu.stdout is not None:
+                    qemu.stdout.close()
+            if self._sel is not None:
+                self._sel.close()
+                self._sel = None
+            if self.backend is not None and self._own_backend:
+                self.backend.stop()
+            if self._rundir is not None:
+                self._rundir.cleanup()
+                self._rundir = None
+
+    # -- console ---------------------------------------------------------------------
+
+    @property
+    def console_lines(self) -> list[str]:
+        """Every console line so far (carriage returns stripped)."""
+        return list(self._con.lines)
+
+    def _send_lines(self, lines: Iterable[str]) -> None:
+        assert self._qemu is not None and self._qemu.stdin is not None
+        try:
+            self._qemu.stdin.write("".join(ln + "\n" for ln in lines).encode())
+            self._qemu.stdin.flush()
+        except BrokenPipeError:
+            raise GuestError(f"QEMU is gone: {self._tail()}") from None
+
+    def _send_command(self, command: str) -> None:
+        b64 = base64.b64encode(command.encode()).decode()
+        self._send_lines([b64[i : i + 76] for i in range(0, len(b64), 76)] + [CMD_END])
+
+    def _pump(self, timeout: float) -> bool:
+        """Read what QEMU printed (waiting up to ``timeout``); False at end of output."""
+        assert self._qemu is not None and self._qemu.stdout is not None and self._sel
+        if not self._sel.select(timeout):
+            return True
+        try:
+            chunk = os.read(self._qemu.stdout.fileno(), 65536)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        con = self._con
+        con.buf += chunk
+        while True:
+            nl = con.buf.find(b"\n", con.pos)
+            if nl < 0:
+                break
+            line = con.buf[con.pos : nl].decode(errors="replace").rstrip("\r")
+            con.pos = nl + 1
+            con.lines.append(line)
+            if self._console_cb is not None:
+                self._console_cb(line)
+        if con.pos > _MAX_CONSOLE:
+            del con.buf[: con.pos]
+            con.pos = 0
+        return True
+
+    def _wait_line(self, want: Callable[[str], bool], timeout: float, what: str) -> tuple[int, str]:
+        """Wait for the next unconsumed console line matching ``want``; return its index
+        and text (lines before it are consumed). Raise on guest errors and timeouts."""
+        deadline = time.monotonic() + timeout
+        con = self._con
+        while True:
+            while con.cursor < len(con.lines):
+                i, line = con.cursor, con.lines[con.cursor]
+                con.cursor += 1
+                if line.startswith(MARK_ERROR):
+                    raise GuestError(f"guest reported {line.strip('@')}: {self._tail()}")
+                if want(line):
+                    return i, line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._kill_qemu()
+                raise GuestTimeout(
+                    f"guest {what} did not finish within {timeout:.1f} s; QEMU killed; "
+                    f"console: {self._tail()}; QEMU: {self._qemu_log_tail()}"
+                )
+            if not self._pump(min(left, 1.0)):
+                rc = self._qemu.wait() if self._qemu is not None else None
+                raise GuestError(
+                    f"QEMU exited (status {rc}) during {what}; console: {self._tail()}; "
+                    f"QEMU: {self._qemu_log_tail()}; "
+                    f"backend: {self.backend.log_tail() if self.backend else '-'}"
+                )
+
+    def _qemu_log_tail(self) -> str:
+        if self._rundir is None:
+            return "-"
+        try:
+            text = Path(self._rundir.path, "qemu.log").read_text(errors="replace")
+        except OSError:
+            return "-"
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        return " | ".join(lines[-3:]) or "(no output)"
+
+    def _kill_qemu(self) -> None:
+        if self._qemu is not None and self._qemu.poll() is None:
+            try:
+                os.killpg(self._qemu.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _tail(self) -> str:
+        lines = [ln for ln in self._con.lines if ln.strip()][-_CONSOLE_TAIL:]
+        return " | ".join(lines[-8:]) or "(no console output)"
+
+
+def run_in_guest(
+    image: str, command: str, *, backend: str = "vlab", timeout: float = 180.0, **kw: object
+) -> tuple[int, str]:
+    """Boot a guest on ``image``, run ``command``, power off; ``(status, output)``."""
+    deadline = time.monotonic() + timeout
+    with Guest(image, backend=backend, boot_timeout=timeout, **kw) as g:  # type: ignore[arg-type]
+        r = g.run(command, timeout=max(1.0, deadline - time.monotonic()))
+    return r.status, r.output
+
+
+# -- the command line -----------------------------------------------------------------
+
+SMOKE_COMMAND = (
+    'echo "vda: $(cat /sys/block/vda/size) sectors of 512 bytes"; '
+    "dd if=/dev/vda bs=512 count=1 2>/dev/null | md5sum | "
+    "sed 's/ .*//; s/^/md5 of sector 0: /'"
+)
+"""What ``vlab vm`` runs without ``--run``."""
+
+
+def run(
+    *,
+    image: str | None = None,
+    backend: str = "vlab",
+    command: str | None = None,
+    timeout: float = 180.0,
+    size: int = 64 << 20,
+    do_setup: bool = False,
+    verbose: bool = False,
+) -> int:
+    """``vlab vm``: the CLI entry; returns the exit status (the guest command's status)."""
+    from tools.errors import CliError
+
+    try:
+        if do_setup:
+            setup(log=lambda s: print(s, flush=True))
+            return 0
+        if image is not None and not os.path.isfile(image):
+            raise CliError(f"image not found: {image}")
+        with tempfile.TemporaryDirectory(prefix="vlab-vm-") as tmp:
+            if image is None:
+                image = os.path.join(tmp, "disk.img")
+                with open(image, "wb") as f:
+                    f.truncate(size)
+            cb = (lambda s: print(f"| {s}", file=sys.stderr, flush=True)) if verbose else None
+            deadline = time.monotonic() + timeout
+            with Guest(image, backend=backend, boot_timeout=timeout, console=cb) as g:
+                print(
+                    f"vlab vm: guest booted in {g.boot_seconds:.1f} s ({backend} backend)",
+                    file=sys.stderr,
+                )
+                r = g.run(command or SMOKE_COMMAND, max(1.0, deadline - time.monotonic()))
+                sys.stdout.write(r.output)
+                sys.stdout.flush()
+            return r.status
+    except VmError as e:
+        raise CliError(str(e)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tools.vm ...``: the same as ``vlab vm ...``; ``--setup`` alone runs
+    with the standard library only (CI fetches the kernel before the venv exists)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--setup"]:
+        try:
+            setup(log=lambda s: print(s, flush=True))
+        except VmError as e:
+            print(f"vlab: error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    from tools.cli import main as cli_main
+
+    return cli_main(["vm", *args])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

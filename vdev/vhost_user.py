@@ -1,0 +1,831 @@
+"""A vhost-user back-end for any :class:`~vdev.device.Device` (QEMU's
+``docs/interop/vhost-user.rst``), so that QEMU — and the guest's own virtio driver —
+drive our Python devices.
+
+Theory of operation
+-------------------
+:class:`VhostUserBackend` listens on a Unix socket (``hostops.unix``, 0600) and serves
+**one front-end connection at a time**. It is single-threaded: one ``hostops.Poller``
+waits on the listening socket (only while nobody is connected), the connection, every
+ring's kick eventfd and a ``Waker`` that :meth:`~VhostUserBackend.stop` rings.
+
+Messages are read whole (12-byte header, then exactly ``size`` payload bytes within
+``message_timeout`` seconds, fds via ``SCM_RIGHTS``) and parsed by
+:mod:`vdev.virtio.vhost_user`. What happens to a bad message depends on whether the
+session can still be trusted:
+
+=========================================  ============================================
+problem                                    what happens
+=========================================  ============================================
+garbage header, bad size, payload of the   one log line, the connection is closed, the
+wrong shape, unknown / unsupported         device is reset and the back-end waits for
+request, wrong number of fds, an fd that   the next front-end. The process never dies
+is not an eventfd or smaller than its      of bad input.
+region, an address outside guest memory,
+peer gone mid-message, read timeout
+a well-formed request we refuse (bad ring  with REPLY_ACK negotiated and NEED_REPLY
+index or size, unoffered feature, ring     set: a non-zero ack, the session goes on;
+busy, device refuses a config write)       otherwise as above (the front-end could not
+                                           tell)
+=========================================  ============================================
+
+Session state, per connection (all of it dropped on disconnect, then
+``device.reset()``): negotiated protocol features, acked virtio features, the memory
+table (regions mmap'd from the passed fds, ``hostops.fdmem``; guest-physical lookups by
+:class:`~vdev.virtio.memory.RegionMemory`; ring addresses, which arrive as front-end
+*user* addresses, translated by :class:`~vdev.virtio.vhost_user.UserAddressMap`) and
+per ring: size, user addresses, base, kick/call/err eventfds, started, enabled.
+
+Ring states ("Ring states" in the spec): a ring is *started* by SET_VRING_KICK (an
+eventfd, or bit 8 "no fd": polling mode, the ring is checked every
+:attr:`~VhostUserBackend.poll_interval` seconds) and *stopped* by GET_VRING_BASE, which
+replies with the next available index and closes the kick fd. It is *enabled* by
+SET_VRING_ENABLE 1; rings start disabled, and a SET_FEATURES without
+``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30) enables them all. A ring is served when it
+is started and enabled and has a size, addresses and memory; the first time that
+happens after a negotiation, ``device.activate(features)`` is called. The
+:class:`~vdev.virtio.queue.DeviceQueue` is built then (EVENT_IDX / INDIRECT_DESC as
+acked, ``last_avail`` = the base) and dropped (keeping its position) when the ring is
+stopped, disabled or reconfigured.
+
+Data path: :class:`vdev.queue_service.QueueServer` — the disable–drain–re-enable–recheck
+loop, ``budget`` chains per ring per round, ``device.handle()`` per valid chain, a bad
+chain completed with length 0 and counted. "Interrupt" means writing the ring's call
+eventfd. A broken ring (``RingError``) is stopped and its err eventfd written.
+
+Offered: features ``device.device_features() | RING_FEATURES | bit 30``; protocol
+features MQ (GET_QUEUE_NUM answers ``device.num_queues``), REPLY_ACK, CONFIG
+(GET_CONFIG/SET_CONFIG from ``device.config()`` / ``device.write_config()``; bytes past
+the device's config space read as zero) and RESET_DEVICE. Not offered: INFLIGHT_SHMFD,
+BACKEND_REQ, LOG_SHMFD, STATUS and the rest.
+
+Counters (:attr:`VhostUserBackend.counters`, logged when a connection ends):
+``connections messages protocol_errors nacks config_reads kicks_received chains
+bad_chains handler_errors interrupts ring_errors resets``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hostops.barrier import full_barrier
+from hostops.errors import TransportError
+from hostops.eventfd import EventFd, NotAnEventFd
+from hostops.fdmem import MappedFd, MappingError
+from hostops.poll import Poller, Waker
+from hostops.unix import UnixConnection, UnixServer
+from vdev.device import RING_FEATURES, Device
+from vdev.queue_service import SERVICE_COUNTERS, QueueServer
+from vdev.virtio.constants import F, bit
+from vdev.virtio.errors import AddressError, ProtocolError, RingError, UsageError
+from vdev.virtio.memory import RegionMemory
+from vdev.virtio.queue import DeviceQueue
+from vdev.virtio.ring import RingLayout
+from vdev.virtio.vhost_user import (
+    F_PROTOCOL_FEATURES,
+    HEADER_SIZE,
+    MAX_REGIONS,
+    REPLY_KIND,
+    ConfigPayload,
+    ErrorCode,
+    Header,
+    MemoryTable,
+    Payload,
+    ProtocolFeature,
+    Req,
+    UserAddressMap,
+    VringAddr,
+    VringState,
+    decode_header,
+    decode_payload,
+    encode,
+    expected_fds,
+    vring_file,
+)
+
+__all__ = ["VhostUserBackend", "OFFERED_PROTOCOL_FEATURES", "BACKEND_COUNTERS", "serve"]
+
+#: Protocol features the back-end offers.
+OFFERED_PROTOCOL_FEATURES = (
+    bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.RESET_DEVICE)
+)
+
+#: Counters of :attr:`VhostUserBackend.counters`.
+BACKEND_COUNTERS = (
+    "connections",
+    "messages",
+    "protocol_errors",
+    "nacks",
+    "config_reads",
+    "kicks_received",
+    *SERVICE_COUNTERS,
+    "ring_errors",
+    "resets",
+)
+
+_MAX_LOG_PER_KIND = 100
+_BAD_STATE = "BAD_STATE"
+
+
+class _Close(Exception):
+    """End the connection: the session cannot go on (message says why)."""
+
+
+@dataclass(slots=True, eq=False)
+class _Vring:
+    """What the front-end has told us about one ring."""
+
+    index: int
+    num: int = 0
+    addr: VringAddr | None = None
+    base: int = 0
+    kick: EventFd | None = None
+    call: EventFd | None = None
+    err: EventFd | None = None
+    polling: bool = False  # started with "no fd": check the ring periodically
+    started: bool = False
+    enabled: bool = False
+    broken: bool = False
+    dq: DeviceQueue | None = None
+    kicks: int = 0
+
+    def drop(self) -> None:
+        """Forget the DeviceQueue, keeping its position as the base."""
+        if self.dq is not None:
+            self.base = self.dq.last_avail
+            self.dq = None
+
+
+class VhostUserBackend:
+    """Serve ``device`` over vhost-user at ``socket_path``.
+
+    :meth:`serve_forever` blocks until :meth:`stop` (thread- and signal-safe) and
+    returns 0; the socket file is removed on the way out. ``budget`` bounds the chains
+    served per ring per round; ``message_timeout`` bounds how long the rest of a
+    message may take once its first byte arrived.
+    """
+
+    #: Seconds the poller sleeps at most when idle.
+    idle_timeout = 1.0
+    #: Seconds between checks of a ring started without a kick fd (polling mode).
+    poll_interval = 0.01
+
+    def __init__(
+        self,
+        device: Device,
+        socket_path: str,
+        *,
+        budget: int = 64,
+        message_timeout: float = 5.0,
+        log: Any = None,
+    ) -> None:
+        if device.num_queues < 1 or device.num_queues > 256:
+            raise UsageError(f"{device!r}: vhost-user rings are numbered 0..255")
+        self.device = device
+        self.socket_path = socket_path
+        self.budget = max(1, budget)
+        self.message_timeout = message_timeout
+        self._log_file = log if log is not None else sys.stderr
+        self._log_counts: dict[str, int] = {}
+        self.counters: dict[str, int] = dict.fromkeys(BACKEND_COUNTERS, 0)
+        self.service = QueueServer(device, self.counters, self._log)
+        self.offered = (
+            (device.device_features() & ~RING_FEATURES) | RING_FEATURES | bit(F_PROTOCOL_FEATURES)
+        )
+        self._server: UnixServer | None = None
+        self._poller: Poller | None = None
+        self._waker: Waker | None = None
+        self._conn: UnixConnection | None = None
+        self._conn_no = 0
+        self._stopping = False
+        self._closed = False
+        self.exit_reason = ""
+        self._handlers: dict[Req, Callable[[Header, Any, list[int]], Payload]] = {
+            Req.GET_FEATURES: self._get_features,
+            Req.SET_FEATURES: self._set_features,
+            Req.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            Req.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Req.SET_OWNER: self._set_owner,
+            Req.RESET_OWNER: self._reset_device,
+            Req.SET_MEM_TABLE: self._set_mem_table,
+            Req.SET_VRING_NUM: self._set_vring_num,
+            Req.SET_VRING_ADDR: self._set_vring_addr,
+            Req.SET_VRING_BASE: self._set_vring_base,
+            Req.GET_VRING_BASE: self._get_vring_base,
+            Req.SET_VRING_KICK: self._set_vring_kick,
+            Req.SET_VRING_CALL: self._set_vring_call,
+            Req.SET_VRING_ERR: self._set_vring_err,
+            Req.SET_VRING_ENABLE: self._set_vring_enable,
+            Req.GET_CONFIG: self._get_config,
+            Req.SET_CONFIG: self._set_config,
+            Req.RESET_DEVICE: self._reset_device,
+            Req.GET_QUEUE_NUM: self._get_queue_num,
+        }
+        self._new_session_state()
+
+    def _new_session_state(self) -> None:
+        self.protocol_features = 0
+        self.acked_features = 0
+        self.owner = False
+        self.rings = [_Vring(i) for i in range(self.device.num_queues)]
+        self._maps: list[MappedFd] = []
+        self._memory: RegionMemory | None = None
+        self._umap: UserAddressMap | None = None
+        self._activated = False
+        self._pending: dict[int, None] = {}
+        self._kick_owner: dict[int, _Vring] = {}  # id(EventFd) -> ring
+
+    # ================================================================== logging
+    def _log(self, message: str, kind: str = "") -> None:
+        if kind:
+            n = self._log_counts.get(kind, 0) + 1
+            self._log_counts[kind] = n
+            if n > _MAX_LOG_PER_KIND:
+                return
+            if n == _MAX_LOG_PER_KIND:
+                message += f" (further {kind} messages suppressed)"
+        try:
+            print(f"vhost-user {self.device.name}: {message}", file=self._log_file, flush=True)
+        except Exception:
+            pass
+
+    # ================================================================== the loop
+    def serve_forever(self) -> int:
+        """Listen and serve front-ends one after another until :meth:`stop`."""
+        try:
+            self._open()
+            poller = self._poller
+            assert poller is not None
+            while not self._stopping:
+                timeout = self.idle_timeout
+                if self._pending:
+                    timeout = 0.0
+                elif any(r.polling and self._runnable(r) for r in self.rings):
+                    timeout = self.poll_interval
+                try:
+                    for obj in poller.poll(timeout):
+                        if self._stopping:
+                            break
+                        self._on_ready(obj)
+                    if self._stopping:
+                        break
+                    for r in self.rings:
+                        if r.polling and self._runnable(r):
+                            self._pending[r.index] = None
+                    if self._pending:
+                        self._serve_pending()
+                except Exception as e:  # a bug of ours: lose the session, not the process
+                    self._log(f"internal error: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+                    if self._conn is not None:
+                        self._end_session(f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self.close()
+        return 0
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Make :meth:`serve_forever` return (signal-handler and thread safe)."""
+        if not self._stopping:
+            self.exit_reason = reason
+        self._stopping = True
+        waker = self._waker
+        if waker is not None:
+            try:
+                waker.wake()
+            except Exception:
+                pass
+
+    def _open(self) -> None:
+        self._poller = Poller()
+        self._waker = Waker()
+        self._poller.register(self._waker)
+        self._server = UnixServer(self.socket_path)
+        self._poller.register(self._server)
+        self._log(
+            f"listening on {self.socket_path} ({self.device.num_queues} queue(s), "
+            f"features {self.offered:#x})"
+        )
+
+    def _on_ready(self, obj: object) -> None:
+        if obj is self._waker:
+            assert self._waker is not None
+            self._waker.drain()
+        elif obj is self._server:
+            self._accept()
+        elif obj is self._conn:
+            self._serve_message()
+        elif isinstance(obj, EventFd):
+            ring = self._kick_owner.get(id(obj))
+            if ring is None or obj.closed:  # dropped earlier in this round
+                return
+            obj.read()
+            if ring is not None:
+                self.counters["kicks_received"] += 1
+                ring.kicks += 1
+                if self._runnable(ring):
+                    self._pending[ring.index] = None
+
+    def _accept(self) -> None:
+        server, poller = self._server, self._poller
+        assert server is not None and poller is not None
+        if self._conn is not None:
+            poller.unregister(server)
+            return
+        conn = server.accept(0)
+        if conn is None:
+            return
+        self._conn = conn
+        self._conn_no += 1
+        self.counters["connections"] += 1
+        poller.unregister(server)  # one front-end at a time; others wait in the backlog
+        poller.register(conn)
+        self._log(f"connection {self._conn_no}: front-end connected")
+
+    def close(self) -> None:
+        """Close the connection, the socket (removing its file) and the device.
+        Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        if self._conn is not None:
+            self._end_session(f"back-end stopping ({self.exit_reason or 'closed'})")
+        for obj in (self._server, self._waker):
+            if obj is None:
+                continue
+            if self._poller is not None:
+                self._poller.unregister(obj)
+            try:
+                obj.close()
+            except Exception as e:
+                self._log(f"closing {type(obj).__name__}: {e}")
+        self._server = None
+        try:
+            self.device.close()
+        except Exception as e:
+            self._log(f"device.close(): {type(e).__name__}: {e}")
+
+    # ================================================================== messages
+    def _serve_message(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        fds: list[int] = []
+        try:
+            head, fds = conn.recv_message(HEADER_SIZE, MAX_REGIONS, self.message_timeout)
+            hdr = decode_header(head)
+            body, _ = conn.recv_message(hdr.size, 0, self.message_timeout)
+            payload = decode_payload(hdr, body)
+            req = Req(hdr.request)
+            handler = self._handlers.get(req)
+            if handler is None:
+                raise _Close(f"{req.name} is not supported (its protocol feature is not offered)")
+            want = expected_fds(req, payload)
+            if len(fds) != want:
+                raise _Close(f"{req.name} came with {len(fds)} fd(s), expected {want}")
+            self.counters["messages"] += 1
+            self._dispatch(hdr, req, handler, payload, fds)
+        except TransportError as e:
+            self._end_session(f"{type(e).__name__}: {e}")
+        except ProtocolError as e:
+            self.counters["protocol_errors"] += 1
+            self._end_session(f"protocol error: {e.message}")
+        except _Close as e:
+            self.counters["protocol_errors"] += 1
+            self._end_session(str(e))
+        finally:
+            for fd in fds:  # whatever a handler did not take
+                _close_fd(fd)
+
+    def _dispatch(
+        self,
+        hdr: Header,
+        req: Req,
+        handler: Callable[[Header, Any, list[int]], Payload],
+        payload: Payload,
+        fds: list[int],
+    ) -> None:
+        has_reply = req in REPLY_KIND
+        acks = hdr.need_reply and bool(self.protocol_features & bit(ProtocolFeature.REPLY_ACK))
+        try:
+            result = handler(hdr, payload, fds)
+        except ProtocolError as e:
+            if e.code == ErrorCode.BAD_ADDRESS or not acks or has_reply:
+                raise _Close(f"{req.name}: {e.message}") from None
+            self.counters["nacks"] += 1
+            self._log(f"{req.name} refused: {e.message}", kind="nack")
+            self._send(encode(req, 1, reply=True))
+            return
+        if has_reply:
+            self._send(encode(req, result, reply=True))
+        elif acks:
+            self._send(encode(req, 0, reply=True))
+
+    def _send(self, data: bytes) -> None:
+        conn = self._conn
+        assert conn is not None
+        conn.send(data, timeout=self.message_timeout)
+
+    def _end_session(self, reason: str) -> None:
+        """Close the connection, drop every mapping and eventfd, reset the device and
+        listen again."""
+        conn, self._conn = self._conn, None
+        poller = self._poller
+        summary = ", ".join(
+            f"{k} {self.counters[k]}"
+            for k in ("messages", "chains", "bad_chains", "handler_errors", "ring_errors")
+        )
+        self._log(f"connection {self._conn_no} closed: {reason} (totals: {summary})")
+        for ring in self.rings:
+            self._clear_ring(ring)
+        self._unmap()
+        if conn is not None:
+            if poller is not None:
+                poller.unregister(conn)
+            conn.close()
+        self._new_session_state()
+        self._device_reset()
+        if poller is not None and self._server is not None and not self._stopping:
+            poller.register(self._server)
+
+    def _device_reset(self) -> None:
+        self.counters["resets"] += 1
+        try:
+            self.device.reset()
+        except Exception as e:
+            self._log(f"device.reset(): {type(e).__name__}: {e}\n{traceback.format_exc()}")
+
+    # ------------------------------------------------------------------ helpers
+    def _ring(self, index: int, what: str) -> _Vring:
+        if not 0 <= index < len(self.rings):
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE,
+                f"{what}: ring {index} does not exist (the device has {len(self.rings)})",
+            )
+        return self.rings[index]
+
+    def _watch_kick(self, ring: _Vring, kick: EventFd | None) -> None:
+        old, ring.kick = ring.kick, kick
+        if old is not None:
+            self._kick_owner.pop(id(old), None)
+            if self._poller is not None:
+                self._poller.unregister(old)
+            old.close()
+        if kick is not None:
+            self._kick_owner[id(kick)] = ring
+            if self._poller is not None:
+                self._poller.register(kick)
+
+    def _clear_ring(self, ring: _Vring) -> None:
+        ring.drop()
+        self._watch_kick(ring, None)
+        for name in ("call", "err"):
+            efd = getattr(ring, name)
+            if efd is not None:
+                efd.close()
+                setattr(ring, name, None)
+        self._pending.pop(ring.index, None)
+
+    def _unmap(self) -> None:
+        for ring in self.rings:
+            ring.drop()
+        self._memory = None
+        self._umap = None
+        maps, self._maps = self._maps, []
+        for m in maps:
+            m.close()
+
+    @staticmethod
+    def _adopt_eventfd(fds: list[int], what: str) -> EventFd:
+        fd = fds.pop()
+        try:
+            return EventFd.adopt(fd)
+        except NotAnEventFd:
+            raise _Close(f"{what}: the fd passed is not an eventfd") from None
+
+    # ------------------------------------------------------------------ handlers
+    def _get_features(self, hdr: Header, payload: None, fds: list[int]) -> int:
+        return self.offered
+
+    def _set_features(self, hdr: Header, value: int, fds: list[int]) -> None:
+        extra = value & ~self.offered
+        if extra:
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE, f"features {extra:#x} were never offered (§2.2)"
+            )
+        if value != self.acked_features and any(r.dq is not None for r in self.rings):
+            raise ProtocolError(_BAD_STATE, "features changed while a ring is running")
+        if value != self.acked_features:
+            self._activated = False
+        self.acked_features = value
+        if not value & bit(F_PROTOCOL_FEATURES):
+            for ring in self.rings:  # "Ring states": no SET_VRING_ENABLE will come
+                ring.enabled = True
+        return None
+
+    def _get_protocol_features(self, hdr: Header, payload: None, fds: list[int]) -> int:
+        return OFFERED_PROTOCOL_FEATURES
+
+    def _set_protocol_features(self, hdr: Header, value: int, fds: list[int]) -> None:
+        extra = value & ~OFFERED_PROTOCOL_FEATURES
+        if extra:
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE, f"protocol features {extra:#x} were never offered"
+            )
+        self.protocol_features = value
+        return None
+
+    def _set_owner(self, hdr: Header, payload: None, fds: list[int]) -> None:
+        self.owner = True
+        return None
+
+    def _reset_device(self, hdr: Header, payload: None, fds: list[int]) -> None:
+        for ring in self.rings:
+            self._clear_ring(ring)
+        self.rings = [_Vring(i) for i in range(self.device.num_queues)]
+        self._kick_owner.clear()
+        self._pending.clear()
+        self.acked_features = 0
+        self._activated = False
+        self._log(f"connection {self._conn_no}: {Req(hdr.request).name}", kind="reset")
+        self._device_reset()
+        return None
+
+    def _get_queue_num(self, hdr: Header, payload: None, fds: list[int]) -> int:
+        return self.device.num_queues
+
+    def _set_mem_table(self, hdr: Header, table: MemoryTable, fds: list[int]) -> None:
+        umap = UserAddressMap(table.regions)  # BAD_VALUE: overlaps, overflow
+        maps: list[MappedFd] = []
+        try:
+            for i, (region, fd) in enumerate(zip(table.regions, fds, strict=True)):
+                try:
+                    maps.append(MappedFd.map(fd, region.memory_size, region.mmap_offset))
+                except MappingError as e:
+                    raise _Close(f"SET_MEM_TABLE: region {i}: {e}") from None
+            memory = RegionMemory(
+                [(r.guest_phys_addr, m.buf) for r, m in zip(table.regions, maps, strict=True)],
+                barrier=full_barrier,
+            )
+        except BaseException:
+            for m in maps:
+                m.close()
+            raise
+        for fd in fds:
+            _close_fd(fd)
+        fds.clear()
+        self._unmap()  # running rings are rebuilt on the new memory
+        self._maps, self._memory, self._umap = maps, memory, umap
+        sizes = ", ".join(f"{r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in table.regions)
+        self._log(f"connection {self._conn_no}: memory table [{sizes}]", kind="mem")
+        for ring in self.rings:
+            if self._runnable(ring):
+                self._pending[ring.index] = None
+        return None
+
+    def _stopped_ring(self, index: int, what: str) -> _Vring:
+        ring = self._ring(index, what)
+        if ring.started:
+            raise ProtocolError(
+                _BAD_STATE, f"{what}: ring {index} is started (GET_VRING_BASE stops it)"
+            )
+        return ring
+
+    def _set_vring_num(self, hdr: Header, st: VringState, fds: list[int]) -> None:
+        ring = self._stopped_ring(st.index, "SET_VRING_NUM")
+        limit = self.device.max_queue_size
+        if st.num < 1 or st.num & (st.num - 1) or st.num > limit:
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE,
+                f"SET_VRING_NUM: ring {st.index} size {st.num} must be a power of two in "
+                f"1..{limit} (§2.7)",
+            )
+        ring.num = st.num
+        return None
+
+    def _set_vring_addr(self, hdr: Header, addr: VringAddr, fds: list[int]) -> None:
+        ring = self._ring(addr.index, "SET_VRING_ADDR")
+        if addr.flags:
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE,
+                f"SET_VRING_ADDR: flags {addr.flags:#x} (dirty logging was not offered)",
+            )
+        if not ring.num:
+            raise ProtocolError(
+                _BAD_STATE, f"SET_VRING_ADDR before SET_VRING_NUM, ring {addr.index}"
+            )
+        if self._umap is not None:
+            self._layout(ring.num, addr)  # BAD_ADDRESS now rather than at the first kick
+        ring.drop()
+        ring.addr = addr
+        if self._runnable(ring):
+            self._pending[ring.index] = None
+        return None
+
+    def _layout(self, num: int, addr: VringAddr) -> RingLayout:
+        """The ring's guest-physical layout, each part checked to lie in one region."""
+        umap, memory = self._umap, self._memory
+        if umap is None or memory is None:
+            raise ProtocolError(_BAD_STATE, "no memory table")
+        try:
+            layout = RingLayout(
+                num,
+                umap.to_guest(addr.desc, RingLayout.desc_bytes(num)),
+                umap.to_guest(addr.avail, RingLayout.avail_bytes(num)),
+                umap.to_guest(addr.used, RingLayout.used_bytes(num)),
+            )
+            layout.validate()
+            memory.view(layout.desc, RingLayout.desc_bytes(num))
+            memory.view(layout.avail, RingLayout.avail_bytes(num))
+            memory.view(layout.used, RingLayout.used_bytes(num))
+        except (AddressError, UsageError) as e:
+            raise ProtocolError(
+                ErrorCode.BAD_ADDRESS, f"ring {addr.index} addresses: {e}"
+            ) from None
+        return layout
+
+    def _set_vring_base(self, hdr: Header, st: VringState, fds: list[int]) -> None:
+        ring = self._stopped_ring(st.index, "SET_VRING_BASE")
+        if st.num > 0xFFFF:
+            raise ProtocolError(ErrorCode.BAD_VALUE, f"SET_VRING_BASE: {st.num} is not a u16")
+        ring.base = st.num
+        return None
+
+    def _get_vring_base(self, hdr: Header, st: VringState, fds: list[int]) -> VringState:
+        ring = self._ring(st.index, "GET_VRING_BASE")
+        ring.drop()
+        ring.started = False
+        ring.polling = False
+        ring.broken = False
+        self._watch_kick(ring, None)
+        self._pending.pop(ring.index, None)
+        return VringState(ring.index, ring.base)
+
+    def _set_vring_kick(self, hdr: Header, value: int, fds: list[int]) -> None:
+        index, has_fd = vring_file(value, "SET_VRING_KICK")
+        ring = self._ring(index, "SET_VRING_KICK")
+        kick = self._adopt_eventfd(fds, "SET_VRING_KICK") if has_fd else None
+        self._watch_kick(ring, kick)
+        ring.polling = not has_fd
+        ring.started = True  # "Ring states": started by SET_VRING_KICK
+        if self._runnable(ring):
+            self._pending[index] = None  # do not wait for a kick that may never come
+        return None
+
+    def _set_vring_call(self, hdr: Header, value: int, fds: list[int]) -> None:
+        return self._set_vring_fd(value, fds, "call", "SET_VRING_CALL")
+
+    def _set_vring_err(self, hdr: Header, value: int, fds: list[int]) -> None:
+        return self._set_vring_fd(value, fds, "err", "SET_VRING_ERR")
+
+    def _set_vring_fd(self, value: int, fds: list[int], name: str, what: str) -> None:
+        index, has_fd = vring_file(value, what)
+        ring = self._ring(index, what)
+        new = self._adopt_eventfd(fds, what) if has_fd else None
+        old = getattr(ring, name)
+        setattr(ring, name, new)
+        if old is not None:
+            old.close()
+        return None
+
+    def _set_vring_enable(self, hdr: Header, st: VringState, fds: list[int]) -> None:
+        ring = self._ring(st.index, "SET_VRING_ENABLE")
+        if st.num not in (0, 1):
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE, f"SET_VRING_ENABLE: {st.num} is neither 0 nor 1"
+            )
+        ring.enabled = bool(st.num)
+        if not ring.enabled:
+            ring.drop()
+            self._pending.pop(ring.index, None)
+        elif self._runnable(ring):
+            self._pending[ring.index] = None
+        return None
+
+    def _get_config(self, hdr: Header, cfg: ConfigPayload, fds: list[int]) -> ConfigPayload:
+        self.counters["config_reads"] += 1
+        space = self.device.config()
+        data = bytes(space[cfg.offset : cfg.offset + cfg.size]).ljust(cfg.size, b"\0")
+        self._log(
+            f"connection {self._conn_no}: GET_CONFIG offset {cfg.offset} size {cfg.size}",
+            kind="config",
+        )
+        return ConfigPayload(cfg.offset, cfg.size, cfg.flags, data)
+
+    def _set_config(self, hdr: Header, cfg: ConfigPayload, fds: list[int]) -> None:
+        try:
+            self.device.write_config(cfg.offset, cfg.data)
+        except ProtocolError as e:
+            raise ProtocolError(ErrorCode.BAD_VALUE, f"SET_CONFIG: {e.message}") from None
+        return None
+
+    # ================================================================== data path
+    def _runnable(self, ring: _Vring) -> bool:
+        return (
+            ring.started
+            and ring.enabled
+            and not ring.broken
+            and ring.num > 0
+            and ring.addr is not None
+            and self._memory is not None
+            and (ring.kick is not None or ring.polling)
+        )
+
+    def _start(self, ring: _Vring) -> DeviceQueue | None:
+        """Build the ring's DeviceQueue (activating the device first if needed)."""
+        assert ring.addr is not None and self._memory is not None
+        try:
+            layout = self._layout(ring.num, ring.addr)
+        except ProtocolError as e:
+            self._ring_broken(ring, e.message)
+            return None
+        if not self._activated:
+            features = self.acked_features & ~bit(F_PROTOCOL_FEATURES)
+            try:
+                self.device.activate(features)
+            except Exception as e:
+                raise _Close(f"device.activate({features:#x}): {type(e).__name__}: {e}") from None
+            self._activated = True
+            self._log(f"connection {self._conn_no}: device active, features {features:#x}")
+        ring.dq = DeviceQueue(
+            self._memory,
+            layout,
+            event_idx=bool(self.acked_features & bit(F.EVENT_IDX)),
+            indirect=bool(self.acked_features & bit(F.INDIRECT_DESC)),
+            last_avail=ring.base,
+        )
+        return ring.dq
+
+    def _serve_pending(self) -> None:
+        for index in list(self._pending):
+            if self._stopping or self._conn is None:
+                return
+            ring = self.rings[index]
+            if not self._runnable(ring):
+                self._pending.pop(index, None)
+                continue
+            try:
+                dq = ring.dq or self._start(ring)
+                if dq is None:
+                    self._pending.pop(index, None)
+                    continue
+                call = ring.call
+                more = self.service.drain(index, dq, self.budget, lambda c=call: _signal(c))
+            except RingError as e:
+                self._ring_broken(ring, str(e))
+                more = False
+            except _Close as e:
+                self.counters["protocol_errors"] += 1
+                self._end_session(str(e))
+                return
+            if not more:
+                self._pending.pop(index, None)
+
+    def _ring_broken(self, ring: _Vring, why: str) -> None:
+        self.counters["ring_errors"] += 1
+        ring.drop()
+        ring.broken = True
+        self._pending.pop(ring.index, None)
+        self._log(f"ring {ring.index} broken, stopped until GET_VRING_BASE: {why}", kind="ring")
+        _signal(ring.err)
+
+
+def _signal(efd: EventFd | None) -> None:
+    if efd is not None:
+        try:
+            efd.write(1)
+        except OSError:
+            pass
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def serve(device: Device, socket_path: str, **kwargs: Any) -> int:
+    """Run ``device`` as a vhost-user back-end at ``socket_path`` in this process.
+
+    SIGTERM stops it cleanly (connection closed, memory unmapped, socket file removed,
+    ``device.close()``; exit status 0); so does SIGINT (^C in a terminal; status 130).
+    """
+    from hostops.signals import on_terminate
+
+    backend = VhostUserBackend(device, socket_path, **kwargs)
+    # no SystemExit from the handler: stop() wakes the loop, which closes everything
+    uninstall = on_terminate(lambda: backend.stop("SIGTERM"), exit=False)
+    try:
+        return backend.serve_forever()
+    except KeyboardInterrupt:
+        backend.close()
+        return 130
+    finally:
+        uninstall()
