@@ -23,6 +23,7 @@ End of stream is :class:`~hostops.errors.PeerGone`, a missed deadline
 :class:`~hostops.errors.TransportError`: the connection is unusable, close it.
 
 Both classes are pollable (``_pollable()`` returns the fd) for :class:`hostops.Poller`.
+:meth:`UnixConnection.peer_pid` reports the peer process (``SO_PEERCRED``).
 """
 
 from __future__ import annotations

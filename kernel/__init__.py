@@ -13,11 +13,18 @@ doorbells and a vhost-user-like control channel. The layers, top down:
 ``kernel.blk``       the block layer (async ``submit``, split, software queue)
                      and the virtio-blk driver
 ``kernel.bus``       the virtio bus: drivers registered by device id, probing
-``kernel.transport`` one device: control session, shared region, queues, the
-                     interrupt thread, failure handling
+``kernel.transport`` one device: shared region, queues, the interrupt thread,
+                     failure handling; two ways to talk to it:
+                     ``transport_zmq`` (our device process: ZeroMQ control
+                     and doorbells) and ``transport_vhost_user`` (a
+                     vhost-user back-end: Unix socket, memfd, eventfds)
 ``kernel.core``      ``boot()``, ``Kernel``, device handles, clean shutdown
 ``kernel.errors``    every error and its errno in one place
 ==================  =========================================================
+
+A disk served by a vhost-user back-end (qemu-storage-daemon, or ``python -m vdev blk
+--vhost-user SOCK``) is ``kernel.VhostUserBlk("/path/to/socket")``: the kernel then
+acts as QEMU does, and everything above the transport is the same.
 
 Example::
 
@@ -40,9 +47,11 @@ from .errors import (
     DeviceProbeError,
     KernelError,
 )
-from .specs import Blk, DeviceSpec
+from .specs import Blk, DeviceSpec, VhostUserBlk
 from .syscalls import Syscalls
 from .transport import KernelQueue, VirtioTransport
+from .transport_vhost_user import VhostUserTransport
+from .transport_zmq import ZmqTransport
 
 __all__ = [
     "boot",
@@ -51,6 +60,7 @@ __all__ = [
     "RingView",
     "DeviceSpec",
     "Blk",
+    "VhostUserBlk",
     "VirtioBus",
     "VirtioDriver",
     "default_bus",
@@ -60,6 +70,8 @@ __all__ = [
     "Syscalls",
     "KernelQueue",
     "VirtioTransport",
+    "ZmqTransport",
+    "VhostUserTransport",
     "KernelError",
     "DeviceProbeError",
     "DeviceControlError",

@@ -26,11 +26,14 @@ Every request is one chain::
 With INDIRECT_DESC negotiated, a request with more than one data segment goes into an
 indirect table (one ring descriptor). Header, status, the DISCARD/WRITE_ZEROES segment
 and the indirect table live in a per-request *slot* (one per ring entry, allocated once
-at probe time from the DMA pool); data buffers come from the DMA pool
-(:class:`hostops.shm.PageAllocator`) and are copied in (OUT) or out (IN) of shared
-memory. A large I/O is split into several requests (by ``size_max``·``seg_max``, the
-driver's cap :data:`MAX_REQUEST_BYTES` and a quarter of the DMA pool, so that a request
-always fits once the pool drains: no deadlock); all parts complete before the callback.
+at probe time from the DMA pool). Each slot also owns one page of *inline* data (when
+those pages take at most an eighth of the pool), so a request of up to
+:data:`INLINE_BYTES` needs no allocation at all; bigger data buffers come from the DMA
+pool (:class:`hostops.shm.PageAllocator`). Data is copied in (OUT) or out (IN) of shared
+memory exactly once. A large I/O is split into several requests (by
+``size_max``·``seg_max``, the driver's cap :data:`MAX_REQUEST_BYTES` and a quarter of
+the DMA pool, so that a request always fits once the pool drains: no deadlock); all
+parts complete before the callback.
 
 Completion (interrupt thread): status OK → result (the bytes read, or the byte count);
 IOERR → EIO; UNSUPP → EOPNOTSUPP; an IN whose used length is shorter than data+status →
@@ -72,13 +75,17 @@ __all__ = [
     "OPS",
     "MAX_REQUEST_BYTES",
     "MAX_SEGMENTS",
+    "INLINE_BYTES",
     "BLK_DRIVER_FEATURES",
 ]
 
 log = logging.getLogger(__name__)
 
-#: The driver's own cap on one request (Linux: max_sectors_kb).
-MAX_REQUEST_BYTES = 128 << 10
+#: The driver's own cap on one request (Linux: max_sectors_kb; 512 KiB was its default
+#: for years). Fewer, bigger requests mean less per-request work on both sides.
+MAX_REQUEST_BYTES = 512 << 10
+#: Data of at most this many bytes goes into the request slot's own page (no allocation).
+INLINE_BYTES = 4096
 #: The driver's own cap on data segments per request.
 MAX_SEGMENTS = 32
 #: Features the driver understands.
@@ -110,6 +117,9 @@ _OP_BY_TYPE = {
 Callback = Callable[[Any], None]
 
 _STATUS_UNSET = 0xFF
+_OK = int(BlkStatus.OK)
+_IN = int(BlkType.IN)
+_OUT = int(BlkType.OUT)
 # slot layout: header 16 | status 1 (+15 pad) | discard segment 16 | indirect table
 _S_STATUS = 16
 _S_SEG = 32
@@ -122,15 +132,16 @@ def _align(x: int, a: int) -> int:
 
 
 class _Parent:
-    """Gathers the parts of one split submit() and calls back once."""
+    """Gathers the parts of one split submit() and calls back once. A read keeps each
+    part's bytes (``parts[i]``) and joins them at the end."""
 
-    __slots__ = ("callback", "remaining", "error", "buf", "result", "lock")
+    __slots__ = ("callback", "remaining", "error", "parts", "result", "lock")
 
-    def __init__(self, callback: Callback, parts: int, buf: bytearray | None, result: Any):
+    def __init__(self, callback: Callback, parts: int, read: bool, result: Any):
         self.callback = callback
         self.remaining = parts
         self.error: OSError | None = None
-        self.buf = buf
+        self.parts: list[bytes] | None = [b""] * parts if read else None
         self.result = result
         self.lock = Lock()
 
@@ -142,9 +153,11 @@ class _Parent:
             done = self.remaining == 0
         if done:
             if self.error is not None:
+                self.parts = None
                 _deliver(self.callback, self.error)
-            elif self.buf is not None:
-                _deliver(self.callback, bytes(self.buf))
+            elif self.parts is not None:
+                parts, self.parts = self.parts, None
+                _deliver(self.callback, b"".join(parts))
             else:
                 _deliver(self.callback, self.result)
 
@@ -172,6 +185,7 @@ class _Req:
         "part_off",
         "slot",
         "dma",
+        "owned",
     )
 
     def __init__(
@@ -196,9 +210,10 @@ class _Req:
         self.nsect = nsect  # DISCARD / WRITE_ZEROES: sectors
         self.callback = callback
         self.parent = parent
-        self.part_off = part_off
+        self.part_off = part_off  # index of this part in the parent
         self.slot = -1
-        self.dma = -1
+        self.dma = -1  # address of the data in shared memory (-1: none)
+        self.owned = False  # dma came from the pool (else: the slot's inline page)
 
     def complete(self, used_len: int) -> None:
         """The device returned this chain (interrupt thread)."""
@@ -278,6 +293,14 @@ class BlockDevice:
         if area is None:
             raise ValueError(f"{self.name}: DMA pool too small for {n} request slots")
         self._slots: deque[int] = deque(area + i * self._slot_bytes for i in range(n))
+        # inline data: one page per slot when the pool can spare it (an eighth at most)
+        self._inline: dict[int, int] = {}
+        if INLINE_BYTES * n <= transport.dma_size // 8:
+            pages = transport.dma.alloc(INLINE_BYTES * n)
+            if pages is not None:
+                self._inline = {
+                    area + i * self._slot_bytes: pages + i * INLINE_BYTES for i in range(n)
+                }
         # A request must fit the pool once it has drained (else it would wait forever):
         # shrink the request size until the allocator can actually hand out one.
         while True:
@@ -443,14 +466,13 @@ class BlockDevice:
         if length <= step:
             return [_Req(self, rtype, sector, length, callback, None, 0, src, zero)]
         nparts = -(-length // step)
-        buf = bytearray(length) if rtype == BlkType.IN else None
-        parent = _Parent(callback, nparts, buf, length)
+        parent = _Parent(callback, nparts, rtype == _IN, length)
         out = []
-        for pos in range(0, length, step):
+        for i, pos in enumerate(range(0, length, step)):
             n = min(step, length - pos)
             part_src = src[pos : pos + n] if src is not None else None
             out.append(
-                _Req(self, rtype, sector + pos // SECTOR_SIZE, n, None, parent, pos, part_src, zero)
+                _Req(self, rtype, sector + pos // SECTOR_SIZE, n, None, parent, i, part_src, zero)
             )
         return out
 
@@ -465,7 +487,7 @@ class BlockDevice:
         if total <= limit:
             return [_Req(self, rtype, sector, 0, callback, None, nsect=total)]
         nparts = -(-total // limit)
-        parent = _Parent(callback, nparts, None, 0)
+        parent = _Parent(callback, nparts, False, 0)
         return [
             _Req(self, rtype, sector + s, 0, None, parent, nsect=min(limit, total - s))
             for s in range(0, total, limit)
@@ -486,42 +508,66 @@ class BlockDevice:
         buf = self._buf
         seg_bytes = self.segment_bytes
         indirect = self._indirect
+        inline = self._inline
+        add = q.add
         while pending and slots:
             r = pending[0]
             n = r.nbytes
-            nseg = -(-n // seg_bytes) if n else (1 if r.nsect else 0)
+            if n:
+                nseg = 1 if n <= seg_bytes else -(-n // seg_bytes)
+            else:
+                nseg = 1 if r.nsect else 0
             use_table = indirect and nseg > 1
             if dq.num_free < (1 if use_table else nseg + 2):
                 break
+            slot = slots[0]
             if n:
-                dma = self._dma.alloc(n)
-                if dma is None:
-                    break
-                if r.rtype == BlkType.OUT:
+                if n <= INLINE_BYTES and inline:
+                    dma = inline[slot]
+                else:
+                    got = self._dma.alloc(n)
+                    if got is None:
+                        break
+                    dma = got
+                    r.owned = True
+                r.dma = dma
+                if r.rtype == _OUT:
                     if r.zero:
                         buf[dma : dma + n] = bytes(n)
                     else:
                         buf[dma : dma + n] = r.src  # type: ignore[assignment]
-                r.dma = dma
-            slot = slots.popleft()
+            slots.popleft()
             r.slot = slot
             REQ_HEADER.pack_into(buf, slot, r.rtype, 0, r.sector)
             buf[slot + _S_STATUS] = _STATUS_UNSET
-            readable = [(slot, REQ_HEADER.size)]
-            writable: list[tuple[int, int]] = []
+            header = (slot, REQ_HEADER.size)
+            status = (slot + _S_STATUS, 1)
+            readable: list[tuple[int, int]]
+            writable: list[tuple[int, int]]
             if n:
-                segs = [(r.dma + p, min(seg_bytes, n - p)) for p in range(0, n, seg_bytes)]
-                if r.rtype == BlkType.IN:
-                    writable.extend(segs)
+                d = r.dma
+                if nseg == 1:
+                    segs = [(d, n)]
                 else:
-                    readable.extend(segs)
+                    segs = [(d + p, min(seg_bytes, n - p)) for p in range(0, n, seg_bytes)]
+                if r.rtype == _IN:
+                    readable = [header]
+                    segs.append(status)
+                    writable = segs
+                else:
+                    segs.insert(0, header)
+                    readable = segs
+                    writable = [status]
             elif r.nsect:
                 DISCARD_SEGMENT.pack_into(buf, slot + _S_SEG, r.sector, r.nsect, 0)
-                readable.append((slot + _S_SEG, DISCARD_SEGMENT.size))
-            writable.append((slot + _S_STATUS, 1))
+                readable = [header, (slot + _S_SEG, DISCARD_SEGMENT.size)]
+                writable = [status]
+            else:
+                readable = [header]
+                writable = [status]
             pending.popleft()
             try:
-                q.add(readable, writable, r, indirect_table=slot + _S_TABLE if use_table else None)
+                add(readable, writable, r, indirect_table=slot + _S_TABLE if use_table else None)
             except VirtioError as e:  # broken queue or a driver bug: fail this one request
                 self._rejected.append((r, io_error(errno.EIO, f"{self.name}: {e}")))
                 if dq.broken is not None:
@@ -562,28 +608,30 @@ class BlockDevice:
         status = buf[r.slot + _S_STATUS]
         err: OSError | None = None
         data: bytes | None = None
-        if status != BlkStatus.OK:
+        if status != _OK:
             code = blk_status_errno(status)
             what = BlkStatus(status).name if status in (1, 2) else f"status {status:#x}"
             err = io_error(code, f"{self.name}: device answered {what}")
-        elif r.rtype == BlkType.IN:
-            if used_len < r.nbytes + 1:
-                err = io_error(
-                    errno.EIO, f"{self.name}: short read ({used_len} of {r.nbytes + 1} bytes)"
-                )
+        elif r.rtype == _IN:
+            n = r.nbytes
+            if used_len <= n:
+                err = io_error(errno.EIO, f"{self.name}: short read ({used_len} of {n + 1} bytes)")
             else:
-                view = buf[r.dma : r.dma + r.nbytes]
-                if r.parent is not None and r.parent.buf is not None:
-                    r.parent.buf[r.part_off : r.part_off + r.nbytes] = view
-                else:
-                    data = bytes(view)
+                dma = r.dma
+                data = buf[dma : dma + n].tobytes()  # the one copy out of shared memory
+                parent = r.parent
+                if parent is not None and parent.parts is not None:
+                    parent.parts[r.part_off] = data
+                    data = None
         elif used_len < 1:
             err = io_error(errno.EIO, f"{self.name}: request returned without a status")
         self._finish(r, err, data)
 
     def _finish(self, r: _Req, err: OSError | None, data: bytes | None) -> None:
         if r.dma >= 0:
-            self._dma.free(r.dma)
+            if r.owned:
+                self._dma.free(r.dma)
+                r.owned = False
             r.dma = -1
         if r.slot >= 0:
             self._slots.append(r.slot)  # deque.append is thread-safe
@@ -595,9 +643,9 @@ class BlockDevice:
         assert r.callback is not None
         if err is not None:
             _deliver(r.callback, err)
-        elif r.rtype == BlkType.IN:
+        elif r.rtype == _IN:
             _deliver(r.callback, data)
-        elif r.rtype == BlkType.OUT:
+        elif r.rtype == _OUT:
             _deliver(r.callback, r.nbytes)
         else:
             _deliver(r.callback, 0)

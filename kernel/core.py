@@ -39,8 +39,16 @@ from .bus import VirtioBus, VirtioDriver, default_bus
 from .specs import DeviceSpec
 from .syscalls import Syscalls
 from .transport import KernelQueue, VirtioTransport
+from .transport_vhost_user import VhostUserTransport
+from .transport_zmq import ZmqTransport
 
-__all__ = ["boot", "Kernel", "VirtioDevice", "RingView", "device_name"]
+__all__ = ["boot", "Kernel", "VirtioDevice", "RingView", "device_name", "TRANSPORTS"]
+
+#: Transport classes by ``DeviceSpec.transport``.
+TRANSPORTS: dict[str, type[VirtioTransport]] = {
+    ZmqTransport.kind: ZmqTransport,
+    VhostUserTransport.kind: VhostUserTransport,
+}
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +85,8 @@ class RingView:
 class VirtioDevice:
     """One device of a booted kernel, as the user sees it.
 
-    ``name`` (``"vda"``), ``device_id``, ``pid`` (of the device process),
+    ``name`` (``"vda"``), ``device_id``, ``pid`` (of the device process; for a
+    vhost-user back-end the peer's pid from ``SO_PEERCRED``, None if unknown),
     ``features`` (negotiated feature names), ``feature_bits``, ``queues`` (each with
     ``.stats``), ``block`` (the :class:`BlockDevice` for a disk, else None),
     ``driver``, ``transport``.
@@ -106,7 +115,8 @@ class VirtioDevice:
 
     def metrics(self) -> dict[str, Any]:
         """The device's own counters (GET_METRICS): ``{"device": {...}, "queues":
-        [{...}, ...]}``. Raises :class:`~kernel.errors.DeviceGoneError` if it died."""
+        [{...}, ...]}``. Raises :class:`~kernel.errors.DeviceGoneError` if it died.
+        ``{}`` for a vhost-user device (the protocol has no way to ask)."""
         return self.transport.metrics()
 
     def ring_layout(self, index: int = 0) -> RingView:
@@ -245,9 +255,10 @@ def boot(
         for spec in specs:
             i = counters.get(spec.name_prefix, 0)
             counters[spec.name_prefix] = i + 1
-            t = VirtioTransport(
-                device_name(spec.name_prefix, i), spec, k.rundir, region_size=region_size
-            )
+            cls = TRANSPORTS.get(spec.transport)
+            if cls is None:
+                raise ValueError(f"{spec!r}: unknown transport {spec.transport!r}")
+            t = cls(device_name(spec.name_prefix, i), spec, k.rundir, region_size=region_size)
             k._transports.append(t)
             t.launch()
         for t in k._transports:

@@ -11,6 +11,12 @@ GET_FEATURES), exactly as with hardware: the spec only says which backend to plu
 
 New kinds (``Net``, ``Custom("pkg.module:Class", **opts)``) subclass
 :class:`DeviceSpec`, set ``kind``/``name_prefix`` and implement :meth:`device_args`.
+
+``transport`` says how the kernel reaches the device: ``"zmq"`` (the default: a device
+process the kernel starts, :mod:`kernel.transport_zmq`) or ``"vhost-user"`` (a back-end
+somebody else started, listening on a Unix socket: :class:`VhostUserBlk`,
+:mod:`kernel.transport_vhost_user`). vhost-user has no device id on the wire, so such a
+spec also says what the device is (``device_id``).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hostops.process import python_argv
+from vdev.virtio import DeviceId
 
-__all__ = ["DeviceSpec", "Blk"]
+__all__ = ["DeviceSpec", "Blk", "VhostUserBlk"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class DeviceSpec:
 
     kind: ClassVar[str] = ""
     name_prefix: ClassVar[str] = "vd"
+    transport: ClassVar[str] = "zmq"
 
     def device_args(self) -> list[str]:
         """Command-line arguments of the device, after the subcommand and without
@@ -102,3 +110,40 @@ class Blk(DeviceSpec):
             args.append("--readonly")
         args += ["--queue-size", str(self.queue_size)]
         return args
+
+
+@dataclass(frozen=True)
+class VhostUserBlk(DeviceSpec):
+    """A virtio-blk device served by a vhost-user back-end listening on the Unix socket
+    ``path`` (``qemu-storage-daemon --export type=vhost-user-blk,...``, ``python -m vdev
+    blk --image IMG --vhost-user SOCK``, ...). The kernel connects to it as QEMU does;
+    the back-end process is not the kernel's: it is neither started nor stopped by it.
+
+    ``queue_size`` is the ring size the driver uses (a power of two; vhost-user cannot
+    ask the back-end for its maximum, a back-end that allows less refuses
+    SET_VRING_NUM and the probe fails saying so). Whether the disk is read-only is the
+    back-end's decision (VIRTIO_BLK_F_RO).
+    """
+
+    path: str = ""
+    queue_size: int = 128
+
+    kind: ClassVar[str] = "blk"
+    name_prefix: ClassVar[str] = "vd"
+    transport: ClassVar[str] = "vhost-user"
+    device_id: ClassVar[int] = int(DeviceId.BLOCK)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str | os.PathLike) or not os.fspath(self.path):
+            raise ValueError(f"VhostUserBlk: socket path must be non-empty, got {self.path!r}")
+        q = self.queue_size
+        if not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
+            raise ValueError(f"VhostUserBlk: queue_size {q!r} is not a power of two in 1..32768")
+
+    def device_args(self) -> list[str]:
+        """Not started by the kernel: there is no command line."""
+        raise TypeError("a vhost-user device is not started by the kernel")
+
+    def argv(self, control_endpoint: str) -> list[str]:
+        """Not started by the kernel: there is no command line."""
+        raise TypeError("a vhost-user device is not started by the kernel")

@@ -1,25 +1,40 @@
-"""The client side of one virtio device: control session, shared memory, queues, IRQs.
+"""The client side of one virtio device: shared memory, queues, interrupts, failure.
 
 Theory of operation
 -------------------
 :class:`VirtioTransport` is what a PCI function is to a Linux driver: everything the
-kernel knows about one device process, and the only object that talks to it.
+kernel knows about one device, and the only object that talks to it. This module holds
+the part that does not depend on *how* the kernel talks to the device -- the region
+layout and DMA allocator, the queues, the interrupt thread's reaping loop, failure
+handling, shutdown order and the counters. Two transports fill in the rest:
 
-Bring-up follows virtio §3.1.1 and the project's control session exactly:
+* :class:`~kernel.transport_zmq.ZmqTransport` -- our own device process (``python -m
+  vdev ...``): msgpack control channel, ZeroMQ doorbells, a POSIX shm region, a pidfd
+  for the process;
+* :class:`~kernel.transport_vhost_user.VhostUserTransport` -- any vhost-user back-end
+  (qemu-storage-daemon, ``python -m vdev ... --vhost-user``): a Unix socket, a memfd
+  passed with ``SCM_RIGHTS``, an eventfd per ring and direction.
 
-1. :meth:`~VirtioTransport.launch` binds the *call* doorbell listener
-   (``<rundir>/<name>.call``), starts ``python -m vdev <kind> ... --control
-   ipc://<rundir>/<name>.ctl`` under supervision (its log in ``<rundir>/<name>.log``)
-   and connects the control client;
-2. :meth:`~VirtioTransport.get_device_info` waits (up to 15 s: process start-up) for
-   GET_DEVICE_INFO;
-3. :meth:`~VirtioTransport.negotiate`: RESET, ACKNOWLEDGE, DRIVER, GET_FEATURES, the
-   driver's choice (must contain VERSION_1), SET_FEATURES, FEATURES_OK, re-read status;
-4. :meth:`~VirtioTransport.setup_memory` creates the shared region, hands it over with
-   SET_MEM_TABLE and unlinks its name at once (leak-proof from then on);
+A transport subclass answers only "how do I say this to the device": the bring-up steps
+(:meth:`~VirtioTransport.launch`, :meth:`~VirtioTransport.get_device_info`,
+:meth:`~VirtioTransport.negotiate`, :meth:`~VirtioTransport.read_config`), creating
+and handing over the region (``_create_region`` / ``_hand_over_region``), telling the
+device about one ring and returning its kick function (``_setup_vring``), what the
+interrupt thread waits on and what a wake-up means (``_irq_sources`` /
+``_collect_interrupts`` / ``_drain_interrupts``), and how to stop and close
+(``_stop_device`` / ``_close_channels``).
+
+Bring-up follows virtio §3.1.1 (:meth:`kernel.bus.VirtioBus.probe` drives it):
+
+1. :meth:`~VirtioTransport.launch`: reach the device (start it, or connect to it);
+2. :meth:`~VirtioTransport.get_device_info`: what it is, how many queues;
+3. :meth:`~VirtioTransport.negotiate`: the driver's choice of features (VERSION_1 is
+   required);
+4. :meth:`~VirtioTransport.setup_memory`: create the region and hand it over;
 5. the driver reads config space (:meth:`~VirtioTransport.read_config`) and sets up its
-   queues (:meth:`~VirtioTransport.setup_queue`: NUM, ADDR, BASE, KICK, CALL, ENABLE);
-6. :meth:`~VirtioTransport.driver_ok` starts the interrupt thread and sets DRIVER_OK.
+   queues (:meth:`~VirtioTransport.setup_queue`);
+6. :meth:`~VirtioTransport.driver_ok` starts the interrupt thread, then tells the
+   device (DRIVER_OK where the transport has a status byte).
 
 Region layout (guest-physical address == offset in the region)::
 
@@ -28,15 +43,15 @@ Region layout (guest-physical address == offset in the region)::
 
 The interrupt thread
 --------------------
-One thread per device waits on three things at once through a ``hostops`` Poller: the
-call doorbell listener (the device's interrupts: a u16 queue index each), the device
-process itself (a pidfd: death is noticed the moment it happens, not guessed from a
-timeout), and a Waker (shutdown). For an interrupt on queue *i* it runs the
+One thread per device waits through a ``hostops`` Poller on the transport's sources
+(its interrupt channel and whatever tells that the device is gone: a pidfd, a socket
+hang-up) and on a Waker (shutdown). For an interrupt on queue *i* it runs the
 disable → reap → re-enable → re-check loop (:meth:`DriverQueue.get_used` /
 :meth:`DriverQueue.enable_interrupts`) under the queue lock, then -- with the lock
 released -- calls each request's completion and the queue's ``refill`` hook (the
-driver's software queue dispatches into the room just freed). Call index 0xFFFF
-(``CONFIG_CHANGE``) makes it GET_STATUS; DEVICE_NEEDS_RESET marks the device broken.
+driver's software queue dispatches into the room just freed). Index 0xFFFF
+(``CONFIG_CHANGE``) runs the config-change hooks (a transport may check the device
+status first).
 
 Failure
 -------
@@ -53,19 +68,15 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hostops.barrier import full_barrier
-from hostops.control import ControlClient
-from hostops.doorbell import Doorbell, DoorbellListener
-from hostops.errors import ChannelTimeout, TransportError
-from hostops.poll import Poller, Waker
-from hostops.process import DeviceProcess
+from hostops.errors import TransportError
+from hostops.poll import Pollable, Poller, Waker
 from hostops.rundir import RuntimeDir
-from hostops.shm import PageAllocator, SharedRegion
+from hostops.shm import PageAllocator
 from hostops.sync import Event, Lock, current_thread_name, start_thread
 from vdev.virtio import (
     DeviceSpecError,
@@ -73,25 +84,26 @@ from vdev.virtio import (
     DriverQueueStats,
     F,
     FlatMemory,
-    ProtocolError,
     RingLayout,
-    Status,
     bit,
     feature_names,
 )
-from vdev.virtio.control import CONFIG_CHANGE, RemoteError, decode_reply, encode_request
-from vdev.virtio.status import describe_status
+from vdev.virtio.control import CONFIG_CHANGE
 
-from .errors import DeviceControlError, DeviceGoneError, DeviceProbeError, io_error
+from .errors import DeviceProbeError, io_error
 from .specs import DeviceSpec
 
 __all__ = [
     "Completion",
     "DeviceInfo",
     "KernelQueue",
+    "SharedMemory",
     "VirtioTransport",
     "DEFAULT_DMA_BYTES",
+    "MIN_DMA_BYTES",
     "PAGE",
+    "CONTROL_TIMEOUT_S",
+    "RESET_TIMEOUT_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,10 +113,12 @@ PAGE = 4096
 DEFAULT_DMA_BYTES = 8 << 20
 #: Smallest DMA pool accepted when ``region_size`` is given.
 MIN_DMA_BYTES = 256 << 10
-#: First GET_DEVICE_INFO: the device process is still starting up.
-STARTUP_TIMEOUT_S = 15.0
+#: How long one control request may take.
 CONTROL_TIMEOUT_S = 5.0
+#: How long a best-effort request at shutdown (reset, stop a ring) may take.
 RESET_TIMEOUT_S = 1.0
+#: How long shutdown waits for the interrupt thread.
+IRQ_JOIN_TIMEOUT_S = 5.0
 
 
 def _align(x: int, a: int) -> int:
@@ -123,9 +137,29 @@ class Completion(Protocol):
         ...
 
 
+class SharedMemory(Protocol):
+    """The region a transport shares with its device (a ``hostops.shm.SharedRegion``
+    or a ``hostops.fdmem.MappedFd``): ``size`` bytes, writable ``buf``, ``close()``."""
+
+    @property
+    def size(self) -> int:
+        """Bytes in the region."""
+        ...
+
+    @property
+    def buf(self) -> memoryview:
+        """The whole region, writable."""
+        ...
+
+    def close(self) -> None:
+        """Unmap the region."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
-    """GET_DEVICE_INFO: what the device says it is."""
+    """What the device is: its virtio device id, number of queues, largest queue size
+    and a name for messages."""
 
     device_id: int
     num_queues: int
@@ -135,13 +169,13 @@ class DeviceInfo:
 
 class KernelQueue:
     """One virtqueue as the kernel uses it: a :class:`DriverQueue` plus the lock that
-    serialises every touch of it, the kick doorbell and the driver's hooks.
+    serialises every touch of it, the transport's kick function and the driver's hooks.
 
     Drivers call :meth:`add` and :meth:`publish` with :attr:`lock` held, then
-    :meth:`notify` with it released (a doorbell is a syscall: never hold a lock over
-    one). ``refill`` (set by the driver) runs on the interrupt thread after each batch
-    of completions and must publish what was added meanwhile; ``on_failed`` runs once
-    when the device fails.
+    :meth:`notify` with it released (a kick is a syscall: never hold a lock over one).
+    ``refill`` (set by the driver) runs on the interrupt thread after each batch of
+    completions and must publish what was added meanwhile; ``on_failed`` runs once when
+    the device fails.
     """
 
     def __init__(
@@ -149,7 +183,7 @@ class KernelQueue:
         transport: VirtioTransport,
         index: int,
         dq: DriverQueue,
-        doorbell: Doorbell,
+        kick: Callable[[], None],
     ) -> None:
         self.transport = transport
         self.index = index
@@ -158,7 +192,7 @@ class KernelQueue:
         self.size: int = dq.size
         self.lock = Lock()
         self._stats = dq.stats
-        self._doorbell = doorbell
+        self._kick = kick
         self.refill: Callable[[], None] | None = None
         #: True while the interrupt thread runs a batch of completions; submitters then
         #: leave publishing to ``refill`` (which runs right after the batch).
@@ -193,10 +227,12 @@ class KernelQueue:
         return self.dq.kick_prepare()
 
     def notify(self) -> None:
-        """Ring the kick doorbell of this queue (thread-safe; no lock needed)."""
+        """Kick the device for this queue (thread-safe; no lock needed). A kick that
+        cannot be delivered (device gone, channel closed) is dropped: the interrupt
+        thread notices the device's death on its own."""
         try:
-            self._doorbell.ring(self.index)
-        except TransportError as e:
+            self._kick()
+        except (TransportError, OSError, ValueError) as e:
             log.debug("%s: kick on queue %d failed: %s", self.transport.name, self.index, e)
 
     def kick(self) -> None:
@@ -211,7 +247,11 @@ class KernelQueue:
 
 
 class VirtioTransport:
-    """The kernel's side of one device process (see the module docstring)."""
+    """The kernel's side of one device (see the module docstring); subclasses
+    implement how the kernel talks to it."""
+
+    #: A short name of the transport kind ("zmq", "vhost-user").
+    kind = ""
 
     def __init__(
         self,
@@ -227,43 +267,34 @@ class VirtioTransport:
         self.region_size = region_size
         self.info: DeviceInfo | None = None
         self.features = 0
-        self.proc: DeviceProcess | None = None
-        self.region: SharedRegion | None = None
+        self.region: SharedMemory | None = None
         self.memory: FlatMemory | None = None
         self.dma: PageAllocator | None = None
         self.dma_base = 0
         self.dma_size = 0
         self.queues: list[KernelQueue] = []
         self.failed: OSError | None = None
+        self.spurious_interrupts = 0
         self._failed_event = Event()
-        self.log_path = os.path.join(rundir.path, f"{name}.log")
-        self._ctl_ep = rundir.endpoint(f"{name}.ctl")
-        self._call_ep = rundir.endpoint(f"{name}.call")
-        self._kick_ep = rundir.endpoint(f"{name}.kick")
-        self._client: ControlClient | None = None
-        self._call: DoorbellListener | None = None
-        self._kick: Doorbell | None = None
         self._waker: Waker | None = None
         self._thread: Any = None
         self._state_lock = Lock()
         self._stopping = False
         self._closed = False
-        self._unlinked = False
         self._ring_slot = 0
         self._queue_cap = 0
         self._config_hooks: list[Callable[[], None]] = []
         self._release_hooks: list[Callable[[], None]] = []
-        self.spurious_interrupts = 0
 
     # ------------------------------------------------------------------ properties
     @property
     def pid(self) -> int | None:
-        """The device process id (None before launch)."""
-        return self.proc.pid if self.proc is not None else None
+        """The pid of the process serving the device, if known (else None)."""
+        return None
 
     @property
     def device_id(self) -> int:
-        """The virtio device id reported by GET_DEVICE_INFO."""
+        """The virtio device id (after :meth:`get_device_info`)."""
         return self.info.device_id if self.info is not None else 0
 
     @property
@@ -275,121 +306,93 @@ class VirtioTransport:
         """True if feature bit number ``n`` was negotiated."""
         return bool(self.features & bit(n))
 
-    # ------------------------------------------------------------------ control
-    def call(
-        self, type_: str, *, timeout_s: float = CONTROL_TIMEOUT_S, **fields: Any
-    ) -> dict[str, Any]:
-        """One control request; returns the reply's fields. Raises
-        :class:`DeviceControlError` when the device refuses (its message included) and
-        :class:`DeviceGoneError` when the channel breaks (process died, timeout)."""
-        if self._client is None:
-            raise DeviceGoneError(self.name, type_, "not connected")
-        payload = encode_request(type_, **fields)
-        try:
-            raw = self._client.call(payload, timeout_s=timeout_s)
-        except ChannelTimeout as e:
-            raise DeviceGoneError(self.name, type_, f"no reply in {timeout_s:g} s: {e}") from e
-        except TransportError as e:
-            raise DeviceGoneError(self.name, type_, self._gone_cause(e)) from e
-        try:
-            return decode_reply(raw)
-        except RemoteError as e:
-            raise DeviceControlError(self.name, type_, e.code, e.message) from None
-        except ProtocolError as e:
-            raise DeviceControlError(self.name, type_, e.code, f"bad reply: {e.message}") from None
-
-    def _gone_cause(self, e: BaseException) -> str:
-        proc = self.proc
-        if proc is not None and not proc.alive():
-            return f"device process {proc.exit_description()}"
-        return f"{type(e).__name__}: {e}"
+    @property
+    def queue_cap(self) -> int:
+        """Largest queue size :meth:`setup_queue` accepts (after :meth:`setup_memory`)."""
+        return self._queue_cap
 
     def log_tail(self, max_lines: int = 20) -> str:
-        """The last lines of the device process's log ('' if there is none)."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                n = f.tell()
-                f.seek(max(0, n - 8192))
-                text = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-max_lines:])
+        """The last lines of the device's log ('' when the kernel has none)."""
+        return ""
+
+    def _death_description(self) -> str | None:
+        """How the device ended, if the transport can tell it is gone (else None)."""
+        return None
 
     def probe_error(self, reason: str) -> DeviceProbeError:
-        """A :class:`DeviceProbeError` for this device, with its log tail and, if the
-        process is dead, how it ended."""
-        proc = self.proc
-        if proc is not None and not proc.alive():
-            how = f"device process {proc.exit_description()}"
-            if how not in reason:
-                reason = f"{reason} [{how}]"
+        """A :class:`DeviceProbeError` for this device, with its log tail and, if it is
+        known to be gone, how it ended."""
+        how = self._death_description()
+        if how and how not in reason:
+            reason = f"{reason} [{how}]"
         return DeviceProbeError(self.name, reason, self.log_tail())
 
-    # ------------------------------------------------------------------ bring-up
+    # ------------------------------------------------------------------ per transport
     def launch(self) -> None:
-        """Step 1: bind the call listener, start the device process, connect control."""
-        self._call = DoorbellListener(self._call_ep)
-        argv = self.spec.argv(self._ctl_ep)
-        self.proc = DeviceProcess.launch(argv, name=self.name, log_path=self.log_path)
-        self._client = ControlClient(self._ctl_ep, peer_alive=self.proc.alive)
+        """Step 1: reach the device (start its process / connect to it)."""
+        raise NotImplementedError
 
     def get_device_info(self) -> DeviceInfo:
-        """Step 2: GET_DEVICE_INFO (waits for the process to start up)."""
-        r = self.call("GET_DEVICE_INFO", timeout_s=STARTUP_TIMEOUT_S)
-        try:
-            info = DeviceInfo(
-                int(r["device_id"]),
-                int(r["num_queues"]),
-                int(r["max_queue_size"]),
-                str(r["name"]),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise self.probe_error(f"malformed GET_DEVICE_INFO reply {r!r}: {e}") from None
-        if info.num_queues < 1 or info.max_queue_size < 1:
-            raise self.probe_error(f"device reports no usable queue: {info}")
-        self.info = info
-        return info
+        """Step 2: what the device is (sets :attr:`info`)."""
+        raise NotImplementedError
 
     def negotiate(self, choose: Callable[[int], int]) -> int:
-        """Step 3: status and feature negotiation; ``choose(offered)`` returns the
-        driver's wish (intersected with the offer here). Returns the negotiated mask."""
-        self.call("RESET_DEVICE")
-        status = Status.ACKNOWLEDGE
-        self.call("SET_STATUS", status=int(status))
-        status |= Status.DRIVER
-        self.call("SET_STATUS", status=int(status))
-        offered = int(self.call("GET_FEATURES")["features"])
-        wanted = int(choose(offered)) & offered
-        if not wanted & bit(F.VERSION_1):
-            self._set_failed_status()
-            raise self.probe_error(
-                "the device does not offer VIRTIO_F_VERSION_1 (legacy devices are not "
-                f"supported); offered: {', '.join(feature_names(offered, self.device_id))}"
-            )
-        self.call("SET_FEATURES", features=wanted)
-        status |= Status.FEATURES_OK
-        self.call("SET_STATUS", status=int(status))
-        got = int(self.call("GET_STATUS")["status"])
-        if not got & Status.FEATURES_OK:
-            self._set_failed_status()
-            raise self.probe_error(
-                "the device did not accept the features "
-                f"{', '.join(feature_names(wanted, self.device_id))} "
-                f"(status {describe_status(got)})"
-            )
-        self.features = wanted
-        return wanted
+        """Step 3: feature negotiation; ``choose(offered)`` returns the driver's wish
+        (intersected with the offer). Returns the negotiated mask (:attr:`features`)."""
+        raise NotImplementedError
 
-    def _set_failed_status(self) -> None:
-        try:
-            self.call("SET_STATUS", status=int(Status.FAILED), timeout_s=RESET_TIMEOUT_S)
-        except (DeviceControlError, DeviceGoneError):
-            pass
+    def read_config(self, size: int, offset: int = 0) -> bytes:
+        """``size`` bytes of config space at ``offset``, or :class:`DeviceControlError`."""
+        raise NotImplementedError
 
+    def metrics(self) -> dict[str, Any]:
+        """The device's own counters (empty when the transport cannot ask for them)."""
+        return {}
+
+    def _create_region(self, size: int) -> SharedMemory:
+        """Create the memory to share (``size`` bytes, page-aligned)."""
+        raise NotImplementedError
+
+    def _hand_over_region(self, region: SharedMemory) -> None:
+        """Give ``region`` to the device (guest-physical address 0)."""
+        raise NotImplementedError
+
+    def _setup_vring(self, index: int, layout: RingLayout) -> Callable[[], None]:
+        """Tell the device about ring ``index`` and return the function that kicks it."""
+        raise NotImplementedError
+
+    def _start_device(self) -> None:
+        """Step 6, after the interrupt thread runs: let the device go (DRIVER_OK)."""
+
+    def _irq_sources(self) -> list[Pollable]:
+        """What the interrupt thread waits on (besides the shutdown Waker)."""
+        raise NotImplementedError
+
+    def _collect_interrupts(self, ready: list[object]) -> tuple[list[int], str | None]:
+        """After a wake-up (``ready``: the sources that are ready, [] on a timeout):
+        the queue indices interrupted (or CONFIG_CHANGE), and a description of the
+        device's end if it is gone (else None)."""
+        raise NotImplementedError
+
+    def _drain_interrupts(self) -> None:
+        """Consume pending interrupts (the device is gone; every queue is reaped)."""
+
+    def _stop_device(self) -> None:
+        """Shutdown, best effort, before the interrupt thread stops: make the device
+        stop touching the rings (reset, stop the rings)."""
+
+    def _close_channels(self) -> None:
+        """Shutdown, after every request failed: close every channel and fd, stop what
+        the transport started."""
+
+    def _free_region(self, region: SharedMemory) -> None:
+        """Shutdown: release the region (every view of it is gone)."""
+        region.close()
+
+    # ------------------------------------------------------------------ bring-up
     def setup_memory(self) -> None:
-        """Step 4: create the region (rings first, then the DMA pool), hand it to the
-        device with SET_MEM_TABLE and unlink its name as soon as the device has it."""
+        """Step 4: create the region (rings first, then the DMA pool) and hand it to
+        the device."""
         assert self.info is not None
         cap = min(self.spec.requested_queue_size, self.info.max_queue_size)
         cap = 1 << (cap.bit_length() - 1)  # largest power of two <= cap
@@ -405,36 +408,17 @@ class VirtioTransport:
                     f"region_size {self.region_size} is too small: the rings need "
                     f"{ring_area} bytes plus at least {MIN_DMA_BYTES} bytes of DMA pool"
                 )
-        region = SharedRegion.create(size, tag=self.name)
+        region = self._create_region(size)
         self.region = region
-        self.call(
-            "SET_MEM_TABLE",
-            regions=[{"guest_addr": 0, "size": region.size, "shm": region.name}],
-        )
-        region.unlink()
-        self._unlinked = True
+        self._hand_over_region(region)
         self.memory = FlatMemory(region.buf, barrier=full_barrier)
         self.dma_base = ring_area
         self.dma_size = region.size - ring_area
         self.dma = PageAllocator(ring_area, self.dma_size, page=PAGE)
 
-    @property
-    def queue_cap(self) -> int:
-        """Largest queue size :meth:`setup_queue` accepts (after :meth:`setup_memory`)."""
-        return self._queue_cap
-
-    def read_config(self, size: int, offset: int = 0) -> bytes:
-        """Step 5: GET_CONFIG; exactly ``size`` bytes or :class:`DeviceControlError`."""
-        data = bytes(self.call("GET_CONFIG", offset=offset, size=size)["data"])
-        if len(data) != size:
-            raise DeviceControlError(
-                self.name, "GET_CONFIG", "BAD_REPLY", f"asked {size} bytes, got {len(data)}"
-            )
-        return data
-
     def setup_queue(self, index: int, size: int) -> KernelQueue:
-        """Step 6: build queue ``index`` with ``size`` entries and tell the device
-        (SET_VRING_NUM/ADDR/BASE/KICK/CALL/ENABLE). Returns the :class:`KernelQueue`."""
+        """Step 5: build queue ``index`` with ``size`` entries and tell the device.
+        Returns the :class:`KernelQueue`."""
         assert self.info is not None and self.memory is not None
         if not 0 <= index < self.info.num_queues:
             raise ValueError(f"{self.name}: queue {index} does not exist")
@@ -449,30 +433,20 @@ class VirtioTransport:
             event_idx=self.has_feature(F.EVENT_IDX),
             indirect=self.has_feature(F.INDIRECT_DESC),
         )
-        self.call("SET_VRING_NUM", index=index, num=size)
-        self.call(
-            "SET_VRING_ADDR", index=index, desc=layout.desc, avail=layout.avail, used=layout.used
-        )
-        self.call("SET_VRING_BASE", index=index, base=0)
-        self.call("SET_VRING_KICK", index=index, endpoint=self._kick_ep)
-        self.call("SET_VRING_CALL", index=index, endpoint=self._call_ep)
-        self.call("SET_VRING_ENABLE", index=index, enable=True)
-        if self._kick is None:
-            self._kick = Doorbell(self._kick_ep)
-        q = KernelQueue(self, index, dq, self._kick)
+        kick = self._setup_vring(index, layout)
+        q = KernelQueue(self, index, dq, kick)
         while len(self.queues) <= index:
             self.queues.append(None)  # type: ignore[arg-type]
         self.queues[index] = q
         return q
 
     def driver_ok(self) -> None:
-        """Step 7: start the interrupt thread, then SET_STATUS ...|DRIVER_OK."""
+        """Step 6: start the interrupt thread, then let the device go."""
         self._waker = Waker()
         self._thread = start_thread(
             self._irq_loop, name=f"irq-{self.name}-{id(self):x}", daemon=True
         )
-        status = Status.ACKNOWLEDGE | Status.DRIVER | Status.FEATURES_OK | Status.DRIVER_OK
-        self.call("SET_STATUS", status=int(status))
+        self._start_device()
 
     def on_config_change(self, hook: Callable[[], None]) -> None:
         """Run ``hook`` on the interrupt thread after each CONFIG_CHANGE interrupt."""
@@ -483,17 +457,14 @@ class VirtioTransport:
         view into shared memory there)."""
         self._release_hooks.append(hook)
 
-    def metrics(self) -> dict[str, Any]:
-        """GET_METRICS: ``{"device": {...}, "queues": [{...}, ...]}``."""
-        return self.call("GET_METRICS")
-
     # ------------------------------------------------------------------ interrupts
     def _irq_loop(self) -> None:
-        assert self._call is not None and self._waker is not None and self.proc is not None
-        call, waker, proc = self._call, self._waker, self.proc
+        assert self._waker is not None
+        waker = self._waker
+        sources = self._irq_sources()
         poller = Poller()
-        poller.register(call)
-        poller.register(proc)
+        for s in sources:
+            poller.register(s)
         poller.register(waker)
         try:
             while not self._stopping:
@@ -502,32 +473,28 @@ class VirtioTransport:
                     break
                 if waker in ready:
                     waker.drain()
-                indices = call.recv_all()
+                indices, gone = self._collect_interrupts(ready)
                 if indices:
                     self._interrupt(indices)
-                if (proc in ready or not ready) and not proc.alive():
-                    self._device_died()
+                if gone is not None:
+                    self._device_died(gone)
                     break
         except Exception:  # the IRQ thread must never die silently
             log.exception("%s: interrupt thread crashed", self.name)
             self.fail(io_error(errno.EIO, f"{self.name}: interrupt handler crashed"))
         finally:
-            try:
-                poller.unregister(call)
-                poller.unregister(proc)
-                poller.unregister(waker)
-            except Exception:
-                pass
-            close = getattr(poller, "close", None)
-            if close is not None:
-                close()
+            for s in (*sources, waker):
+                try:
+                    poller.unregister(s)
+                except Exception:
+                    pass
 
     def _interrupt(self, indices: list[int]) -> None:
         nq = len(self.queues)
         for i in sorted(set(indices)):
             if i == CONFIG_CHANGE:
                 self._config_changed()
-            elif i < nq and self.queues[i] is not None:
+            elif 0 <= i < nq and self.queues[i] is not None:
                 self.service_queue(self.queues[i], interrupt=True)
             else:
                 self.spurious_interrupts += 1
@@ -579,33 +546,24 @@ class VirtioTransport:
         return len(batch)
 
     def _config_changed(self) -> None:
-        try:
-            status = int(self.call("GET_STATUS", timeout_s=2.0)["status"])
-        except (DeviceControlError, DeviceGoneError) as e:
-            log.debug("%s: GET_STATUS after config change failed: %s", self.name, e)
-            return
-        if status & Status.DEVICE_NEEDS_RESET:
-            self.fail(io_error(errno.EIO, f"{self.name}: device needs reset"))
-            return
+        """A CONFIG_CHANGE interrupt: run the drivers' hooks (transports that have a
+        status byte check DEVICE_NEEDS_RESET first)."""
         for hook in self._config_hooks:
             try:
                 hook()
             except Exception:
                 log.exception("%s: config-change hook failed", self.name)
 
-    def _device_died(self) -> None:
+    def _device_died(self, how: str) -> None:
         # Whatever the device completed before it died is real: reap it first.
-        assert self._call is not None and self.proc is not None
         try:
-            self._call.recv_all()
-        except TransportError:
+            self._drain_interrupts()
+        except (TransportError, OSError, ValueError):
             pass
         for q in self.queues:
             if q is not None:
                 self.service_queue(q)
-        self.fail(
-            io_error(errno.EIO, f"{self.name}: device process {self.proc.exit_description()}")
-        )
+        self.fail(io_error(errno.EIO, f"{self.name}: {how}"))
 
     def wait_failed(self, timeout_s: float | None = None) -> OSError | None:
         """Block until the device has failed (died, needs reset, broke the ring rules,
@@ -645,18 +603,16 @@ class VirtioTransport:
 
     # ------------------------------------------------------------------ shutdown
     def shutdown(self) -> None:
-        """Reset the device (best effort), stop the interrupt thread, fail whatever is
-        still in flight, stop the process and release the region. Idempotent."""
+        """Stop the device (best effort), stop the interrupt thread, fail whatever is
+        still in flight, close every channel and release the region. Idempotent."""
         with self._state_lock:
             if self._closed:
                 return
             self._closed = True
-        proc = self.proc
-        if proc is not None and proc.alive() and self._client is not None:
-            try:
-                self.call("RESET_DEVICE", timeout_s=RESET_TIMEOUT_S)
-            except (DeviceControlError, DeviceGoneError, ProtocolError):
-                pass
+        try:
+            self._stop_device()
+        except Exception:
+            log.debug("%s: stopping the device failed", self.name, exc_info=True)
         self._stopping = True
         if self._waker is not None:
             try:
@@ -664,24 +620,18 @@ class VirtioTransport:
             except Exception:
                 pass
         if self._thread is not None and not self.in_interrupt():
-            self._thread.join(5.0)
+            self._thread.join(IRQ_JOIN_TIMEOUT_S)
         self.fail(io_error(errno.EIO, f"{self.name}: kernel shut down"))
-        for obj in (self._kick, self._client, self._call, self._waker):
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception:
-                    log.debug("%s: close of %r failed", self.name, obj, exc_info=True)
-        self._kick = self._client = self._call = self._waker = None
-        if proc is not None:
+        if self._waker is not None:
             try:
-                proc.stop()
-            except Exception:
-                log.debug("%s: stopping the device process failed", self.name, exc_info=True)
-            try:
-                proc.close()
+                self._waker.close()
             except Exception:
                 pass
+            self._waker = None
+        try:
+            self._close_channels()
+        except Exception:
+            log.debug("%s: closing the channels failed", self.name, exc_info=True)
         self._release_region()
 
     def _release_region(self) -> None:
@@ -699,13 +649,7 @@ class VirtioTransport:
                 q.dq = None  # type: ignore[assignment]
         self.memory = None
         self.dma = None
-        if not self._unlinked:
-            try:
-                region.unlink()
-            except Exception:
-                pass
-            self._unlinked = True
         try:
-            region.close()
+            self._free_region(region)
         except Exception:
             log.debug("%s: region close failed (views still exported?)", self.name, exc_info=True)

@@ -1,8 +1,22 @@
-"""The kernel core against a real virtio-blk device process.
+"""The kernel core against a real virtio-blk device, over both transports.
 
-Real processes, real POSIX shared memory, real ZeroMQ doorbells: no mocks, no sleeps.
-Every test checks data byte for byte from the host side (plain ``open()`` on the
-image) and asserts on the counters the kernel and the device keep.
+The transport-independent tests run three times (the ``transport`` fixture):
+
+* ``zmq``: our own device process (``python -m vdev blk --control ...``), started by
+  the kernel -- POSIX shared memory, ZeroMQ doorbells;
+* ``qsd``: ``qemu-storage-daemon``'s vhost-user-blk export, the kernel as vhost-user
+  front-end (``kernel.VhostUserBlk``) -- memfd, eventfds, a Unix socket;
+* ``vdev-vu``: our own back-end as a vhost-user server (``python -m vdev blk --image
+  IMG --vhost-user SOCK``), the same front-end.
+
+Tests that only make sense with our ZeroMQ device process (its metrics, SIGKILL through
+``.pid`` of a process the kernel owns, DEVICE_NEEDS_RESET injection, the user's process
+ending) stay zmq-only; killing a vhost-user back-end mid-I/O has its own test.
+
+Real processes, real shared memory, real notifications: no mocks, no sleeps (waits are
+poll loops with deadlines). Every test checks data byte for byte from the host side
+(plain ``open()`` on the image) and asserts on the counters the kernel keeps (and, for
+zmq, the device's own).
 """
 
 from __future__ import annotations
@@ -10,8 +24,12 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import signal
 import struct
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +59,139 @@ def _host_read(path: str, offset: int, n: int) -> bytes:
         return f.read(n)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QSD = "/usr/bin/qemu-storage-daemon"
+BACKEND_START_S = 15.0
+
+
+class VhostUserBackend:
+    """A vhost-user-blk back-end process serving ``image`` on ``sock``: ``"qsd"``
+    (qemu-storage-daemon) or ``"vdev-vu"`` (``python -m vdev blk --vhost-user``). Its
+    output goes to ``log``. :meth:`start` returns once the socket listens."""
+
+    def __init__(self, kind: str, image: str, sock: str, log: str, readonly: bool) -> None:
+        self.kind, self.image, self.sock, self.log = kind, image, sock, log
+        self.pidfile = sock + ".pid"
+        if kind == "qsd":
+            self.argv = [
+                QSD,
+                "--blockdev",
+                f"driver=file,node-name=disk,filename={image},cache.direct=off,discard=unmap",
+                "--export",
+                "type=vhost-user-blk,id=e0,node-name=disk,addr.type=unix,"
+                f"addr.path={sock},writable={'off' if readonly else 'on'}",
+                "--pidfile",
+                self.pidfile,
+            ]
+        else:
+            self.argv = [sys.executable, "-m", "vdev", "blk", "--image", image]
+            self.argv += ["--readonly"] if readonly else []
+            self.argv += ["--vhost-user", sock]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def _ready(self) -> bool:
+        if not os.path.exists(self.sock):
+            return False
+        if self.kind == "qsd":  # the pid file is written once the export listens
+            return os.path.exists(self.pidfile) and os.path.getsize(self.pidfile) > 0
+        return "listening on" in self.log_text()
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            )
+        tick = threading.Event()
+        deadline = time.monotonic() + BACKEND_START_S
+        while not self._ready():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.kind} exited {self.proc.returncode}: {self.log_text()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.kind} not listening in time: {self.log_text()}")
+            tick.wait(0.01)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(10)
+
+
+class Transport:
+    """How the kernel reaches the disk in this test (see the module docstring)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.dir = tempfile.mkdtemp(prefix="vu-kb-", dir="/tmp")  # short socket paths
+        self.backends: list[VhostUserBackend] = []
+
+    @property
+    def zmq(self) -> bool:
+        return self.kind == "zmq"
+
+    def spec(self, image: str, *, readonly: bool = False) -> kernel.DeviceSpec:
+        """The device spec for ``image`` (starting a back-end for vhost-user)."""
+        if self.zmq:
+            return kernel.Blk(image, readonly=readonly)
+        n = len(self.backends)
+        be = VhostUserBackend(
+            self.kind,
+            image,
+            os.path.join(self.dir, f"b{n}.sock"),
+            os.path.join(self.dir, f"b{n}.log"),
+            readonly,
+        )
+        self.backends.append(be)
+        be.start()
+        return kernel.VhostUserBlk(be.sock)
+
+    def close(self) -> None:
+        for be in self.backends:
+            be.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _skip_without_qsd(kind: str) -> None:
+    if kind == "qsd" and not os.path.exists(QSD):
+        pytest.skip(f"{QSD} is not installed (Debian: qemu-system-common)")
+
+
+@pytest.fixture(params=["zmq", "qsd", "vdev-vu"])
+def transport(request):
+    """Each transport in turn (qsd skipped without qemu-storage-daemon)."""
+    _skip_without_qsd(request.param)
+    t = Transport(request.param)
+    try:
+        yield t
+    finally:
+        t.close()
+
+
 @pytest.fixture
 def image(tmp_path) -> str:
     """A 4 MiB image filled with known random bytes."""
@@ -51,8 +202,20 @@ def image(tmp_path) -> str:
 
 
 @pytest.fixture
-def k(image):
-    """A kernel with one read-write disk on ``image``; always shut down."""
+def k(image, transport):
+    """A kernel with one read-write disk on ``image`` over ``transport``; always shut
+    down."""
+    kern = kernel.boot(devices=[transport.spec(image)])
+    try:
+        yield kern
+    finally:
+        kern.shutdown()
+
+
+@pytest.fixture
+def kz(image):
+    """A kernel with one read-write disk on ``image`` served by our ZeroMQ device
+    process (for the tests that need that process)."""
     kern = kernel.boot(devices=[kernel.Blk(image)])
     try:
         yield kern
@@ -219,7 +382,7 @@ def test_batched_submission_takes_one_kick(k, image):
         assert r == orig[off : off + 4096]
 
 
-def test_one_mib_write_is_split_into_requests(k, image):
+def test_one_mib_write_is_split_into_requests(k, image, transport):
     blk = k.devices[0].block
     s = k.devices[0].queues[0].stats
     step = blk.max_request_bytes
@@ -234,19 +397,27 @@ def test_one_mib_write_is_split_into_requests(k, image):
     r1 = s.requests
     assert k.sys.pread(fd, 1 << 20, 1 << 20) == data
     assert s.requests - r1 == expected
-    m = k.devices[0].metrics()["device"]
-    assert m["bytes_written"] >= 1 << 20
+    if transport.zmq:
+        m = k.devices[0].metrics()["device"]
+        assert m["bytes_written"] >= 1 << 20
+    else:
+        assert k.devices[0].metrics() == {}  # vhost-user cannot ask a back-end
 
 
-def test_discard_and_write_zeroes(k, image):
+def test_discard_and_write_zeroes(k, image, transport):
     blk = k.devices[0].block
+    assert blk.has_discard and blk.has_write_zeroes
+    s = k.devices[0].queues[0].stats
+    r0 = s.requests
     blk.write_zeroes(8192, 8192)
     assert _host_read(image, 8192, 8192) == bytes(8192)
     blk.discard(65536, 65536)
     assert _host_read(image, 65536, 65536) == bytes(65536)
     assert _host_read(image, 0, 8192) == _pattern(IMAGE_SIZE, 1)[:8192]
-    m = k.devices[0].metrics()["device"]
-    assert m["discards"] >= 1 and m["write_zeroes"] >= 1
+    assert s.requests - r0 == 2  # one WRITE_ZEROES, one DISCARD: not emulated
+    if transport.zmq:
+        m = k.devices[0].metrics()["device"]
+        assert m["discards"] >= 1 and m["write_zeroes"] >= 1
 
 
 # --------------------------------------------------------------------------- the ring
@@ -295,8 +466,8 @@ def test_ring_layout_shows_the_chain_of_a_write(k):
 # --------------------------------------------------------------------------- errors
 
 
-def test_readonly_image_refuses_writes(image):
-    with kernel.boot(devices=[kernel.Blk(image, readonly=True)]) as k:
+def test_readonly_image_refuses_writes(image, transport):
+    with kernel.boot(devices=[transport.spec(image, readonly=True)]) as k:
         dev = k.devices[0]
         assert "RO" in dev.features and dev.block.readonly
         assert dev.feature_bits & (1 << BlkF.RO)
@@ -327,13 +498,18 @@ def test_io_beyond_the_end(k, image):
     _oserror(errno.ENXIO, k.sys.write, fd, b"z")
 
 
-def test_fsync_reaches_the_device(k):
+def test_fsync_reaches_the_device(k, image, transport):
     dev = k.devices[0]
+    assert dev.block.has_flush
     fd = k.sys.open("/dev/vda", os.O_RDWR)
-    f0 = dev.metrics()["device"]["flushes"]
+    f0 = dev.metrics()["device"]["flushes"] if transport.zmq else 0
     k.sys.pwrite(fd, b"durable", 0)
+    r0 = dev.queues[0].stats.requests
     k.sys.fsync(fd)
-    assert dev.metrics()["device"]["flushes"] >= f0 + 1
+    assert dev.queues[0].stats.requests == r0 + 1  # one FLUSH went to the device
+    assert _host_read(image, 0, 7) == b"durable"
+    if transport.zmq:
+        assert dev.metrics()["device"]["flushes"] >= f0 + 1
 
 
 def test_errno_cases(k):
@@ -369,16 +545,18 @@ def test_errno_cases(k):
     sys_.close(wo)
 
 
-def test_counters_are_kept(k):
+def test_counters_are_kept(k, image, transport):
     fd = k.sys.open("/dev/vda", os.O_RDWR)
     for i in range(10):
         k.sys.pwrite(fd, b"a" * 4096, i * 4096)
-        k.sys.pread(fd, 4096, i * 4096)
+        assert k.sys.pread(fd, 4096, i * 4096) == b"a" * 4096
+    assert _host_read(image, 0, 10 * 4096) == b"a" * 10 * 4096
     s = k.devices[0].queues[0].stats
     assert s.requests >= 20 and s.completions == s.requests
     assert s.kicks_sent >= 1 and s.interrupts >= 1
-    m = k.devices[0].metrics()
-    assert m["device"]["writes"] >= 10 and m["device"]["reads"] >= 10
+    if transport.zmq:
+        m = k.devices[0].metrics()
+        assert m["device"]["writes"] >= 10 and m["device"]["reads"] >= 10
 
 
 def test_probe_error_names_the_device_and_says_why(tmp_path):
@@ -485,9 +663,10 @@ def test_ring_features_are_negotiated(k):
     assert dev.queues[0].dq is not None and dev.queues[0].dq.event_idx
 
 
-def test_device_needs_reset_fails_in_flight_requests(k):
+def test_device_needs_reset_fails_in_flight_requests(kz):
     """A ring the device cannot trust (avail.idx jumps by more than N): the device sets
     DEVICE_NEEDS_RESET and rings CONFIG_CHANGE; the kernel fails what is in flight."""
+    k = kz
     dev = k.devices[0]
     blk, q = dev.block, dev.queues[0]
     results: list[object] = []
@@ -515,7 +694,7 @@ def test_device_needs_reset_fails_in_flight_requests(k):
     del lay, buf
 
 
-def test_a_users_own_driver_registers_on_a_bus(image):
+def test_a_users_own_driver_registers_on_a_bus(image, transport):
     seen: list[int] = []
 
     class MyBlk(kernel.BlkDriver):
@@ -526,9 +705,9 @@ def test_a_users_own_driver_registers_on_a_bus(image):
 
     bus = kernel.VirtioBus()
     with pytest.raises(kernel.DeviceProbeError, match="no driver registered for device id 2"):
-        kernel.boot(devices=[kernel.Blk(image)], bus=bus)
+        kernel.boot(devices=[transport.spec(image)], bus=bus)
     bus.register_driver(DeviceId.BLOCK, MyBlk)
-    with kernel.boot(devices=[kernel.Blk(image)], bus=bus) as k:
+    with kernel.boot(devices=[transport.spec(image)], bus=bus) as k:
         assert isinstance(k.devices[0].driver, MyBlk)
         assert seen and seen[0] & (1 << F.INDIRECT_DESC)
         assert "INDIRECT_DESC" not in k.devices[0].features
@@ -651,13 +830,13 @@ def test_multi_segment_requests_use_an_indirect_table(k, image):
     del mem, lay
 
 
-def test_without_indirect_descriptors_segments_are_chained_in_the_ring(image):
+def test_without_indirect_descriptors_segments_are_chained_in_the_ring(image, transport):
     class NoIndirect(kernel.BlkDriver):
         supported_features = kernel.BlkDriver.supported_features & ~(1 << F.INDIRECT_DESC)
 
     bus = kernel.VirtioBus()
     bus.register_driver(DeviceId.BLOCK, NoIndirect)
-    with kernel.boot(devices=[kernel.Blk(image)], bus=bus) as k:
+    with kernel.boot(devices=[transport.spec(image)], bus=bus) as k:
         dev = k.devices[0]
         assert "INDIRECT_DESC" not in dev.features
         dev.block.set_max_segment_size(4096)
@@ -695,7 +874,7 @@ def test_normal_exit_without_shutdown_cleans_up_at_exit(image):
     assert not os.path.exists(rundir)
 
 
-def test_device_ioerr_status_becomes_eio(k):
+def test_device_ioerr_status_becomes_eio(k, transport):
     """The device answers IOERR for a sector past its capacity: the request fails with
     EIO naming the status, and the device stays usable."""
     blk = k.devices[0].block
@@ -706,6 +885,235 @@ def test_device_ioerr_status_becomes_eio(k):
         assert "IOERR" in err.strerror
     finally:
         blk.size = real
-    assert k.devices[0].metrics()["device"]["bad_requests"] >= 1
+    if transport.zmq:
+        assert k.devices[0].metrics()["device"]["bad_requests"] >= 1
     assert blk.read(0, 512) == _pattern(IMAGE_SIZE, 1)[:512]
     assert k.devices[0].failed is None
+
+
+# --------------------------------------------------------------------------- vhost-user
+
+
+VHOST_KINDS = ["qsd", "vdev-vu"]
+
+
+@pytest.mark.parametrize("kind", VHOST_KINDS)
+def test_killing_the_vhost_user_backend_fails_every_caller_with_eio(image, kind):
+    """SIGKILL of the back-end while 8 threads are mid-I/O: the socket hangs up, every
+    caller gets EIO within 5 s, and shutdown still cleans up."""
+    _skip_without_qsd(kind)
+    tr = Transport(kind)
+    try:
+        k = kernel.boot(devices=[tr.spec(image)])
+        be = tr.backends[0]
+        try:
+            dev = k.devices[0]
+            assert dev.pid == be.pid  # SO_PEERCRED
+            fd = k.sys.open("/dev/vda", os.O_RDWR)
+            started = threading.Barrier(9)
+            errors: list[tuple[BaseException, float]] = []
+            lock = threading.Lock()
+
+            def worker(t: int) -> None:
+                rnd = random.Random(t)
+                base = t * (256 << 10)
+                first = True
+                try:
+                    while True:
+                        off = base + rnd.randrange(0, 200 << 10)
+                        data = rnd.randbytes(8192)
+                        k.sys.pwrite(fd, data, off)
+                        assert k.sys.pread(fd, 8192, off) == data
+                        if first:
+                            first = False
+                            started.wait(10)
+                except BaseException as e:  # noqa: BLE001 - recorded and asserted below
+                    with lock:
+                        errors.append((e, time.monotonic()))
+
+            threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+            for t in threads:
+                t.start()
+            started.wait(10)  # every thread has completed I/O and is looping
+            killed_at = time.monotonic()
+            be.kill()
+            for t in threads:
+                t.join(5)
+            assert not any(t.is_alive() for t in threads), "a caller is still waiting"
+            assert len(errors) == 8
+            for e, at in errors:
+                assert isinstance(e, OSError) and e.errno == errno.EIO, repr(e)
+                assert at - killed_at < 5
+            err = dev.failed
+            assert err is not None and err.errno == errno.EIO and "hung up" in err.strerror
+            _oserror(errno.EIO, k.sys.pread, fd, 512, 0)  # new requests fail at once
+            s = dev.queues[0].stats
+            assert s.requests >= 16 and s.completions >= 16
+        finally:
+            k.shutdown()
+        assert dev.transport.memory is None and dev.transport.failed is not None
+        assert _shm_of(os.getpid()) == []
+        assert not os.path.exists(k.rundir.path)
+        k.shutdown()  # idempotent
+    finally:
+        tr.close()
+
+
+@pytest.mark.parametrize("kind", VHOST_KINDS)
+def test_vhost_user_shutdown_ends_the_session_and_the_backend_serves_the_next(image, kind):
+    """The kernel does not own the back-end: shutdown stops the rings (GET_VRING_BASE),
+    closes the session and unmaps the memory; the back-end keeps running and a second
+    kernel gets the data the first one wrote."""
+    _skip_without_qsd(kind)
+    tr = Transport(kind)
+    try:
+        spec = tr.spec(image)
+        be = tr.backends[0]
+        with kernel.boot(devices=[spec]) as k1:
+            dev = k1.devices[0]
+            assert isinstance(dev.transport, kernel.VhostUserTransport)
+            assert dev.metrics() == {}
+            fd = k1.sys.open("/dev/vda", os.O_RDWR)
+            k1.sys.pwrite(fd, b"first kernel", 4096)
+        assert dev.transport.memory is None
+        _oserror(errno.EIO, dev.block.read, 0, 512)
+        assert be.proc is not None and be.proc.poll() is None  # still serving
+        assert _host_read(image, 4096, 12) == b"first kernel"
+        with kernel.boot(devices=[spec]) as k2:
+            fd = k2.sys.open("/dev/vda")
+            assert k2.sys.pread(fd, 12, 4096) == b"first kernel"
+        if kind == "vdev-vu":  # our back-end logs every session it ends
+            tick, deadline = threading.Event(), time.monotonic() + 10
+            while be.log_text().count("closed: PeerGone") < 2 and time.monotonic() < deadline:
+                tick.wait(0.01)
+            assert be.log_text().count("front-end connected") == 2
+            assert be.log_text().count("closed: PeerGone") == 2
+    finally:
+        tr.close()
+
+
+def test_vhost_user_socket_missing_names_the_path(tmp_path):
+    missing = str(tmp_path / "nobody.sock")
+    with pytest.raises(kernel.DeviceProbeError) as ei:
+        kernel.boot(devices=[kernel.VhostUserBlk(missing)])
+    msg = str(ei.value)
+    assert "vda" in msg and missing in msg and "No such file" in msg
+
+
+class _FakeBackend:
+    """A scripted vhost-user back-end in a thread: ``script(conn)`` talks to the one
+    front-end that connects (hostops.unix on the wire, vdev.virtio.vhost_user codec)."""
+
+    def __init__(self, path: str, script) -> None:
+        from hostops.unix import UnixServer
+
+        self.server = UnixServer(path)
+        self.script = script
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn = self.server.accept(10)
+            assert conn is not None
+            with conn:
+                self.script(conn)
+        except BaseException as e:  # noqa: BLE001 - reported by close()
+            self.error = e
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.server.close()
+        assert not self.thread.is_alive()
+
+
+def _recv_request(conn):
+    from vdev.virtio.vhost_user import HEADER_SIZE, decode_header, decode_payload
+
+    head, fds = conn.recv_message(HEADER_SIZE, 8, 10)
+    for fd in fds:
+        os.close(fd)
+    hdr = decode_header(head)
+    body, _ = conn.recv_message(hdr.size, 0, 10)
+    return hdr, decode_payload(hdr, body)
+
+
+def _hang_up_after_get_features(conn) -> None:
+    hdr, _ = _recv_request(conn)
+    assert hdr.name == "GET_FEATURES"
+
+
+def _refuse_set_owner(conn) -> None:
+    from vdev.virtio.vhost_user import F_PROTOCOL_FEATURES, ProtocolFeature, Req, encode
+
+    offered = (1 << F.VERSION_1) | (1 << F_PROTOCOL_FEATURES)
+    for _ in range(4):
+        hdr, payload = _recv_request(conn)
+        if hdr.request == Req.GET_FEATURES:
+            conn.send(encode(Req.GET_FEATURES, offered, reply=True))
+        elif hdr.request == Req.GET_PROTOCOL_FEATURES:
+            conn.send(encode(hdr.request, 1 << ProtocolFeature.REPLY_ACK, reply=True))
+        elif hdr.request == Req.SET_PROTOCOL_FEATURES:
+            assert payload == 1 << ProtocolFeature.REPLY_ACK
+        elif hdr.request == Req.SET_OWNER:
+            assert hdr.need_reply  # REPLY_ACK was negotiated
+            conn.send(encode(Req.SET_OWNER, 1, reply=True))  # non-zero: refused
+            return
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        (_hang_up_after_get_features, "GET_FEATURES: device is gone (the back-end closed"),
+        (_refuse_set_owner, "SET_OWNER refused by the device: NACK"),
+    ],
+    ids=["hangs-up", "refuses"],
+)
+def test_vhost_user_backend_failing_the_handshake_is_a_probe_error(script, reason):
+    d = tempfile.mkdtemp(prefix="vu-kb-", dir="/tmp")
+    try:
+        path = os.path.join(d, "fake.sock")
+        fake = _FakeBackend(path, script)
+        try:
+            with pytest.raises(kernel.DeviceProbeError) as ei:
+                kernel.boot(devices=[kernel.VhostUserBlk(path)])
+        finally:
+            fake.close()
+        assert fake.error is None, fake.error
+        assert ei.value.device == "vda" and reason in str(ei.value), str(ei.value)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_vhost_user_spec_is_checked():
+    with pytest.raises(ValueError, match="socket path"):
+        kernel.VhostUserBlk("")
+    with pytest.raises(ValueError, match="queue_size"):
+        kernel.VhostUserBlk("/tmp/x.sock", queue_size=100)
+    assert kernel.VhostUserBlk("/tmp/x.sock").requested_queue_size == 128
+
+
+@pytest.mark.parametrize("kind", VHOST_KINDS)
+def test_both_transports_in_one_kernel(tmp_path, image, kind):
+    """vda from our device process, vdb from a vhost-user back-end: same bus, same
+    driver, same ``k.sys``."""
+    _skip_without_qsd(kind)
+    other = str(tmp_path / "b.img")
+    with open(other, "wb") as f:
+        f.truncate(1 << 20)
+    tr = Transport(kind)
+    try:
+        with kernel.boot(devices=[kernel.Blk(image), tr.spec(other)]) as k:
+            a, b = k.devices
+            assert (a.name, b.name) == ("vda", "vdb")
+            assert isinstance(a.transport, kernel.ZmqTransport)
+            assert isinstance(b.transport, kernel.VhostUserTransport)
+            assert type(a.driver) is type(b.driver) is kernel.BlkDriver
+            fd = k.sys.open("/dev/vdb", os.O_RDWR)
+            assert k.sys.pwrite(fd, b"second", 0) == 6
+            assert k.sys.fstat(fd).st_size == 1 << 20
+        assert _host_read(other, 0, 6) == b"second"
+        assert _host_read(image, 0, 6) == _pattern(IMAGE_SIZE, 1)[:6]
+    finally:
+        tr.close()
