@@ -117,6 +117,9 @@ MIN_DMA_BYTES = 256 << 10
 CONTROL_TIMEOUT_S = 5.0
 #: How long a best-effort request at shutdown (reset, stop a ring) may take.
 RESET_TIMEOUT_S = 1.0
+#: In a batch of completions, the driver's ``refill`` also runs after every this many
+#: (so the device gets the resubmitted requests while the rest of the batch completes).
+REFILL_EVERY = 8
 #: How long shutdown waits for the interrupt thread.
 IRQ_JOIN_TIMEOUT_S = 5.0
 
@@ -528,12 +531,20 @@ class VirtioTransport:
         # add chains; refill() publishes them all at once afterwards: one kick decision
         # per batch instead of one per request.
         q.completing = True
+        refill = q.refill if broken is None else None
         try:
-            for token, used_len in batch:
+            for n, (token, used_len) in enumerate(batch, 1):
                 try:
                     token.complete(used_len)
                 except Exception:
                     log.exception("%s: completion callback failed", self.name)
+                if refill is not None and not n % REFILL_EVERY and n < len(batch):
+                    # hand the device what was resubmitted so far: it works on those
+                    # while the rest of the batch completes (no ping-pong)
+                    try:
+                        refill()
+                    except Exception:
+                        log.exception("%s: queue refill failed", self.name)
         finally:
             q.completing = False
         if broken is not None:

@@ -40,7 +40,10 @@ from vdev.device import Device
 from vdev.virtio.errors import ChainError
 from vdev.virtio.queue import Chain, DeviceQueue
 
-__all__ = ["QueueServer", "SERVICE_COUNTERS"]
+__all__ = ["QueueServer", "SERVICE_COUNTERS", "INTERRUPT_EVERY"]
+
+#: During a drain, the interrupt decision is also taken after every this many chains.
+INTERRUPT_EVERY = 8
 
 #: The counters :class:`QueueServer` increments in the transport's ``counters`` dict.
 SERVICE_COUNTERS = ("chains", "bad_chains", "handler_errors", "interrupts")
@@ -107,6 +110,10 @@ class QueueServer:
                         written = self._check_written(index, chain, written)
                     push(chain.head, written)
                     del chain  # drop the views into guest memory now
+                    if not chains % INTERRUPT_EVERY:
+                        # let the driver complete what is done while we go on (no
+                        # ping-pong); EVENT_IDX keeps this to one interrupt per reap
+                        self._interrupt(dq, notify)
                 self._interrupt(dq, notify)
                 if not dq.enable_notifications():
                     return False

@@ -60,7 +60,7 @@ from .errors import (
     Rule,
     UsageError,
 )
-from .memory import GuestMemory
+from .memory import FlatMemory, GuestMemory
 from .ring import DESC, USED_ELEM, RingLayout, vring_need_event
 
 __all__ = [
@@ -131,20 +131,52 @@ class Segment:
     indirect: bool  # came from an indirect table
 
 
-@dataclass(slots=True)
+#: How :meth:`DeviceQueue.pop` records a descriptor for :attr:`Chain.segments` without
+#: building a :class:`Segment` on the data path: ``(addr, length, flags, indirect)``.
+RawSegment = tuple[int, int, int, bool]
+
+
 class Chain:
     """A validated descriptor chain, as the device pops it.
 
     ``readable`` and ``writable`` are views straight into guest memory, readable ones
-    first (§2.7.4.2); ``segments`` records every descriptor for tracing.
+    first (§2.7.4.2); ``segments`` records every descriptor for tracing (built on first
+    use from what :meth:`DeviceQueue.pop` recorded, so the data path never pays for it).
     """
 
-    head: int
-    readable: list[memoryview]
-    writable: list[memoryview]
-    readable_len: int
-    writable_len: int
-    segments: list[Segment]
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len", "_segs")
+
+    def __init__(
+        self,
+        head: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        readable_len: int,
+        writable_len: int,
+        segments: list[Segment] | list[RawSegment],
+    ) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+        self._segs: list[Segment] | list[RawSegment] = segments
+
+    @property
+    def segments(self) -> list[Segment]:
+        """Every descriptor of the chain, in order, as the driver wrote it."""
+        segs = self._segs
+        if segs and not isinstance(segs[0], Segment):
+            segs = self._segs = [
+                Segment(a, ln, bool(fl & VRING_DESC_F_WRITE), ind) for a, ln, fl, ind in segs
+            ]
+        return segs  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return (
+            f"Chain(head={self.head}, readable_len={self.readable_len}, "
+            f"writable_len={self.writable_len}, segments={self.segments!r})"
+        )
 
     def read(self, offset: int, length: int) -> bytes:
         """Copy bytes out of the readable part."""
@@ -283,53 +315,70 @@ class DriverQueue:
         :class:`UsageError` for empty chains or bad lengths, and the recorded
         :class:`DeviceSpecError` once the queue is broken.
         """
-        self._check_broken()
-        bufs = [(a, ln, 0) for a, ln in readable] + [
-            (a, ln, VRING_DESC_F_WRITE) for a, ln in writable
-        ]
-        count = len(bufs)
+        if self.broken is not None:
+            raise self.broken
+        count = len(readable) + len(writable)
         if count == 0:
             raise UsageError("a chain needs at least one buffer")
-        wlen = 0
-        for a, ln, fl in bufs:
+        for a, ln in readable:
             if not 0 < ln <= _U32_MAX or a < 0:
                 raise UsageError(f"bad buffer ({a:#x}, {ln})")
-            if fl:
-                wlen += ln
+        wlen = 0
+        for a, ln in writable:
+            if not 0 < ln <= _U32_MAX or a < 0:
+                raise UsageError(f"bad buffer ({a:#x}, {ln})")
+            wlen += ln
         desc_pack = DESC.pack_into
+        free = self._free
         if indirect_table is not None:
             if not self.indirect:
                 raise UsageError("INDIRECT_DESC was not negotiated")
             if count > 0xFFFF or 16 * count > _U32_MAX:
                 raise UsageError("indirect table too long")
-            if not self._free:
+            if not free:
                 raise QueueFull("no free descriptor")
             table = self.memory.view(indirect_table, 16 * count)
-            for i, (a, ln, fl) in enumerate(bufs):
-                last = i == count - 1
-                desc_pack(
-                    table,
-                    16 * i,
-                    a,
-                    ln,
-                    fl if last else fl | VRING_DESC_F_NEXT,
-                    0 if last else i + 1,
-                )
-            head = self._free.pop()
+            # entry i links to i + 1; the last one has no NEXT
+            i = 0
+            for a, ln in readable:
+                i += 1
+                desc_pack(table, 16 * i - 16, a, ln, VRING_DESC_F_NEXT, i)
+            for a, ln in writable:
+                i += 1
+                desc_pack(table, 16 * i - 16, a, ln, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, i)
+            # clear NEXT on the last entry (rewrite it: one more pack beats a test per entry)
+            a, ln = writable[-1] if writable else readable[-1]
+            desc_pack(table, 16 * count - 16, a, ln, VRING_DESC_F_WRITE if writable else 0, 0)
+            head = free.pop()
             desc_pack(self._desc, 16 * head, indirect_table, 16 * count, VRING_DESC_F_INDIRECT, 0)
             descs = [head]
         else:
-            if count > len(self._free):
-                raise QueueFull(f"chain of {count} needs more than {len(self._free)} free")
-            free = self._free
-            descs = [free.pop() for _ in range(count)]
-            for i, (a, ln, fl) in enumerate(bufs):
-                if i + 1 < count:
+            if count > len(free):
+                raise QueueFull(f"chain of {count} needs more than {len(free)} free")
+            descs = free[-count:]
+            del free[-count:]
+            descs.reverse()  # pop order: the same descriptors, in the same order
+            desc = self._desc
+            i = 0
+            for a, ln in readable:
+                i += 1
+                if i < count:
+                    desc_pack(desc, 16 * descs[i - 1], a, ln, VRING_DESC_F_NEXT, descs[i])
+                else:
+                    desc_pack(desc, 16 * descs[i - 1], a, ln, 0, 0)
+            for a, ln in writable:
+                i += 1
+                if i < count:
                     desc_pack(
-                        self._desc, 16 * descs[i], a, ln, fl | VRING_DESC_F_NEXT, descs[i + 1]
+                        desc,
+                        16 * descs[i - 1],
+                        a,
+                        ln,
+                        VRING_DESC_F_WRITE | VRING_DESC_F_NEXT,
+                        descs[i],
                     )
                 else:
-                    desc_pack(self._desc, 16 * descs[i], a, ln, fl, 0)
+                    desc_pack(desc, 16 * descs[i - 1], a, ln, VRING_DESC_F_WRITE, 0)
             head = descs[0]
         self._inflight[head] = _InFlight(token, descs, wlen)
         self._n_inflight += 1
@@ -549,6 +598,16 @@ class DeviceQueue:
 
     def _walk(self, head: int) -> Chain:
         memory = self.memory
+        # FlatMemory (the usual case): bounds-check and slice inline; anything that
+        # fails the inline check goes through memory.view() for its exact error
+        if type(memory) is FlatMemory:
+            mbuf: memoryview | None = memory.buf
+            mbase = memory.base
+            msize = memory.size
+        else:
+            mbuf = None
+            mbase = msize = 0
+        unpack = DESC.unpack_from
         table = self._desc
         table_size = self.size
         ttl = table_size
@@ -556,14 +615,14 @@ class DeviceQueue:
         i = head
         readable: list[memoryview] = []
         writable: list[memoryview] = []
-        segments: list[Segment] = []
+        raw: list[RawSegment] = []
         rlen = wlen = 0
         steps = 0
         while True:
             steps += 1
             if steps > ttl:
                 raise ChainError(Rule.CHAIN_LOOP, head, f"more than {ttl} descriptors")
-            addr, length, flags, nxt = DESC.unpack_from(table, 16 * i)
+            addr, length, flags, nxt = unpack(table, 16 * i)
             if flags & VRING_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise ChainError(Rule.INDIRECT_NOT_NEGOTIATED, head)
@@ -584,10 +643,14 @@ class DeviceQueue:
                 steps = 0
                 i = 0
                 continue
-            try:
-                view = memory.view(addr, length)
-            except AddressError as e:
-                raise ChainError(Rule.ADDRESS_OUT_OF_RANGE, head, str(e)) from None
+            off = addr - mbase
+            if mbuf is not None and off >= 0 and off + length <= msize:
+                view = mbuf[off : off + length]
+            else:
+                try:
+                    view = memory.view(addr, length)
+                except AddressError as e:
+                    raise ChainError(Rule.ADDRESS_OUT_OF_RANGE, head, str(e)) from None
             if flags & VRING_DESC_F_WRITE:
                 writable.append(view)
                 wlen += length
@@ -598,9 +661,9 @@ class DeviceQueue:
                 rlen += length
             if rlen + wlen > _U32_MAX:
                 raise ChainError(Rule.LENGTH_OVERFLOW, head, f"{rlen + wlen} bytes")
-            segments.append(Segment(addr, length, bool(flags & VRING_DESC_F_WRITE), in_indirect))
+            raw.append((addr, length, flags, in_indirect))
             if not flags & VRING_DESC_F_NEXT:
-                return Chain(head, readable, writable, rlen, wlen, segments)
+                return Chain(head, readable, writable, rlen, wlen, raw)
             if nxt >= table_size:
                 raise ChainError(Rule.NEXT_OUT_OF_RANGE, head, f"next {nxt} >= {table_size}")
             i = nxt
