@@ -7,10 +7,13 @@ interpreter exit) never waits for undelivered messages.
 from __future__ import annotations
 
 import os
+from typing import Any, Self
 
 import zmq
 
-__all__ = ["context", "new_socket", "ipc_path", "IpcFile"]
+from hostops.errors import ChannelClosed
+
+__all__ = ["context", "new_socket", "ipc_path", "IpcFile", "BoundSocket"]
 
 
 def context() -> zmq.Context[zmq.Socket[bytes]]:
@@ -61,3 +64,51 @@ class IpcFile:
         except OSError:
             pass
         self._path = None
+
+
+class BoundSocket:
+    """A socket this side binds (the listening end of a channel): bind with options,
+    closed-state checks, ``close()`` that also removes the ``ipc://`` file, poller and
+    context-manager support. Subclasses add what they receive and send."""
+
+    #: What the socket is, for messages ("control server", "doorbell listener").
+    what = "socket"
+
+    def __init__(self, endpoint: str, kind: int, options: dict[int, Any]) -> None:
+        self._endpoint = endpoint
+        self._sock: zmq.Socket[bytes] | None = new_socket(kind)
+        try:
+            for opt, value in options.items():
+                self._sock.setsockopt(opt, value)
+            self._sock.bind(endpoint)
+        except BaseException:
+            self._sock.close(linger=0)
+            self._sock = None
+            raise
+        self._ipc_file = IpcFile(endpoint)
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint this socket is bound to."""
+        return self._endpoint
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self._sock is None:
+            raise ChannelClosed(f"{self.what} {self._endpoint} is closed")
+        return self._sock
+
+    def _pollable(self) -> zmq.Socket[bytes]:
+        return self._socket()
+
+    def close(self) -> None:
+        """Close the socket and remove its ``ipc://`` file. Idempotent, never blocks."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close(linger=0)
+            self._ipc_file.remove()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

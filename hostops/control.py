@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import zmq
 
-from hostops._zmq import IpcFile, new_socket
+from hostops._zmq import BoundSocket, new_socket
 from hostops.errors import ChannelClosed, ChannelTimeout, PeerGone
 
 __all__ = ["ControlServer", "ControlClient", "POLL_SLICE_S"]
@@ -53,36 +53,18 @@ def _to_ms(timeout_s: float) -> int:
     return max(0, int(timeout_s * 1000 + 0.999))
 
 
-class ControlServer:
+class ControlServer(BoundSocket):
     """Device side of the control channel: a bound ``ROUTER`` socket.
 
     Not thread-safe: receive and reply from one thread.
     """
 
+    what = "control server"
+
     def __init__(self, endpoint: str) -> None:
-        self._endpoint = endpoint
-        self._sock: zmq.Socket[bytes] | None = new_socket(zmq.ROUTER)
-        try:
-            self._sock.setsockopt(zmq.RCVHWM, _HWM)
-            self._sock.setsockopt(zmq.SNDHWM, _HWM)
-            self._sock.bind(endpoint)
-        except BaseException:
-            self._sock.close(linger=0)
-            self._sock = None
-            raise
-        self._ipc_file = IpcFile(endpoint)
+        super().__init__(endpoint, zmq.ROUTER, {zmq.RCVHWM: _HWM, zmq.SNDHWM: _HWM})
         self.malformed = 0
         """Requests dropped because their frames were not ``[identity, seq, payload]``."""
-
-    @property
-    def endpoint(self) -> str:
-        """The endpoint this server is bound to."""
-        return self._endpoint
-
-    def _socket(self) -> zmq.Socket[bytes]:
-        if self._sock is None:
-            raise ChannelClosed(f"control server {self._endpoint} is closed")
-        return self._sock
 
     def recv(self, timeout_s: float | None) -> tuple[bytes, bytes] | None:
         """Wait up to ``timeout_s`` (None: forever) for a request.
@@ -121,22 +103,6 @@ class ControlServer:
             sock.send_multipart([peer[_SEQ_LEN:], peer[:_SEQ_LEN], payload], zmq.NOBLOCK)
         except zmq.Again:
             pass  # the client stopped reading; it will time out
-
-    def _pollable(self) -> zmq.Socket[bytes]:
-        return self._socket()
-
-    def close(self) -> None:
-        """Close the socket and remove its ``ipc://`` file. Idempotent, never blocks."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close(linger=0)
-            self._ipc_file.remove()
-
-    def __enter__(self) -> ControlServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class ControlClient:

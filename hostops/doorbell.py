@@ -34,7 +34,7 @@ from typing import cast
 
 import zmq
 
-from hostops._zmq import IpcFile, new_socket
+from hostops._zmq import BoundSocket, new_socket
 from hostops.errors import ChannelClosed, PeerGone
 
 __all__ = ["DoorbellListener", "Doorbell", "HIGH_WATER_MARK"]
@@ -45,37 +45,20 @@ HIGH_WATER_MARK = 100_000
 _U16 = struct.Struct("<H")
 
 
-class DoorbellListener:
+class DoorbellListener(BoundSocket):
     """The receiving end of one or more doorbells: a bound ``PULL`` socket.
 
     Not thread-safe: receive from a single thread (typically the one that polls it).
     """
 
+    what = "doorbell listener"
+
     def __init__(self, endpoint: str) -> None:
-        self._endpoint = endpoint
-        self._sock: zmq.Socket[bytes] | None = new_socket(zmq.PULL)
-        try:
-            self._sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-            self._sock.bind(endpoint)
-        except BaseException:
-            self._sock.close(linger=0)
-            self._sock = None
-            raise
-        self._ipc_file = IpcFile(endpoint)
+        super().__init__(endpoint, zmq.PULL, {zmq.RCVHWM: HIGH_WATER_MARK})
         self.malformed = 0
         """Messages dropped because they were not exactly one 2-byte frame."""
         self.received = 0
         """Valid doorbell messages received (duplicates included)."""
-
-    @property
-    def endpoint(self) -> str:
-        """The endpoint this listener is bound to."""
-        return self._endpoint
-
-    def _socket(self) -> zmq.Socket[bytes]:
-        if self._sock is None:
-            raise ChannelClosed(f"doorbell listener {self._endpoint} is closed")
-        return self._sock
 
     def recv_all(self) -> list[int]:
         """Drain all pending doorbells without blocking; return distinct queue indices.
@@ -109,22 +92,6 @@ class DoorbellListener:
         if sock.poll(timeout_ms, zmq.POLLIN):
             return self.recv_all()
         return []
-
-    def _pollable(self) -> zmq.Socket[bytes]:
-        return self._socket()
-
-    def close(self) -> None:
-        """Close the socket and remove its ``ipc://`` file. Idempotent, never blocks."""
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close(linger=0)
-            self._ipc_file.remove()
-
-    def __enter__(self) -> DoorbellListener:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<DoorbellListener {self._endpoint}{' closed' if self._sock is None else ''}>"

@@ -594,45 +594,54 @@ def _shm_of(pid: int) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"vlab-{pid}-")]
 
 
+def _kill_under_load(k, fd: int, kill, *, check_data: bool = False) -> None:
+    """Eight threads loop on pwrite/pread (disjoint ranges) until each has completed I/O;
+    then ``kill()`` the device: every caller must get EIO within 5 s, none may hang."""
+    started = threading.Barrier(9)
+    errors: list[tuple[BaseException, float]] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        rnd = random.Random(t)
+        base = t * (256 << 10)
+        first = True
+        try:
+            while True:
+                off = base + rnd.randrange(0, 200 << 10)
+                data = rnd.randbytes(8192)
+                k.sys.pwrite(fd, data, off)
+                got = k.sys.pread(fd, 8192, off)
+                if check_data:
+                    assert got == data
+                if first:
+                    first = False
+                    started.wait(10)
+        except BaseException as e:  # noqa: BLE001 - recorded and asserted below
+            with lock:
+                errors.append((e, time.monotonic()))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    started.wait(10)  # every thread has completed I/O and is looping
+    killed_at = time.monotonic()
+    kill()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads), "a caller is still waiting"
+    assert len(errors) == 8
+    for e, at in errors:
+        assert isinstance(e, OSError) and e.errno == errno.EIO, repr(e)
+        assert at - killed_at < 5
+
+
 def test_sigkill_of_the_device_fails_every_caller_with_eio(image):
     k = kernel.boot(devices=[kernel.Blk(image)])
     try:
         dev = k.devices[0]
         pid = dev.pid
         fd = k.sys.open("/dev/vda", os.O_RDWR)
-        started = threading.Barrier(9)
-        errors: list[tuple[BaseException, float]] = []
-        lock = threading.Lock()
-
-        def worker(t: int) -> None:
-            rnd = random.Random(t)
-            base = t * (256 << 10)
-            first = True
-            try:
-                while True:
-                    off = base + rnd.randrange(0, 200 << 10)
-                    k.sys.pwrite(fd, rnd.randbytes(8192), off)
-                    k.sys.pread(fd, 8192, off)
-                    if first:
-                        first = False
-                        started.wait(10)
-            except BaseException as e:  # noqa: BLE001 - recorded and asserted below
-                with lock:
-                    errors.append((e, time.monotonic()))
-
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-        for t in threads:
-            t.start()
-        started.wait(10)  # every thread has completed I/O and is looping
-        killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        for t in threads:
-            t.join(5)
-        assert not any(t.is_alive() for t in threads), "a caller is still waiting"
-        assert len(errors) == 8
-        for e, at in errors:
-            assert isinstance(e, OSError) and e.errno == errno.EIO, repr(e)
-            assert at - killed_at < 5
+        _kill_under_load(k, fd, lambda: os.kill(pid, signal.SIGKILL))
         assert dev.failed is not None and dev.failed.errno == errno.EIO
         _oserror(errno.EIO, k.sys.pread, fd, 512, 0)  # new requests fail at once
     finally:
@@ -910,40 +919,7 @@ def test_killing_the_vhost_user_backend_fails_every_caller_with_eio(image, kind)
             dev = k.devices[0]
             assert dev.pid == be.pid  # SO_PEERCRED
             fd = k.sys.open("/dev/vda", os.O_RDWR)
-            started = threading.Barrier(9)
-            errors: list[tuple[BaseException, float]] = []
-            lock = threading.Lock()
-
-            def worker(t: int) -> None:
-                rnd = random.Random(t)
-                base = t * (256 << 10)
-                first = True
-                try:
-                    while True:
-                        off = base + rnd.randrange(0, 200 << 10)
-                        data = rnd.randbytes(8192)
-                        k.sys.pwrite(fd, data, off)
-                        assert k.sys.pread(fd, 8192, off) == data
-                        if first:
-                            first = False
-                            started.wait(10)
-                except BaseException as e:  # noqa: BLE001 - recorded and asserted below
-                    with lock:
-                        errors.append((e, time.monotonic()))
-
-            threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-            for t in threads:
-                t.start()
-            started.wait(10)  # every thread has completed I/O and is looping
-            killed_at = time.monotonic()
-            be.kill()
-            for t in threads:
-                t.join(5)
-            assert not any(t.is_alive() for t in threads), "a caller is still waiting"
-            assert len(errors) == 8
-            for e, at in errors:
-                assert isinstance(e, OSError) and e.errno == errno.EIO, repr(e)
-                assert at - killed_at < 5
+            _kill_under_load(k, fd, be.kill, check_data=True)
             err = dev.failed
             assert err is not None and err.errno == errno.EIO and "hung up" in err.strerror
             _oserror(errno.EIO, k.sys.pread, fd, 512, 0)  # new requests fail at once
