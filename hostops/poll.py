@@ -16,6 +16,10 @@ hang-up as ``POLLERR``, not ``POLLIN``).
 
 :class:`Waker` is the classic self-pipe: another thread calls :meth:`Waker.wake` to make a
 blocked :meth:`Poller.poll` return; the woken thread calls :meth:`Waker.drain`.
+
+:class:`FdSource` makes any plain fd (a pipe, an eventfd, a socket owned by someone
+else) pollable without taking ownership: closing it is still its owner's job, after
+unregistering it.
 """
 
 from __future__ import annotations
@@ -25,13 +29,39 @@ from typing import Protocol
 
 import zmq
 
-__all__ = ["Pollable", "Waker", "Poller"]
+__all__ = ["Pollable", "Waker", "Poller", "FdSource"]
 
 
 class Pollable(Protocol):
     """Anything a :class:`Poller` can wait on."""
 
     def _pollable(self) -> zmq.Socket[bytes] | int: ...
+
+
+class FdSource:
+    """A plain file descriptor as a :class:`Pollable` (not owned: never closed here).
+
+    Level-triggered like every fd in a :class:`Poller`: it is reported ready while it is
+    readable, hung up or in error, so whoever handles it must read until it would
+    block, and stop watching it at end of file.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+            raise ValueError(f"not a file descriptor: {fd!r}")
+        self.fd = fd
+
+    def fileno(self) -> int:
+        """The fd."""
+        return self.fd
+
+    def _pollable(self) -> int:
+        return self.fd
+
+    def __repr__(self) -> str:
+        return f"FdSource({self.fd})"
 
 
 class Waker:

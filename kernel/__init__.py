@@ -47,11 +47,12 @@ from .errors import (
     DeviceProbeError,
     KernelError,
 )
-from .specs import Blk, DeviceSpec, VhostUserBlk
+from .specs import Blk, DeviceSpec, Net, VhostUserBlk
 from .syscalls import Syscalls
 from .transport import KernelQueue, VirtioTransport
 from .transport_vhost_user import VhostUserTransport
 from .transport_zmq import ZmqTransport
+from .virtio_net import NetDriver, NetLink
 
 __all__ = [
     "boot",
@@ -61,6 +62,9 @@ __all__ = [
     "DeviceSpec",
     "Blk",
     "VhostUserBlk",
+    "Net",
+    "NetDriver",
+    "NetLink",
     "VirtioBus",
     "VirtioDriver",
     "default_bus",

@@ -52,9 +52,18 @@ class VirtioDriver:
         with ``supported_features``). VERSION_1 must be in the result."""
         return offered & cls.supported_features
 
+    @classmethod
+    def features_for(cls, transport: VirtioTransport, offered: int) -> int:
+        """Choose features for this particular device (its spec is
+        ``transport.spec``); the default is :meth:`features`."""
+        return cls.features(offered)
+
     def probe(self) -> None:
         """Read config space and set up the queues (before DRIVER_OK)."""
         raise NotImplementedError
+
+    def started(self) -> None:
+        """The device is live (after DRIVER_OK): e.g. stock receive buffers."""
 
     def remove(self) -> None:
         """The device is going away (kernel shutdown); release driver resources."""
@@ -114,11 +123,12 @@ class VirtioBus:
                     f"no driver registered for device id {info.device_id} ({kind}, "
                     f"device calls itself {info.name!r})"
                 )
-            transport.negotiate(cls.features)
+            transport.negotiate(lambda offered: cls.features_for(transport, offered))
             transport.setup_memory()
             driver = cls(transport)
             driver.probe()
             transport.driver_ok()
+            driver.started()
             return driver
         except DeviceProbeError:
             raise

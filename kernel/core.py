@@ -32,15 +32,19 @@ from hostops.rundir import RuntimeDir, sweep_stale_rundirs
 from hostops.shm import sweep_stale_segments
 from hostops.signals import on_terminate, register_atexit
 from hostops.sync import Event, Lock, is_main_thread, start_thread
+from hostops.timers import TimerHeap
 from vdev.virtio import RingLayout
+from vdev.virtio.net import format_mac
 
 from .blk import BlockDevice
 from .bus import VirtioBus, VirtioDriver, default_bus
+from .net.stack import Stack
 from .specs import DeviceSpec
 from .syscalls import Syscalls
 from .transport import KernelQueue, VirtioTransport
 from .transport_vhost_user import VhostUserTransport
 from .transport_zmq import ZmqTransport
+from .virtio_net import NetLink
 
 __all__ = ["boot", "Kernel", "VirtioDevice", "RingView", "device_name", "TRANSPORTS"]
 
@@ -52,14 +56,19 @@ TRANSPORTS: dict[str, type[VirtioTransport]] = {
 
 log = logging.getLogger(__name__)
 
+#: How long boot() waits for each NIC's carrier before returning anyway.
+LINK_WAIT_S = 5.0
 #: How long the SIGTERM handler waits for the shutdown before letting the process exit.
 SIGTERM_GRACE_S = 5.0
 #: How long a second shutdown() call waits for one already in progress elsewhere.
 SHUTDOWN_WAIT_S = 30.0
 
 
-def device_name(prefix: str, index: int) -> str:
-    """Linux-style disk names: ``vda`` … ``vdz``, ``vdaa`` …"""
+def device_name(prefix: str, index: int, naming: str = "letters") -> str:
+    """Linux-style names: disks ``vda`` … ``vdz``, ``vdaa`` …; with ``naming="numbers"``
+    interfaces ``eth0``, ``eth1`` …"""
+    if naming == "numbers":
+        return f"{prefix}{index}"
     letters = ""
     i = index
     while True:
@@ -102,6 +111,52 @@ class VirtioDevice:
         self.features: list[str] = transport.feature_names
         self.queues: list[KernelQueue] = [q for q in transport.queues if q is not None]
         self.block: BlockDevice | None = driver.block
+        #: The network link of a NIC (a :class:`~kernel.virtio_net.NetLink`), else None.
+        self.link: NetLink | None = getattr(driver, "link", None)
+
+    # -- NICs
+    @property
+    def mac(self) -> str | None:
+        """The NIC's MAC address as ``aa:bb:cc:dd:ee:ff`` (None for other devices)."""
+        return format_mac(self.link.mac) if self.link is not None else None
+
+    @property
+    def mtu(self) -> int | None:
+        """The NIC's MTU (None for other devices)."""
+        return self.link.mtu if self.link is not None else None
+
+    @property
+    def link_up(self) -> bool | None:
+        """The NIC's carrier (None for other devices)."""
+        return self.link.link_up if self.link is not None else None
+
+    def _link_counter(self, name: str) -> int:
+        if self.link is None:
+            raise AttributeError(f"{self.name} is not a network device")
+        return self.link.counters[name]
+
+    @property
+    def rx_frames(self) -> int:
+        """Frames the driver received and handed to the stack."""
+        return self._link_counter("rx_frames")
+
+    @property
+    def tx_frames(self) -> int:
+        """Frames the driver handed to the device."""
+        return self._link_counter("tx_frames")
+
+    @property
+    def rx_bad_frames(self) -> int:
+        """Receive completions the driver dropped as malformed."""
+        return self._link_counter("rx_bad_frames")
+
+    @property
+    def rx_dropped_no_buffer(self) -> int:
+        """Frames the *device* dropped because no receive buffer was free (asks the
+        device: GET_METRICS)."""
+        if self.link is None:
+            raise AttributeError(f"{self.name} is not a network device")
+        return int(self.metrics().get("device", {}).get("rx_dropped_no_buffer", 0))
 
     @property
     def failed(self) -> OSError | None:
@@ -144,7 +199,11 @@ class Kernel:
         self._down = False
         self._done = Event()
         self._uninstall: list[Callable[[], Any]] = []
-        self.sys = Syscalls(self._block_devices)
+        #: The kernel's one timer thread (ARP, reassembly, later TCP).
+        self.timers = TimerHeap(name="kernel-timers")
+        #: The network stack (interfaces eth0, eth1, ... of the booted NICs).
+        self.net = Stack(timers=self.timers)
+        self.sys = Syscalls(self._block_devices, net=self.net)
 
     def _block_devices(self) -> dict[str, BlockDevice]:
         return {d.name: d.block for d in self.devices if d.block is not None}
@@ -193,6 +252,10 @@ class Kernel:
 
     def _shutdown(self) -> None:
         self.sys.shutdown()
+        try:
+            self.net.close()
+        except Exception:
+            log.exception("closing the network stack failed")
         for t in reversed(self._transports):
             try:
                 t.shutdown()
@@ -207,6 +270,10 @@ class Kernel:
             self.rundir.cleanup()
         except Exception:
             log.exception("removing the runtime directory failed")
+        try:
+            self.timers.close()
+        except Exception:
+            log.exception("stopping the timers failed")
         for undo in self._uninstall:
             try:
                 undo()
@@ -258,12 +325,33 @@ def boot(
             cls = TRANSPORTS.get(spec.transport)
             if cls is None:
                 raise ValueError(f"{spec!r}: unknown transport {spec.transport!r}")
-            t = cls(device_name(spec.name_prefix, i), spec, k.rundir, region_size=region_size)
+            t = cls(
+                device_name(spec.name_prefix, i, spec.naming),
+                spec,
+                k.rundir,
+                region_size=region_size,
+            )
             k._transports.append(t)
             t.launch()
         for t in k._transports:
             driver = bus.probe(t)
-            k.devices.append(VirtioDevice(t, driver))
+            dev = VirtioDevice(t, driver)
+            k.devices.append(dev)
+            if dev.link is not None:
+                try:
+                    k.net.add_interface(
+                        dev.link,
+                        ip=getattr(t.spec, "ip", "10.0.0.2/24"),
+                        gateway=getattr(t.spec, "gateway", None),
+                    )
+                except ValueError as e:
+                    raise t.probe_error(str(e)) from e
+        # A NIC whose backend is still connecting (a switch port waits for the switch's
+        # welcome) reports no carrier; give it a moment so the first send does not fail
+        # with ENETDOWN. A link that stays down is not an error: it is reported.
+        for dev in k.devices:
+            if dev.link is not None and not dev.link.wait_link_up(LINK_WAIT_S):
+                log.warning("%s: no carrier after %.0f s", dev.name, LINK_WAIT_S)
     except BaseException:
         k.shutdown()
         raise

@@ -20,7 +20,17 @@ lost. A blocking ``recv`` does the same on its own file.
 
 :class:`SocketFile` is the base of sockets: every socket call defaults to
 ``EOPNOTSUPP`` so that a socket kind implements just what it supports; timeouts
-(``settimeout``/``setblocking``) are kept here, once.
+(``settimeout``/``setblocking``) are kept here, once. A socket kind blocks with
+:meth:`File.wait_for` (``self.wait_for(POLLIN, self.timeout)``), which gives the socket
+module's timeout semantics (``BlockingIOError``/``TimeoutError``) and fails with
+``EBADF`` when the fd is closed meanwhile.
+
+The Linux numeric constants of the socket API (``AF_INET``, ``SOCK_DGRAM``,
+``SOL_SOCKET``, ``SO_REUSEADDR``, ``IPPROTO_UDP``, ``MSG_PEEK``, ...) are defined here,
+once, with Linux's values: the kernel may not import :mod:`socket`.
+:func:`socket_protocol` applies Linux's rules for ``socket(family, type, proto)``
+(which errno for which mismatch) to a stack's table of supported kinds, and
+:func:`inet_address` checks an ``(host, port)`` address as the socket module does.
 """
 
 from __future__ import annotations
@@ -28,7 +38,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from hostops.clock import monotonic
 from hostops.sync import Condition, Lock
@@ -39,21 +50,135 @@ __all__ = [
     "File",
     "SocketFile",
     "Waiter",
+    "NodeTable",
+    "check_buffersize",
+    "byte_view",
     "POLLIN",
+    "POLLPRI",
     "POLLOUT",
     "POLLERR",
     "POLLHUP",
     "POLLNVAL",
     "deadline_after",
     "remaining",
+    "socket_protocol",
+    "inet_address",
+    "AF_UNSPEC",
+    "AF_UNIX",
+    "AF_INET",
+    "AF_INET6",
+    "AF_PACKET",
+    "SOCK_STREAM",
+    "SOCK_DGRAM",
+    "SOCK_RAW",
+    "SOCK_SEQPACKET",
+    "SOCK_MAX",
+    "SOCK_NONBLOCK",
+    "SOCK_CLOEXEC",
+    "SOCK_TYPE_MASK",
+    "SOL_SOCKET",
+    "SO_DEBUG",
+    "SO_REUSEADDR",
+    "SO_TYPE",
+    "SO_ERROR",
+    "SO_DONTROUTE",
+    "SO_BROADCAST",
+    "SO_SNDBUF",
+    "SO_RCVBUF",
+    "SO_KEEPALIVE",
+    "SO_LINGER",
+    "SO_REUSEPORT",
+    "SO_RCVTIMEO",
+    "SO_SNDTIMEO",
+    "IPPROTO_IP",
+    "IPPROTO_ICMP",
+    "IPPROTO_TCP",
+    "IPPROTO_UDP",
+    "SOL_IP",
+    "SOL_TCP",
+    "SOL_UDP",
+    "IP_TOS",
+    "IP_TTL",
+    "TCP_NODELAY",
+    "MSG_OOB",
+    "MSG_PEEK",
+    "MSG_TRUNC",
+    "MSG_DONTWAIT",
+    "MSG_WAITALL",
+    "SHUT_RD",
+    "SHUT_WR",
+    "SHUT_RDWR",
+    "INADDR_ANY",
+    "INADDR_BROADCAST",
 ]
 
 # Linux's values (the ones :mod:`select` has; the kernel does not import it).
 POLLIN = 0x001
+POLLPRI = 0x002
 POLLOUT = 0x004
 POLLERR = 0x008
 POLLHUP = 0x010
 POLLNVAL = 0x020
+
+# The socket API's numbers, as Linux (x86-64 and every other architecture but a few
+# MIPS/SPARC/Alpha SO_* ones) defines them: include/linux/socket.h,
+# include/linux/net.h, include/uapi/asm-generic/socket.h, include/uapi/linux/in.h.
+AF_UNSPEC = 0
+AF_UNIX = 1
+AF_INET = 2
+AF_INET6 = 10
+AF_PACKET = 17
+
+SOCK_STREAM = 1
+SOCK_DGRAM = 2
+SOCK_RAW = 3
+SOCK_SEQPACKET = 5
+#: One past the largest socket type (SOCK_PACKET = 10): ``socket()`` answers EINVAL
+#: for a type at or above it.
+SOCK_MAX = 11
+#: Flags ``socket()`` accepts or-ed into ``type`` (``type & SOCK_TYPE_MASK`` is the type).
+SOCK_NONBLOCK = 0o4000
+SOCK_CLOEXEC = 0o2000000
+SOCK_TYPE_MASK = 0xF
+
+SOL_SOCKET = 1
+SO_DEBUG = 1
+SO_REUSEADDR = 2
+SO_TYPE = 3
+SO_ERROR = 4
+SO_DONTROUTE = 5
+SO_BROADCAST = 6
+SO_SNDBUF = 7
+SO_RCVBUF = 8
+SO_KEEPALIVE = 9
+SO_LINGER = 13
+SO_REUSEPORT = 15
+SO_RCVTIMEO = 20
+SO_SNDTIMEO = 21
+
+IPPROTO_IP = 0
+IPPROTO_ICMP = 1
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+SOL_IP = IPPROTO_IP
+SOL_TCP = IPPROTO_TCP
+SOL_UDP = IPPROTO_UDP
+IP_TOS = 1
+IP_TTL = 2
+TCP_NODELAY = 1
+
+MSG_OOB = 0x01
+MSG_PEEK = 0x02
+MSG_TRUNC = 0x20
+MSG_DONTWAIT = 0x40
+MSG_WAITALL = 0x100
+
+SHUT_RD = 0
+SHUT_WR = 1
+SHUT_RDWR = 2
+
+INADDR_ANY = "0.0.0.0"
+INADDR_BROADCAST = "255.255.255.255"
 
 
 class Waiter:
@@ -92,6 +217,70 @@ def deadline_after(timeout_s: float | None) -> float | None:
 def remaining(deadline: float | None) -> float | None:
     """Seconds left until ``deadline`` (never negative; None stays None)."""
     return None if deadline is None else max(0.0, deadline - monotonic())
+
+
+def socket_protocol(
+    family: int, type: int, proto: int, supported: Mapping[tuple[int, int], tuple[int, ...]]
+) -> int:
+    """Linux's choice of protocol for ``socket(family, type, proto)``; returns it.
+
+    ``supported`` maps ``(family, type)`` to the protocols a stack implements there,
+    the first being the default (``{(AF_INET, SOCK_DGRAM): (IPPROTO_UDP,)}``).
+    ``type`` must already be stripped of SOCK_NONBLOCK/SOCK_CLOEXEC. The errnos are
+    those of ``__sock_create`` and ``inet_create`` (net/socket.c, net/ipv4/af_inet.c):
+    a type outside ``[0, SOCK_MAX)`` is EINVAL, a family the stack has no socket of is
+    EAFNOSUPPORT, a type the family lacks ESOCKTNOSUPPORT, a protocol the type lacks
+    EPROTONOSUPPORT; ``proto`` 0 picks the default.
+    """
+    for name, v in (("family", family), ("type", type), ("proto", proto)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"socket {name} must be an int, not {v.__class__.__name__}")
+    if not 0 <= type < SOCK_MAX:
+        raise io_error(errno.EINVAL, f"socket type {type}")
+    if not any(f == family for f, _ in supported):
+        raise io_error(errno.EAFNOSUPPORT, f"address family {family}")
+    protos = supported.get((family, type))
+    if not protos:
+        raise io_error(errno.ESOCKTNOSUPPORT, f"socket type {type} in family {family}")
+    if proto == 0:
+        return protos[0]
+    if proto not in protos:
+        raise io_error(errno.EPROTONOSUPPORT, f"protocol {proto} for socket type {type}")
+    return proto
+
+
+def inet_address(addr: Any, what: str = "address") -> tuple[str, int]:
+    """Check an AF_INET address as the socket module does; returns ``(host, port)``
+    with ``host`` a canonical dotted quad.
+
+    ``addr`` must be a 2-tuple (``TypeError``), the port an int in 0..65535
+    (``OverflowError``, as ``socket`` raises). The host is a dotted-quad IPv4 address
+    (RFC 791 §3.2 addresses are 32 bits: four octets 0..255); ``""`` means
+    ``INADDR_ANY`` and ``"<broadcast>"`` ``INADDR_BROADCAST`` as in the socket module.
+    k.sys has no resolver, so a name is ``OSError(EINVAL)``.
+    """
+    if not isinstance(addr, tuple):
+        raise TypeError(f"AF_INET {what} must be tuple, not {type(addr).__name__}")
+    if len(addr) != 2:
+        raise TypeError(f"AF_INET {what} must be a pair (host, port)")
+    host, port = addr
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a str, not {type(host).__name__}")
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError(f"port must be an int, not {type(port).__name__}")
+    if not 0 <= port <= 0xFFFF:
+        raise OverflowError("port must be 0-65535.")
+    if host == "":
+        return INADDR_ANY, port
+    if host == "<broadcast>":
+        return INADDR_BROADCAST, port
+    parts = host.split(".")
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
+        raise io_error(errno.EINVAL, f"{host!r} is not a dotted-quad IPv4 address")
+    octets = [int(p) for p in parts]
+    if any(o > 255 for o in octets):
+        raise io_error(errno.EINVAL, f"{host!r} is not a dotted-quad IPv4 address")
+    return ".".join(map(str, octets)), port
 
 
 class File:
@@ -134,6 +323,48 @@ class File:
         for w in waiters:
             w.wake()
 
+    @property
+    def waiter_count(self) -> int:
+        """How many waiters are registered now (a counter tests assert on: every
+        ``poll`` and blocking call deregisters on its way out)."""
+        with self._waiters_lock:
+            return len(self._waiters)
+
+    def wait_for(self, events: int, timeout_s: float | None) -> int:
+        """Block until ``poll()`` reports one of ``events`` (or POLLERR/POLLHUP, always
+        reported); returns the ready mask. The socket module's timeout semantics:
+        ``timeout_s`` None waits forever, 0 raises ``BlockingIOError`` (EAGAIN) when
+        not ready, a positive number ``TimeoutError`` (ETIMEDOUT) when it passes. A
+        file closed before or during the wait fails with EBADF.
+
+        Register, then check, then sleep: a :meth:`wake` between the check and the
+        sleep is kept by the :class:`Waiter`, so it is never lost.
+        """
+        want = events | POLLERR | POLLHUP
+        if self.closed:
+            raise io_error(errno.EBADF)
+        ready = self.poll() & want
+        if ready:
+            return ready
+        if timeout_s is not None and timeout_s <= 0:
+            raise io_error(errno.EAGAIN)
+        deadline = deadline_after(timeout_s)
+        w = Waiter()
+        self.add_waiter(w)
+        try:
+            while True:
+                if self.closed:
+                    raise io_error(errno.EBADF, "closed while waiting")
+                ready = self.poll() & want
+                if ready:
+                    return ready
+                left = remaining(deadline)
+                if left is not None and left <= 0:
+                    raise OSError(errno.ETIMEDOUT, "timed out")
+                w.wait(left)
+        finally:
+            self.remove_waiter(w)
+
     # -- operations
     def read(self, n: int) -> bytes:
         """Read up to ``n`` bytes."""
@@ -159,6 +390,10 @@ class File:
         """Flush to stable storage (files that cannot: EINVAL)."""
         raise io_error(errno.EINVAL)
 
+    def fdatasync(self) -> None:
+        """Flush the data to stable storage (by default what :meth:`fsync` does)."""
+        self.fsync()
+
     def fstat(self) -> os.stat_result:
         """``os.stat_result`` of the file."""
         raise io_error(errno.EINVAL)
@@ -172,6 +407,47 @@ class File:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path!r}{' closed' if self.closed else ''}>"
+
+
+class NodeTable(Protocol):
+    """A set of nodes ``k.sys.open``/``k.sys.stat`` can find by path (the block device
+    nodes today, custom device nodes later). ``k.sys`` asks each table in turn; a table
+    answers None for a path that is not one of its nodes."""
+
+    def open(self, path: str, flags: int) -> File | None:
+        """Open the node ``path`` (access mode already checked); None: not ours."""
+        ...
+
+    def stat(self, path: str) -> os.stat_result | None:
+        """The node's ``os.stat_result``; None: not ours."""
+        ...
+
+
+def check_buffersize(n: Any, what: str) -> int:
+    """A receive size as the socket module checks it: an int (``TypeError``), not
+    negative (``ValueError("negative buffersize in recv")``)."""
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"{what}: buffersize must be an int, not {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"negative buffersize in {what}")
+    return n
+
+
+def byte_view(data: Any) -> bytes | bytearray | memoryview:
+    """``data`` as a flat byte buffer, as the socket module accepts it: bytes,
+    bytearray or any C-contiguous buffer (cast to bytes); anything else
+    (``str`` included) is ``TypeError``."""
+    if isinstance(data, bytes | bytearray):
+        return data
+    if isinstance(data, str):
+        raise TypeError("a bytes-like object is required, not 'str'")
+    try:
+        mv = memoryview(data)
+    except TypeError:
+        raise TypeError(f"a bytes-like object is required, not {type(data).__name__!r}") from None
+    if not mv.c_contiguous:
+        raise TypeError("a contiguous bytes-like object is required")
+    return mv if mv.ndim == 1 and mv.itemsize == 1 and mv.format == "B" else mv.cast("B")
 
 
 def _not_supported(what: str) -> OSError:
@@ -257,12 +533,14 @@ class SocketFile(File):
         raise io_error(errno.ENOPROTOOPT)
 
     def read(self, n: int) -> bytes:
-        """``read`` on a socket is ``recv``."""
-        return self.recv(n)
+        """``read`` on a socket is ``recv`` (a negative count: EINVAL, as ``os.read``)."""
+        if isinstance(n, int) and not isinstance(n, bool) and n < 0:
+            raise io_error(errno.EINVAL, f"negative count {n}")
+        return self.recv(check_buffersize(n, "read"))
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """``write`` on a socket is ``send``."""
-        return self.send(data)
+        return self.send(byte_view(data))
 
     def fstat(self) -> os.stat_result:
         """A socket's stat: S_IFSOCK, size 0."""

@@ -27,8 +27,9 @@ from typing import ClassVar
 
 from hostops.process import python_argv
 from vdev.virtio import DeviceId
+from vdev.virtio.net import MAX_MTU, MIN_MTU, format_mac, parse_mac
 
-__all__ = ["DeviceSpec", "Blk", "VhostUserBlk"]
+__all__ = ["DeviceSpec", "Blk", "VhostUserBlk", "Net", "NET_BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,19 @@ class DeviceSpec:
 
     kind: ClassVar[str] = ""
     name_prefix: ClassVar[str] = "vd"
+    #: How devices of this kind are numbered: "letters" (vda, vdb) or "numbers" (eth0).
+    naming: ClassVar[str] = "letters"
     transport: ClassVar[str] = "zmq"
 
     def device_args(self) -> list[str]:
         """Command-line arguments of the device, after the subcommand and without
         ``--control``."""
         raise NotImplementedError
+
+    def dma_bytes(self, queue_size: int) -> int | None:
+        """DMA pool bytes this device needs with rings of ``queue_size`` entries
+        (None: the transport's default). ``boot(region_size=...)`` overrides it."""
+        return None
 
     @property
     def requested_queue_size(self) -> int:
@@ -147,3 +155,126 @@ class VhostUserBlk(DeviceSpec):
     def argv(self, control_endpoint: str) -> list[str]:
         """Not started by the kernel: there is no command line."""
         raise TypeError("a vhost-user device is not started by the kernel")
+
+
+#: The net backends and the option each one requires (``None``: no option needed).
+NET_BACKENDS: dict[str, tuple[str, ...]] = {
+    "loopback": (),
+    "switch": ("switch",),
+    "tap": ("ifname",),
+    "pcap": (),
+}
+_BACKEND_OPTIONS = ("switch", "ifname", "record", "replay")
+
+
+def _parse_ipv4_cidr(text: str, what: str) -> tuple[str, int]:
+    addr, sep, plen = text.partition("/")
+    parts = addr.split(".")
+    ok = len(parts) == 4 and all(p.isdigit() and 0 <= int(p) <= 255 for p in parts)
+    if not ok or not sep or not plen.isdigit() or not 0 <= int(plen) <= 32:
+        raise ValueError(f"Net: {what} {text!r} is not an IPv4 address/prefix (e.g. 10.0.0.2/24)")
+    return addr, int(plen)
+
+
+@dataclass(frozen=True)
+class Net(DeviceSpec):
+    """A virtio-net device (interface ``eth0``, ``eth1``, ...) on a backend.
+
+    ``backend``: ``"loopback"`` (every frame sent comes back), ``"switch"`` (a port of
+    the L2 switch at ``switch=ENDPOINT``, ``python -m vdev switch --listen ENDPOINT``),
+    ``"tap"`` (a Linux TAP interface ``ifname=NAME``, root), ``"pcap"`` (``record=PATH``
+    and/or ``replay=PATH``). ``ip`` is the interface's address with its prefix length,
+    ``gateway`` an optional default router on that subnet, ``mac`` a fixed MAC (default:
+    the device picks a locally administered one), ``mtu`` 68..65535, ``queue_size`` the
+    ring size, ``offload`` whether checksum/TSO offloads are negotiated,
+    ``rx_buffer_size`` the size of each receive buffer when MRG_RXBUF is negotiated
+    (default: from the MTU; smaller buffers make big frames span several).
+    """
+
+    backend: str = "loopback"
+    mac: str | None = None
+    ip: str = "10.0.0.2/24"
+    gateway: str | None = None
+    mtu: int = 1500
+    queue_size: int = 256
+    offload: bool = True
+    rx_buffer_size: int | None = None
+    switch: str | None = None
+    ifname: str | None = None
+    record: str | None = None
+    replay: str | None = None
+
+    kind: ClassVar[str] = "net"
+    name_prefix: ClassVar[str] = "eth"
+    naming: ClassVar[str] = "numbers"
+
+    def __post_init__(self) -> None:
+        if self.backend not in NET_BACKENDS:
+            raise ValueError(
+                f"Net: unknown backend {self.backend!r} (one of {', '.join(NET_BACKENDS)})"
+            )
+        for opt in NET_BACKENDS[self.backend]:
+            if not getattr(self, opt):
+                raise ValueError(f"Net: backend {self.backend!r} needs {opt}=...")
+        if self.backend == "pcap" and not (self.record or self.replay):
+            raise ValueError("Net: backend 'pcap' needs record=PATH and/or replay=PATH")
+        for opt in _BACKEND_OPTIONS:
+            v = getattr(self, opt)
+            if v is not None and opt not in NET_BACKENDS[self.backend] + (
+                ("record", "replay") if self.backend == "pcap" else ()
+            ):
+                raise ValueError(f"Net: option {opt}= does not apply to backend {self.backend!r}")
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"Net: {opt} must be a non-empty string, got {v!r}")
+        if self.mac is not None:
+            if not isinstance(self.mac, str):
+                raise ValueError(f"Net: mac must be a string, got {self.mac!r}")
+            m = parse_mac(self.mac)  # ValueError names the problem
+            if m[0] & 1:
+                raise ValueError(f"Net: mac {self.mac} is a multicast address")
+        if not isinstance(self.ip, str):
+            raise ValueError(f"Net: ip must be a string like '10.0.0.2/24', got {self.ip!r}")
+        _parse_ipv4_cidr(self.ip, "ip")
+        if self.gateway is not None:
+            if not isinstance(self.gateway, str):
+                raise ValueError(f"Net: gateway must be a string, got {self.gateway!r}")
+            _parse_ipv4_cidr(self.gateway + "/32", "gateway")
+        m = self.mtu
+        if isinstance(m, bool) or not isinstance(m, int) or not MIN_MTU <= m <= MAX_MTU:
+            raise ValueError(f"Net: mtu {m!r} is not an int in {MIN_MTU}..{MAX_MTU}")
+        q = self.queue_size
+        if isinstance(q, bool) or not isinstance(q, int) or q < 2 or q > 32768 or q & (q - 1):
+            raise ValueError(f"Net: queue_size {q!r} is not a power of two in 2..32768")
+        r = self.rx_buffer_size
+        if r is not None and (
+            isinstance(r, bool) or not isinstance(r, int) or not 64 <= r <= 65536
+        ):
+            raise ValueError(f"Net: rx_buffer_size {r!r} is not an int in 64..65536")
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"Net: offload must be True or False, got {self.offload!r}")
+
+    @property
+    def mac_bytes(self) -> bytes | None:
+        """The fixed MAC as six bytes (None when the device picks it)."""
+        return parse_mac(self.mac) if self.mac else None
+
+    def dma_bytes(self, queue_size: int) -> int:
+        """Receive buffers for a full ring plus a transmit pool, sized from the MTU."""
+        from .virtio_net import rx_buffer_bytes, tx_pool_bytes
+
+        # the driver takes GUEST_TSO4 only with MRG_RXBUF (see NetDriver.features_for)
+        rx = rx_buffer_bytes(self.mtu, True, self.offload) * queue_size
+        rx_plain = rx_buffer_bytes(self.mtu, False, False) * queue_size
+        return max(rx, rx_plain) + tx_pool_bytes(self.mtu, queue_size) + (256 << 10)
+
+    def device_args(self) -> list[str]:
+        """``--backend NAME [backend options] [--mac M] --mtu N --queue-size N``."""
+        args = ["--backend", self.backend]
+        for opt in _BACKEND_OPTIONS:
+            v = getattr(self, opt)
+            if v is not None:
+                args += [f"--{opt}", v]
+        if self.mac is not None:
+            args += ["--mac", format_mac(parse_mac(self.mac))]
+        args += ["--mtu", str(self.mtu), "--queue-size", str(self.queue_size)]
+        return args

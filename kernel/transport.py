@@ -403,7 +403,7 @@ class VirtioTransport:
         self._ring_slot = _align(RingLayout.total_bytes(cap), PAGE)
         ring_area = self._ring_slot * self.info.num_queues
         if self.region_size is None:
-            size = ring_area + DEFAULT_DMA_BYTES
+            size = ring_area + _align(self.spec.dma_bytes(cap) or DEFAULT_DMA_BYTES, PAGE)
         else:
             size = _align(int(self.region_size), PAGE)
             if size < ring_area + MIN_DMA_BYTES:

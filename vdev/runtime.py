@@ -28,48 +28,49 @@ bit that was never offered or lacks VERSION_1. At DRIVER_OK the runtime builds a
 :class:`~vdev.virtio.queue.DeviceQueue` for every enabled queue (EVENT_IDX /
 INDIRECT_DESC as negotiated) and calls ``device.activate(features)``.
 
-Data path. A kick for queue *q* marks it pending; a pending queue is served with the
-disable–drain–re-enable–recheck loop of :mod:`vdev.virtio.queue`, at most
+Data path, loop, timers and the device's own event sources: the
+:class:`vdev.session.DeviceSession` this runtime drives (shared with the vhost-user
+transport). A kick for queue *q* (``session.kick``) marks it pending; a pending queue is
+served with the disable–drain–re-enable–recheck loop, at most
 :attr:`DeviceRuntime.budget` chains per round so that one busy queue cannot starve the
-control channel or the other queues (a queue with work left stays pending and the
-poller is asked with timeout 0). The loop and the per-chain rules are
-:class:`vdev.queue_service.QueueServer`'s, shared with the vhost-user transport; a
-``RingError`` (the ring cannot be trusted) stops the queue, sets DEVICE_NEEDS_RESET and
-rings the call doorbell with ``CONFIG_CHANGE`` (0xFFFF).
-
-After each drain, ``should_interrupt()`` (EVENT_IDX aware) decides whether to ring the
-queue's call doorbell with its index.
+control channel or the other queues. What is this transport's: an interrupt rings the
+queue's call doorbell with its index; a ``RingError`` (the ring cannot be trusted) sets
+DEVICE_NEEDS_RESET and rings the call doorbell with ``CONFIG_CHANGE`` (0xFFFF), and so
+does ``device.notify_config_change()`` (counted ``config_interrupts``; with no call
+doorbell yet, ``config_interrupts_dropped``).
 
 Memory: ``SET_MEM_TABLE`` attaches the kernel's POSIX shm region by name (the kernel
 unlinks it right after the reply, so nothing leaks). Guest-physical address = offset in
-the region + ``guest_addr``. Reset (``RESET_DEVICE`` / ``SET_STATUS 0``) drops every
-queue, unmaps the region and calls ``device.reset()``; kick listeners and call doorbells
-are transport and stay open until the process exits.
+the region + ``guest_addr``. Reset (``RESET_DEVICE`` / ``SET_STATUS 0``) stops every
+queue (the chains the device keeps are released first), unmaps the region and calls
+``device.reset()``; GET_VRING_BASE and SET_VRING_ENABLE 0 stop one queue the same way.
+Kick listeners, call doorbells and the device's watches are transport and stay open
+until the process exits.
 
 Metrics (``GET_METRICS``): ``device`` holds the runtime's counters (below) merged with
-``device.metrics``; ``queues[i]`` holds :class:`~vdev.virtio.queue.DeviceQueueStats`
-(cumulative across resets), ``kicks_received``, ``handler_errors``, ``ring_errors`` and
-``rule:<RULE>`` per spec rule the driver broke.
+``device.metrics``; ``queues[i]`` holds :meth:`vdev.session.DeviceSession.ring_metrics`
+(:class:`~vdev.virtio.queue.DeviceQueueStats` cumulative across resets,
+``kicks_received``, ``handler_errors``, ``ring_errors``, ``kept``, ``chains_released``
+and ``rule:<RULE>`` per spec rule the driver broke).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from hostops.barrier import full_barrier
 from hostops.control import ControlServer
 from hostops.doorbell import Doorbell, DoorbellListener
 from hostops.errors import TransportError
-from hostops.poll import Poller, Waker
 from hostops.process import ParentWatch
 from hostops.shm import SharedRegion
 from hostops.signals import wake_on_signals
 from vdev.device import RING_FEATURES, Device
-from vdev.queue_service import QueueServer
+from vdev.session import SESSION_COUNTERS, DeviceSession, Ring
 from vdev.virtio.constants import F, Status, bit
 from vdev.virtio.control import (
     CONFIG_CHANGE,
@@ -80,91 +81,42 @@ from vdev.virtio.control import (
     encode_error,
     encode_reply,
 )
-from vdev.virtio.errors import (
-    AddressError,
-    ProtocolError,
-    RingError,
-    UsageError,
-)
+from vdev.virtio.errors import AddressError, ProtocolError, UsageError
 from vdev.virtio.memory import FlatMemory
-from vdev.virtio.queue import DeviceQueue, DeviceQueueStats
 from vdev.virtio.ring import RingLayout
 from vdev.virtio.status import describe_status, next_status
 
 __all__ = ["DeviceRuntime", "serve", "RUNTIME_COUNTERS"]
 
-#: The runtime's device-level counters, reported under ``GET_METRICS["device"]``.
+#: The runtime's device-level counters, reported under ``GET_METRICS["device"]``: the
+#: session's (:data:`vdev.session.SESSION_COUNTERS`: kicks, chains, interrupts, kept and
+#: released chains, ...) and these.
 RUNTIME_COUNTERS = (
+    *SESSION_COUNTERS,
     "control_requests",  # requests received (well-formed or not)
     "control_errors",  # error replies sent
-    "kicks_received",  # kick doorbells for any queue
     "bad_kicks",  # kicks naming a queue that does not exist
-    "chains",  # valid chains handed to the device
-    "bad_chains",  # chains rejected by validation, completed with length 0
-    "handler_errors",  # exceptions escaping device.handle()
-    "ring_errors",  # rings found broken (DEVICE_NEEDS_RESET)
-    "interrupts",  # call doorbells rung for a queue
     "config_interrupts",  # call doorbells rung with CONFIG_CHANGE
-    "resets",  # RESET_DEVICE / SET_STATUS 0
+    "config_interrupts_dropped",  # config changes with no call doorbell to ring yet
     "activations",  # DRIVER_OK accepted
 )
 
 _DRIVER_OK = int(Status.DRIVER_OK)
-_QUEUE_STAT_FIELDS = tuple(f.name for f in fields(DeviceQueueStats) if f.name != "rule_violations")
-_MAX_LOG_PER_KIND = 100
 
 
 @dataclass(slots=True)
-class _Queue:
-    """What the control session has told us about one virtqueue."""
+class _Wiring:
+    """What the control session told us about one queue that only this transport
+    knows (the rest is the session's :class:`~vdev.session.Ring`)."""
 
-    index: int
-    num: int = 0  # SET_VRING_NUM (0: not set)
     layout: RingLayout | None = None  # SET_VRING_ADDR, checked against memory
-    base: int = 0  # SET_VRING_BASE: next avail index to process when started
     kick: str = ""  # kick endpoint
     call: str = ""  # call endpoint
-    enabled: bool = False
-    dq: DeviceQueue | None = None  # running (or broken) queue, only after DRIVER_OK
-    kicks: int = 0
-    ring_errors: int = 0
-    retired: dict[str, int] = field(default_factory=dict)  # stats of dropped DeviceQueues
-
-    def drop(self) -> None:
-        """Forget the running DeviceQueue, keeping its counters and its position."""
-        dq = self.dq
-        if dq is None:
-            return
-        self.base = dq.last_avail
-        for name in _QUEUE_STAT_FIELDS:
-            self.retired[name] = self.retired.get(name, 0) + getattr(dq.stats, name)
-        for rule, n in dq.stats.rule_violations.items():
-            key = f"rule:{rule}"
-            self.retired[key] = self.retired.get(key, 0) + n
-        self.dq = None
 
     def clear(self) -> None:
-        """Back to the state after a reset (counters survive)."""
-        self.drop()
-        self.num = 0
         self.layout = None
-        self.base = 0
         self.kick = ""
         self.call = ""
-        self.enabled = False
-
-    def metrics(self) -> dict[str, int]:
-        out = dict.fromkeys(_QUEUE_STAT_FIELDS, 0)
-        out.update(self.retired)
-        if self.dq is not None:
-            st = self.dq.stats
-            for name in _QUEUE_STAT_FIELDS:
-                out[name] = out.get(name, 0) + getattr(st, name)
-            for rule, n in st.rule_violations.items():
-                out[f"rule:{rule}"] = out.get(f"rule:{rule}", 0) + n
-        out["kicks_received"] = self.kicks
-        out["ring_errors"] = self.ring_errors
-        return out
 
 
 class DeviceRuntime:
@@ -177,13 +129,14 @@ class DeviceRuntime:
     ``budget`` bounds the chains served per queue per round; ``watch_parent`` makes the
     loop exit when the launching process dies (``ParentWatch.from_env()``; ignored when
     the process was not launched by ``hostops.DeviceProcess``). ``signal_wakeup`` makes
-    the runtime's Waker the process's signal wake-up fd while it runs (see
+    the session's Waker the process's signal wake-up fd while it runs (see
     :func:`hostops.signals.wake_on_signals`; main thread only, used by :func:`serve`).
+    The rings, the loop and the device's event sources are :attr:`session`'s.
     """
 
     #: Seconds the poller sleeps at most when idle (stop() and the parent watch wake it
     #: earlier; this only bounds how long a missed wake-up could last).
-    idle_timeout = 1.0
+    idle_timeout = DeviceSession.idle_timeout
 
     def __init__(
         self,
@@ -199,29 +152,31 @@ class DeviceRuntime:
             raise UsageError(f"{device!r} has no queues")
         self.device = device
         self.control_endpoint = control_endpoint
-        self.budget = max(1, budget)
         self.watch_parent = watch_parent
         self.signal_wakeup = signal_wakeup
         self._unwake: Any = None
-        self._log_file = log if log is not None else sys.stderr
-        self._log_counts: dict[str, int] = {}
-        self.counters: dict[str, int] = dict.fromkeys(RUNTIME_COUNTERS, 0)
-        self._service = QueueServer(device, self.counters, lambda msg, kind: self._log(msg, kind))
+        self.session = DeviceSession(
+            device,
+            self,
+            budget=budget,
+            counters=RUNTIME_COUNTERS,
+            log_prefix=f"vdev[{device.name} {os.getpid()}]: ",
+            log_file=log,
+        )
+        self.session.idle_timeout = self.idle_timeout
+        self.counters = self.session.counters
+        self.rings = self.session.rings
         self.offered = (device.device_features() & ~RING_FEATURES) | RING_FEATURES
         self.status = 0
         self.driver_features = 0  # last SET_FEATURES (0 if none since reset)
         self.features = 0  # negotiated (valid once FEATURES_OK is set)
-        self.queues = [_Queue(i) for i in range(device.num_queues)]
+        self._wiring = [_Wiring() for _ in range(device.num_queues)]
         self._region: SharedRegion | None = None
         self._memory: FlatMemory | None = None
         self._kick_listeners: dict[str, DoorbellListener] = {}
         self._call_bells: dict[str, Doorbell] = {}
-        self._pending: dict[int, None] = {}  # queues with work to do, in kick order
         self._server: ControlServer | None = None
-        self._poller: Poller | None = None
-        self._waker: Waker | None = None
         self._parent: ParentWatch | None = None
-        self._stopping = False
         self._closed = False
         self.exit_reason = ""
         self._handlers = {
@@ -246,6 +201,11 @@ class DeviceRuntime:
         missing = set(REQUESTS) - set(self._handlers)
         assert not missing, f"no handler for {missing}"
 
+    @property
+    def budget(self) -> int:
+        """Chains served per queue per round."""
+        return self.session.budget
+
     # ================================================================== the loop
     def run(self) -> int:
         """Bind the control endpoint and serve until :meth:`stop`, SIGTERM (when
@@ -253,65 +213,49 @@ class DeviceRuntime:
         Everything is closed on the way out, whatever happens."""
         try:
             self._open()
-            poller = self._poller
-            assert poller is not None
-            while not self._stopping:
-                timeout = 0.0 if self._pending else self.idle_timeout
-                for obj in poller.poll(timeout):
-                    if self._stopping:
-                        break
-                    self._on_ready(obj)
-                if self._pending and not self._stopping:
-                    self._serve_pending()
+            self.session.run()
         finally:
             self.close()
         return 0
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask :meth:`run` to return (signal-handler and thread safe)."""
-        if not self._stopping:
+        if not self.session.stopping:
             self.exit_reason = reason
-        self._stopping = True
-        waker = self._waker
-        if waker is not None:
-            try:
-                waker.wake()
-            except Exception:  # closing concurrently: the flag is enough
-                pass
+        self.session.stop()
 
     def _open(self) -> None:
-        self._poller = Poller()
-        self._waker = Waker()
-        self._poller.register(self._waker)
+        session = self.session
+        session.open()
         if self.signal_wakeup:
-            self._unwake = wake_on_signals(self._waker)
+            assert session.waker is not None
+            self._unwake = wake_on_signals(session.waker)
         self._server = ControlServer(self.control_endpoint)
-        self._poller.register(self._server)
+        session.add_source(self._server, self._serve_control)
         if self.watch_parent:
             self._parent = ParentWatch.from_env()
             if self._parent is not None:
-                self._poller.register(self._parent)
+                session.add_source(self._parent, self._on_parent)
         self._log(
             f"serving {self.device.name} (id {self.device.device_id}, "
             f"{self.device.num_queues} queue(s)) on {self.control_endpoint}"
         )
 
-    def _on_ready(self, obj: object) -> None:
-        if obj is self._server:
-            self._serve_control()
-        elif obj is self._waker:
-            assert self._waker is not None
-            self._waker.drain()
-        elif obj is self._parent:
-            assert self._parent is not None
-            if self._parent.parent_gone():
-                self._log("parent process is gone: exiting")
-                self.stop("parent gone")
-            elif self._poller is not None:  # readable yet alive: never spin on it
-                self._poller.unregister(self._parent)
-        elif isinstance(obj, DoorbellListener):
-            for index in obj.recv_all():
-                self._on_kick(index)
+    def _on_parent(self) -> None:
+        parent = self._parent
+        assert parent is not None
+        if parent.parent_gone():
+            self._log("parent process is gone: exiting")
+            self.stop("parent gone")
+        else:  # readable yet alive: never spin on it
+            self.session.remove_source(parent)
+
+    def _on_kicks(self, listener: DoorbellListener) -> None:
+        kick = self.session.kick
+        for index in listener.recv_all():
+            if not kick(index):
+                self.counters["bad_kicks"] += 1
+                self._log(f"kick for queue {index}: no such queue", kind="kick")
 
     def _serve_control(self, limit: int = 64) -> None:
         server = self._server
@@ -332,64 +276,40 @@ class DeviceRuntime:
         if self._closed:
             return
         self._closed = True
-        self._stopping = True
-        for q in self.queues:
-            q.drop()
-        self._pending.clear()
-        self._unmap()
+        session = self.session
+        session.stopping = True
+        self._unmap()  # stops every ring first: kept chains are released
         unwake, self._unwake = self._unwake, None
         if unwake is not None:
             unwake()  # before the Waker's pipe is closed (its fd number may be reused)
-        poller = self._poller
         closables: list[Any] = [
             *self._kick_listeners.values(),
             *self._call_bells.values(),
             self._server,
             self._parent,
-            self._waker,
         ]
         for obj in closables:
             if obj is None:
                 continue
-            if poller is not None:
-                try:
-                    poller.unregister(obj)
-                except Exception:
-                    pass
-            close = getattr(obj, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception as e:
-                    self._log(f"closing {type(obj).__name__}: {e}")
+            try:
+                session.remove_source(obj)
+            except Exception:
+                pass
+            try:
+                obj.close()
+            except Exception as e:
+                self._log(f"closing {type(obj).__name__}: {e}")
         self._kick_listeners.clear()
         self._call_bells.clear()
-        self._server = self._waker = self._parent = None
-        try:
-            self.device.close()
-        except Exception as e:
-            self._log(f"device.close(): {type(e).__name__}: {e}")
+        self._server = self._parent = None
+        session.close()  # the waker, the device's watches, device.close()
         if self.exit_reason:
             self._log(f"exiting: {self.exit_reason}")
 
     # ================================================================== logging
     def _log(self, message: str, kind: str | None = None) -> None:
-        """One line on stderr; with ``kind``, at most a few lines of that kind (a hostile
-        driver must not be able to fill the disk with our log)."""
-        if kind is not None:
-            n = self._log_counts[kind] = self._log_counts.get(kind, 0) + 1
-            if n > _MAX_LOG_PER_KIND:
-                return
-            if n == _MAX_LOG_PER_KIND:
-                message += f" (further {kind} messages suppressed)"
-        try:
-            print(
-                f"vdev[{self.device.name} {os.getpid()}]: {message}",
-                file=self._log_file,
-                flush=True,
-            )
-        except (OSError, ValueError):
-            pass
+        """One line on the log; with ``kind``, rate limited (see DeviceSession.log)."""
+        self.session.log(message, kind)
 
     # ================================================================== control
     def handle_control(self, payload: bytes) -> bytes:
@@ -413,22 +333,22 @@ class DeviceRuntime:
         self._log(f"{type_} -> {code}: {message}", kind="control")
         return encode_error(code, message)
 
-    def _queue(self, req: Request) -> _Queue:
+    def _ring(self, req: Request) -> Ring:
         index: int = req["index"]
-        if index >= len(self.queues):
+        if index >= len(self.rings):
             raise ProtocolError(
                 ErrorCode.BAD_VALUE,
                 f"{req.type}: queue index {index} out of range (device has "
-                f"{len(self.queues)} queue(s))",
+                f"{len(self.rings)} queue(s))",
             )
-        return self.queues[index]
+        return self.rings[index]
 
     @staticmethod
-    def _not_running(req: Request, q: _Queue) -> None:
-        if q.dq is not None:
+    def _not_running(req: Request, ring: Ring) -> None:
+        if ring.dq is not None:
             raise ProtocolError(
                 ErrorCode.BAD_STATE,
-                f"{req.type}: queue {q.index} is running; GET_VRING_BASE or "
+                f"{req.type}: queue {ring.index} is running; GET_VRING_BASE or "
                 f"SET_VRING_ENABLE false first",
             )
 
@@ -442,7 +362,7 @@ class DeviceRuntime:
         d = self.device
         return {
             "device_id": int(d.device_id),
-            "num_queues": len(self.queues),
+            "num_queues": len(self.rings),
             "max_queue_size": int(d.max_queue_size),
             "name": str(d.name),
         }
@@ -535,16 +455,16 @@ class DeviceRuntime:
         # A new table replaces the old one; ring addresses were checked against the old
         # memory, so they must be sent again.
         self._unmap()
-        for q in self.queues:
-            q.layout = None
+        for w in self._wiring:
+            w.layout = None
         self._region = region
         buf = region.buf if region.size == size else region.buf[:size]
         self._memory = FlatMemory(buf, base=guest_addr, barrier=full_barrier)
         return {}
 
     def _unmap(self) -> None:
-        for q in self.queues:
-            q.drop()
+        for ring in self.rings:
+            self.session.stop_ring(ring)  # kept chains released: their views go first
         self._memory = None
         region, self._region = self._region, None
         if region is not None:
@@ -555,68 +475,61 @@ class DeviceRuntime:
 
     # -- vrings
     def _set_vring_num(self, req: Request) -> dict[str, Any]:
-        q = self._queue(req)
-        self._not_running(req, q)
-        num = req["num"]
-        limit = self.device.max_queue_size
-        if num < 1 or num & (num - 1) or num > limit:
-            raise ProtocolError(
-                ErrorCode.BAD_VALUE,
-                f"SET_VRING_NUM: queue {q.index} size {num} must be a power of two in "
-                f"1..{limit} (§2.7)",
-            )
-        if num != q.num:
-            q.layout = None  # the addresses were checked for the old size
-        q.num = num
+        ring = self._ring(req)
+        self._not_running(req, ring)
+        old = ring.num
+        self.session.check_num(ring, req["num"], "SET_VRING_NUM")
+        if ring.num != old:
+            self._wiring[ring.index].layout = None  # the addresses were checked for the old size
         return {}
 
     def _set_vring_addr(self, req: Request) -> dict[str, Any]:
-        q = self._queue(req)
-        self._not_running(req, q)
+        ring = self._ring(req)
+        self._not_running(req, ring)
         memory = self._memory
         if memory is None:
             raise ProtocolError(ErrorCode.BAD_STATE, "SET_VRING_ADDR before SET_MEM_TABLE")
-        if not q.num:
+        num = ring.num
+        if not num:
             raise ProtocolError(
-                ErrorCode.BAD_STATE, f"SET_VRING_ADDR before SET_VRING_NUM for queue {q.index}"
+                ErrorCode.BAD_STATE, f"SET_VRING_ADDR before SET_VRING_NUM for queue {ring.index}"
             )
-        layout = RingLayout(q.num, req["desc"], req["avail"], req["used"])
+        layout = RingLayout(num, req["desc"], req["avail"], req["used"])
         try:
             layout.validate()
         except UsageError as e:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"SET_VRING_ADDR: {e}") from None
         for part, addr, nbytes in (
-            ("descriptor table", layout.desc, RingLayout.desc_bytes(q.num)),
-            ("available ring", layout.avail, RingLayout.avail_bytes(q.num)),
-            ("used ring", layout.used, RingLayout.used_bytes(q.num)),
+            ("descriptor table", layout.desc, RingLayout.desc_bytes(num)),
+            ("available ring", layout.avail, RingLayout.avail_bytes(num)),
+            ("used ring", layout.used, RingLayout.used_bytes(num)),
         ):
             try:
                 memory.view(addr, nbytes)
             except AddressError as e:
                 raise ProtocolError(
-                    ErrorCode.BAD_ADDRESS, f"SET_VRING_ADDR: queue {q.index} {part}: {e}"
+                    ErrorCode.BAD_ADDRESS, f"SET_VRING_ADDR: queue {ring.index} {part}: {e}"
                 ) from None
-        q.layout = layout
+        self._wiring[ring.index].layout = layout
         return {}
 
     def _set_vring_base(self, req: Request) -> dict[str, Any]:
-        q = self._queue(req)
-        self._not_running(req, q)
+        ring = self._ring(req)
+        self._not_running(req, ring)
         base = req["base"]
         if base > 0xFFFF:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"SET_VRING_BASE: {base} is not a u16")
-        q.base = base
+        ring.base = base
         return {}
 
     def _get_vring_base(self, req: Request) -> dict[str, Any]:
-        q = self._queue(req)
-        q.drop()  # stops the ring (vhost-user): restart with SET_VRING_ENABLE
-        q.enabled = False
-        self._pending.pop(q.index, None)
-        return {"base": q.base}
+        ring = self._ring(req)
+        self.session.stop_ring(ring)  # stops the ring (vhost-user): restart with ENABLE
+        ring.enabled = False
+        return {"base": ring.base}
 
     def _set_vring_kick(self, req: Request) -> dict[str, Any]:
-        q = self._queue(req)
+        ring = self._ring(req)
         endpoint = self._check_endpoint(req)
         if endpoint and endpoint not in self._kick_listeners:
             try:
@@ -627,15 +540,13 @@ class DeviceRuntime:
                     f"SET_VRING_KICK: cannot bind {endpoint}: {type(e).__name__}: {e}",
                 ) from None
             self._kick_listeners[endpoint] = listener
-            if self._poller is not None:
-                self._poller.register(listener)
-        q.kick = endpoint
-        if q.dq is not None:
-            self._pending[q.index] = None  # kicks may have gone to the old endpoint
+            self.session.add_source(listener, partial(self._on_kicks, listener))
+        self._wiring[ring.index].kick = endpoint
+        self.session.schedule_ring(ring)  # kicks may have gone to the old endpoint
         return {}
 
     def _set_vring_call(self, req: Request) -> dict[str, Any]:
-        q = self._queue(req)
+        ring = self._ring(req)
         endpoint = self._check_endpoint(req)
         if endpoint and endpoint not in self._call_bells:
             try:
@@ -645,7 +556,7 @@ class DeviceRuntime:
                     ErrorCode.BAD_VALUE,
                     f"SET_VRING_CALL: cannot connect {endpoint}: {type(e).__name__}: {e}",
                 ) from None
-        q.call = endpoint
+        self._wiring[ring.index].call = endpoint
         return {}
 
     @staticmethod
@@ -659,40 +570,31 @@ class DeviceRuntime:
         return endpoint
 
     def _set_vring_enable(self, req: Request) -> dict[str, Any]:
-        q = self._queue(req)
+        ring = self._ring(req)
         if not req["enable"]:
-            q.drop()
-            q.enabled = False
-            self._pending.pop(q.index, None)
+            self.session.stop_ring(ring)
+            ring.enabled = False
             return {}
-        if q.layout is None:
+        if self._wiring[ring.index].layout is None:
             raise ProtocolError(
                 ErrorCode.BAD_STATE,
-                f"SET_VRING_ENABLE: queue {q.index} has no ring addresses "
+                f"SET_VRING_ENABLE: queue {ring.index} has no ring addresses "
                 f"(SET_VRING_NUM and SET_VRING_ADDR first)",
             )
-        if self.driver_ok and q.dq is None:
+        if self.driver_ok and ring.dq is None:
             if self.status & Status.DEVICE_NEEDS_RESET:
                 raise ProtocolError(
                     ErrorCode.BAD_STATE, "SET_VRING_ENABLE: the device needs a reset"
                 )
-            self._start(q)
-            self._pending[q.index] = None
-        q.enabled = True
+            self._start(ring)
+            self.session.schedule_ring(ring)
+        ring.enabled = True
         return {}
 
-    def _start(self, q: _Queue) -> None:
-        assert q.layout is not None and self._memory is not None
-        try:
-            q.dq = DeviceQueue(
-                self._memory,
-                q.layout,
-                event_idx=bool(self.features & bit(F.EVENT_IDX)),
-                indirect=bool(self.features & bit(F.INDIRECT_DESC)),
-                last_avail=q.base,
-            )
-        except (AddressError, UsageError) as e:
-            raise ProtocolError(ErrorCode.BAD_ADDRESS, f"queue {q.index}: {e}") from None
+    def _start(self, ring: Ring) -> None:
+        layout = self._wiring[ring.index].layout
+        assert layout is not None and self._memory is not None
+        self.session.start_ring(ring, self._memory, layout, self.features)
 
     # -- status
     def _get_status(self, req: Request) -> dict[str, Any]:
@@ -720,128 +622,94 @@ class DeviceRuntime:
             self._activate()
         self.status = new
         if added & Status.DRIVER_OK:
-            for q in self.queues:
-                if q.dq is not None:
-                    self._pending[q.index] = None  # pick up what was queued before
+            for ring in self.rings:
+                self.session.schedule_ring(ring)  # pick up what was queued before
         return {}
 
     def _activate(self) -> None:
-        started: list[_Queue] = []
+        started: list[Ring] = []
         try:
-            for q in self.queues:
-                if q.enabled and q.layout is not None and self._memory is not None:
-                    self._start(q)
-                    started.append(q)
+            for ring, w in zip(self.rings, self._wiring, strict=True):
+                if ring.enabled and w.layout is not None and self._memory is not None:
+                    self._start(ring)
+                    started.append(ring)
             self.device.activate(self.features)
         except ProtocolError:
-            for q in started:
-                q.drop()
+            for ring in started:
+                self.session.stop_ring(ring)
             raise
         except Exception as e:
-            for q in started:
-                q.drop()
+            for ring in started:
+                self.session.stop_ring(ring)
             self._log(f"device.activate(): {type(e).__name__}: {e}\n{traceback.format_exc()}")
             raise ProtocolError(
                 ErrorCode.DEVICE_ERROR, f"activation failed: {type(e).__name__}: {e}"
             ) from None
         self.counters["activations"] += 1
-        self._log(f"DRIVER_OK: features {self.features:#x}, queues {[q.index for q in started]}")
+        self._log(f"DRIVER_OK: features {self.features:#x}, queues {[r.index for r in started]}")
 
     def _reset_device(self, req: Request) -> dict[str, Any]:
         self._reset()
         return {}
 
     def _reset(self) -> None:
-        for q in self.queues:
-            q.clear()
-        self._pending.clear()
-        self._unmap()
+        self._unmap()  # stops every ring: kept chains are released before the unmap
+        for w in self._wiring:
+            w.clear()
         old = self.status
         self.status = 0
         self.driver_features = 0
         self.features = 0
-        self.counters["resets"] += 1
         if old:
             self._log(f"reset (status was {describe_status(old)})", kind="reset")
-        try:
-            self.device.reset()
-        except Exception as e:
-            self._log(f"device.reset(): {type(e).__name__}: {e}\n{traceback.format_exc()}")
-            raise ProtocolError(
-                ErrorCode.DEVICE_ERROR, f"device reset failed: {type(e).__name__}: {e}"
-            ) from None
+        failed = self.session.reset()  # clears the rings, then device.reset()
+        if failed:
+            raise ProtocolError(ErrorCode.DEVICE_ERROR, f"device reset failed: {failed}")
 
     # -- metrics
     def _get_metrics(self, req: Request) -> dict[str, Any]:
-        queues = []
-        for q in self.queues:
-            m = q.metrics()
-            m["handler_errors"] = self._service.handler_errors.get(q.index, 0)
-            queues.append(m)
+        queues = [self.session.ring_metrics(ring) for ring in self.rings]
         return {"device": self.metrics(), "queues": queues}
 
     def metrics(self) -> dict[str, int]:
         """The runtime's counters merged with the device's (``GET_METRICS["device"]``)."""
-        out = dict(self.counters)
-        for name, n in self.device.metrics.snapshot().items():
-            out[name] = out.get(name, 0) + int(n)
-        return out
+        return self.session.metrics()
 
-    # ================================================================== data path
-    def _on_kick(self, index: int) -> None:
-        self.counters["kicks_received"] += 1
-        if not 0 <= index < len(self.queues):
-            self.counters["bad_kicks"] += 1
-            self._log(f"kick for queue {index}: no such queue", kind="kick")
-            return
-        q = self.queues[index]
-        q.kicks += 1
-        if self._runnable(q):
-            self._pending[index] = None
-
-    def _runnable(self, q: _Queue) -> bool:
-        dq = q.dq
-        return dq is not None and q.enabled and self.driver_ok and dq.broken is None
-
-    def _serve_pending(self) -> None:
-        for index in list(self._pending):
-            if self._stopping:
-                return
-            q = self.queues[index]
-            if not self._runnable(q) or not self._drain(q):
-                self._pending.pop(index, None)
-
-    def _drain(self, q: _Queue) -> bool:
-        """Serve queue ``q`` for one round; True if it has work left (budget spent)."""
-        dq = q.dq
-        assert dq is not None
-        try:
-            return self._service.drain(
-                q.index, dq, self.budget, lambda: self._ring_call(q, q.index)
-            )
-        except RingError as e:
-            self._ring_broken(q, e)
-            return False
-
-    def _ring_call(self, q: _Queue, value: int) -> None:
-        bell = self._call_bells.get(q.call) if q.call else None
-        if bell is None and value == CONFIG_CHANGE and self._call_bells:
-            bell = next(iter(self._call_bells.values()))  # any way to reach the driver
+    # ================================================================== session hooks
+    def interrupt(self, ring: Ring) -> None:
+        """Ring ``ring``'s call doorbell with its index (a used-buffer notification)."""
+        call = self._wiring[ring.index].call
+        bell = self._call_bells.get(call) if call else None
         if bell is None:
             return
         try:
-            bell.ring(value)
+            bell.ring(ring.index)
         except TransportError as e:
-            self._log(f"call doorbell {q.call}: {e}", kind="call")
+            self._log(f"call doorbell {call}: {e}", kind="call")
 
-    def _ring_broken(self, q: _Queue, err: RingError) -> None:
-        q.ring_errors += 1
-        self.counters["ring_errors"] += 1
+    def ring_broken(self, ring: Ring, why: str) -> None:
+        """Set DEVICE_NEEDS_RESET and send a config-change interrupt (§2.1.2)."""
         self.status |= Status.DEVICE_NEEDS_RESET
-        self._pending.pop(q.index, None)
-        self._log(f"queue {q.index}: ring broken, DEVICE_NEEDS_RESET: {err}", kind="ring")
+        self._log(f"queue {ring.index}: ring broken, DEVICE_NEEDS_RESET: {why}", kind="ring")
+        self._config_interrupt(self._wiring[ring.index].call)
+
+    def config_interrupt(self) -> None:
+        """The device's config space changed: ring CONFIG_CHANGE (0xFFFF)."""
+        self._config_interrupt("")
+
+    def _config_interrupt(self, prefer: str) -> None:
+        bell = self._call_bells.get(prefer) if prefer else None
+        if bell is None and self._call_bells:
+            bell = next(iter(self._call_bells.values()))  # any way to reach the driver
+        if bell is None:
+            self.counters["config_interrupts_dropped"] += 1
+            self._log("config change: no call doorbell to ring yet", kind="config")
+            return
         self.counters["config_interrupts"] += 1
-        self._ring_call(q, CONFIG_CHANGE)
+        try:
+            bell.ring(CONFIG_CHANGE)
+        except TransportError as e:
+            self._log(f"call doorbell (config change): {e}", kind="call")
 
 
 def serve(device: Device, control_endpoint: str, **kwargs: Any) -> int:

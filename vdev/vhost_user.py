@@ -5,9 +5,10 @@ drive our Python devices.
 Theory of operation
 -------------------
 :class:`VhostUserBackend` listens on a Unix socket (``hostops.unix``, 0600) and serves
-**one front-end connection at a time**. It is single-threaded: one ``hostops.Poller``
+**one front-end connection at a time**. It is single-threaded: the session's loop
 waits on the listening socket (only while nobody is connected), the connection, every
-ring's kick eventfd and a ``Waker`` that :meth:`~VhostUserBackend.stop` rings.
+ring's kick eventfd, the device's own event sources and timers, and a ``Waker`` that
+:meth:`~VhostUserBackend.stop` rings.
 
 Messages are read whole (12-byte header, then exactly ``size`` payload bytes within
 ``message_timeout`` seconds, fds via ``SCM_RIGHTS``) and parsed by
@@ -29,8 +30,8 @@ busy, device refuses a config write)       otherwise as above (the front-end cou
                                            tell)
 =========================================  ============================================
 
-Session state, per connection (all of it dropped on disconnect, then
-``device.reset()``): negotiated protocol features, acked virtio features, the memory
+Connection state (all of it dropped on disconnect — the chains the device keeps are
+released — then ``device.reset()``): negotiated protocol features, acked virtio features, the memory
 table (regions mmap'd from the passed fds, ``hostops.fdmem``; guest-physical lookups by
 :class:`~vdev.virtio.memory.RegionMemory`; ring addresses, which arrive as front-end
 *user* addresses, translated by :class:`~vdev.virtio.vhost_user.UserAddressMap`) and
@@ -38,20 +39,25 @@ per ring: size, user addresses, base, kick/call/err eventfds, started, enabled.
 
 Ring states ("Ring states" in the spec): a ring is *started* by SET_VRING_KICK (an
 eventfd, or bit 8 "no fd": polling mode, the ring is checked every
-:attr:`~VhostUserBackend.poll_interval` seconds) and *stopped* by GET_VRING_BASE, which
-replies with the next available index and closes the kick fd. It is *enabled* by
-SET_VRING_ENABLE 1; rings start disabled, and a SET_FEATURES without
-``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30) enables them all. A ring is served when it
-is started and enabled and has a size, addresses and memory; the first time that
-happens after a negotiation, ``device.activate(features)`` is called. The
-:class:`~vdev.virtio.queue.DeviceQueue` is built then (EVENT_IDX / INDIRECT_DESC as
-acked, ``last_avail`` = the base) and dropped (keeping its position) when the ring is
-stopped, disabled or reconfigured.
+:attr:`~VhostUserBackend.poll_interval` seconds by a session timer) and *stopped* by
+GET_VRING_BASE, which replies with the next available index and closes the kick fd. It
+is *enabled* by SET_VRING_ENABLE 1; rings start disabled, and a SET_FEATURES without
+``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30) enables them all. A ring runs when it is
+started and enabled and has a size, addresses and memory: the message that makes it so
+builds its :class:`~vdev.virtio.queue.DeviceQueue` (EVENT_IDX / INDIRECT_DESC as acked,
+``last_avail`` = the base), the first time after a negotiation calling
+``device.activate(features)`` first; the ring is stopped (keeping its position, releasing
+the chains the device keeps) when it is stopped, disabled or reconfigured.
 
-Data path: :class:`vdev.queue_service.QueueServer` — the disable–drain–re-enable–recheck
-loop, ``budget`` chains per ring per round, ``device.handle()`` per valid chain, a bad
-chain completed with length 0 and counted. "Interrupt" means writing the ring's call
-eventfd. A broken ring (``RingError``) is stopped and its err eventfd written.
+Data path, loop, timers and the device's own event sources: the
+:class:`vdev.session.DeviceSession` this back-end drives (shared with the ZeroMQ
+runtime): the disable–drain–re-enable–recheck loop, ``budget`` chains per ring per round,
+``device.handle()`` per valid chain, a bad chain completed with length 0 and counted,
+chains the device keeps and completes later. What is this transport's: "interrupt"
+means writing the ring's call eventfd; a broken ring is no longer served and its err
+eventfd is written. A configuration-change interrupt needs the back-end request channel
+(BACKEND_REQ), which is not offered: ``device.notify_config_change()`` is logged once and
+counted as ``config_interrupts_unsupported``.
 
 Offered: features ``device.device_features() | RING_FEATURES | bit 30``; protocol
 features MQ (GET_QUEUE_NUM answers ``device.num_queues``), REPLY_ACK, CONFIG
@@ -60,31 +66,29 @@ the device's config space read as zero) and RESET_DEVICE. Not offered: INFLIGHT_
 BACKEND_REQ, LOG_SHMFD, STATUS and the rest.
 
 Counters (:attr:`VhostUserBackend.counters`, logged when a connection ends):
-``connections messages protocol_errors nacks config_reads kicks_received chains
-bad_chains handler_errors interrupts ring_errors resets``.
+:data:`BACKEND_COUNTERS` (``connections messages protocol_errors nacks config_reads``,
+the session's counters, ``config_interrupts_unsupported``).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from hostops.barrier import full_barrier
 from hostops.errors import TransportError
 from hostops.eventfd import EventFd, NotAnEventFd
 from hostops.fdmem import MappedFd, MappingError
-from hostops.poll import Poller, Waker
 from hostops.unix import UnixConnection, UnixServer
 from vdev.device import RING_FEATURES, Device
-from vdev.queue_service import SERVICE_COUNTERS, QueueServer
-from vdev.virtio.constants import F, bit
-from vdev.virtio.errors import AddressError, ProtocolError, RingError, UsageError
+from vdev.session import SESSION_COUNTERS, DeviceSession, Ring
+from vdev.virtio.constants import bit
+from vdev.virtio.errors import AddressError, ProtocolError, UsageError
 from vdev.virtio.memory import RegionMemory
-from vdev.virtio.queue import DeviceQueue
 from vdev.virtio.ring import RingLayout
 from vdev.virtio.vhost_user import (
     F_PROTOCOL_FEATURES,
@@ -125,14 +129,28 @@ BACKEND_COUNTERS = (
     "protocol_errors",
     "nacks",
     "config_reads",
-    "kicks_received",
-    *SERVICE_COUNTERS,
-    "ring_errors",
-    "resets",
+    *SESSION_COUNTERS,
+    "config_interrupts_unsupported",  # device config changes we cannot tell the driver
 )
 
-_MAX_LOG_PER_KIND = 100
 _BAD_STATE = "BAD_STATE"
+
+#: The counters logged (cumulative) when a connection ends.
+_SUMMARY = (
+    "messages",
+    "kicks_received",
+    "chains",
+    "bad_chains",
+    "handler_errors",
+    "ring_errors",
+    "interrupts",
+    "chains_kept",
+    "completions",
+    "stale_completions",
+    "chains_released",
+    "timers_fired",
+    "config_interrupts_unsupported",
+)
 
 
 class _Close(Exception):
@@ -141,27 +159,16 @@ class _Close(Exception):
 
 @dataclass(slots=True, eq=False)
 class _Vring:
-    """What the front-end has told us about one ring."""
+    """What the front-end told us about one ring that only vhost-user knows (size,
+    base, enable and the running queue are the session's :class:`~vdev.session.Ring`)."""
 
-    index: int
-    num: int = 0
+    ring: Ring
     addr: VringAddr | None = None
-    base: int = 0
     kick: EventFd | None = None
     call: EventFd | None = None
     err: EventFd | None = None
     polling: bool = False  # started with "no fd": check the ring periodically
     started: bool = False
-    enabled: bool = False
-    broken: bool = False
-    dq: DeviceQueue | None = None
-    kicks: int = 0
-
-    def drop(self) -> None:
-        """Forget the DeviceQueue, keeping its position as the base."""
-        if self.dq is not None:
-            self.base = self.dq.last_avail
-            self.dq = None
 
 
 class VhostUserBackend:
@@ -170,11 +177,12 @@ class VhostUserBackend:
     :meth:`serve_forever` blocks until :meth:`stop` (thread- and signal-safe) and
     returns 0; the socket file is removed on the way out. ``budget`` bounds the chains
     served per ring per round; ``message_timeout`` bounds how long the rest of a
-    message may take once its first byte arrived.
+    message may take once its first byte arrived. The rings, the loop and the device's
+    event sources are :attr:`session`'s.
     """
 
     #: Seconds the poller sleeps at most when idle.
-    idle_timeout = 1.0
+    idle_timeout = DeviceSession.idle_timeout
     #: Seconds between checks of a ring started without a kick fd (polling mode).
     poll_interval = 0.01
 
@@ -191,22 +199,27 @@ class VhostUserBackend:
             raise UsageError(f"{device!r}: vhost-user rings are numbered 0..255")
         self.device = device
         self.socket_path = socket_path
-        self.budget = max(1, budget)
         self.message_timeout = message_timeout
-        self._log_file = log if log is not None else sys.stderr
-        self._log_counts: dict[str, int] = {}
-        self.counters: dict[str, int] = dict.fromkeys(BACKEND_COUNTERS, 0)
-        self.service = QueueServer(device, self.counters, self._log)
+        self.session = DeviceSession(
+            device,
+            self,
+            budget=budget,
+            counters=BACKEND_COUNTERS,
+            log_prefix=f"vhost-user {device.name}: ",
+            log_file=log,
+        )
+        self.session.idle_timeout = self.idle_timeout
+        self.counters = self.session.counters
+        self.rings = self.session.rings
         self.offered = (
             (device.device_features() & ~RING_FEATURES) | RING_FEATURES | bit(F_PROTOCOL_FEATURES)
         )
         self._server: UnixServer | None = None
-        self._poller: Poller | None = None
-        self._waker: Waker | None = None
         self._conn: UnixConnection | None = None
         self._conn_no = 0
-        self._stopping = False
         self._closed = False
+        self._config_warned = False
+        self._poll_timer: Any = None  # the polling-mode timer, while armed
         self.exit_reason = ""
         self._handlers: dict[Req, Callable[[Header, Any, list[int]], Payload]] = {
             Req.GET_FEATURES: self._get_features,
@@ -231,112 +244,67 @@ class VhostUserBackend:
         }
         self._new_session_state()
 
+    @property
+    def budget(self) -> int:
+        """Chains served per ring per round."""
+        return self.session.budget
+
     def _new_session_state(self) -> None:
         self.protocol_features = 0
         self.acked_features = 0
         self.owner = False
-        self.rings = [_Vring(i) for i in range(self.device.num_queues)]
+        self._vrings = [_Vring(ring) for ring in self.rings]
         self._maps: list[MappedFd] = []
         self._memory: RegionMemory | None = None
         self._umap: UserAddressMap | None = None
         self._activated = False
-        self._pending: dict[int, None] = {}
-        self._kick_owner: dict[int, _Vring] = {}  # id(EventFd) -> ring
 
     # ================================================================== logging
-    def _log(self, message: str, kind: str = "") -> None:
-        if kind:
-            n = self._log_counts.get(kind, 0) + 1
-            self._log_counts[kind] = n
-            if n > _MAX_LOG_PER_KIND:
-                return
-            if n == _MAX_LOG_PER_KIND:
-                message += f" (further {kind} messages suppressed)"
-        try:
-            print(f"vhost-user {self.device.name}: {message}", file=self._log_file, flush=True)
-        except Exception:
-            pass
+    def _log(self, message: str, kind: str | None = None) -> None:
+        self.session.log(message, kind)
 
     # ================================================================== the loop
     def serve_forever(self) -> int:
         """Listen and serve front-ends one after another until :meth:`stop`."""
         try:
             self._open()
-            poller = self._poller
-            assert poller is not None
-            while not self._stopping:
-                timeout = self.idle_timeout
-                if self._pending:
-                    timeout = 0.0
-                elif any(r.polling and self._runnable(r) for r in self.rings):
-                    timeout = self.poll_interval
-                try:
-                    for obj in poller.poll(timeout):
-                        if self._stopping:
-                            break
-                        self._on_ready(obj)
-                    if self._stopping:
-                        break
-                    for r in self.rings:
-                        if r.polling and self._runnable(r):
-                            self._pending[r.index] = None
-                    if self._pending:
-                        self._serve_pending()
-                except Exception as e:  # a bug of ours: lose the session, not the process
-                    self._log(f"internal error: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-                    if self._conn is not None:
-                        self._end_session(f"internal error: {type(e).__name__}: {e}")
+            self.session.run(on_error=self._internal_error)
         finally:
             self.close()
         return 0
 
+    def _internal_error(self, e: Exception) -> None:
+        """A bug of ours: lose the connection, not the process."""
+        self._log(f"internal error: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        if self._conn is not None:
+            self._end_session(f"internal error: {type(e).__name__}: {e}")
+
     def stop(self, reason: str = "stopped") -> None:
         """Make :meth:`serve_forever` return (signal-handler and thread safe)."""
-        if not self._stopping:
+        if not self.session.stopping:
             self.exit_reason = reason
-        self._stopping = True
-        waker = self._waker
-        if waker is not None:
-            try:
-                waker.wake()
-            except Exception:
-                pass
+        self.session.stop()
 
     def _open(self) -> None:
-        self._poller = Poller()
-        self._waker = Waker()
-        self._poller.register(self._waker)
+        self.session.open()
         self._server = UnixServer(self.socket_path)
-        self._poller.register(self._server)
+        self.session.add_source(self._server, self._accept)
         self._log(
             f"listening on {self.socket_path} ({self.device.num_queues} queue(s), "
             f"features {self.offered:#x})"
         )
 
-    def _on_ready(self, obj: object) -> None:
-        if obj is self._waker:
-            assert self._waker is not None
-            self._waker.drain()
-        elif obj is self._server:
-            self._accept()
-        elif obj is self._conn:
-            self._serve_message()
-        elif isinstance(obj, EventFd):
-            ring = self._kick_owner.get(id(obj))
-            if ring is None or obj.closed:  # dropped earlier in this round
-                return
-            obj.read()
-            if ring is not None:
-                self.counters["kicks_received"] += 1
-                ring.kicks += 1
-                if self._runnable(ring):
-                    self._pending[ring.index] = None
+    def _on_kick(self, vring: _Vring, efd: EventFd) -> None:
+        if vring.kick is not efd or efd.closed:  # replaced earlier in this round
+            return
+        efd.read()
+        self.session.kick(vring.ring.index)
 
     def _accept(self) -> None:
-        server, poller = self._server, self._poller
-        assert server is not None and poller is not None
+        server, session = self._server, self.session
+        assert server is not None
         if self._conn is not None:
-            poller.unregister(server)
+            session.remove_source(server)
             return
         conn = server.accept(0)
         if conn is None:
@@ -344,8 +312,8 @@ class VhostUserBackend:
         self._conn = conn
         self._conn_no += 1
         self.counters["connections"] += 1
-        poller.unregister(server)  # one front-end at a time; others wait in the backlog
-        poller.register(conn)
+        session.remove_source(server)  # one front-end at a time; others wait in the backlog
+        session.add_source(conn, self._serve_message)
         self._log(f"connection {self._conn_no}: front-end connected")
 
     def close(self) -> None:
@@ -354,23 +322,18 @@ class VhostUserBackend:
         if self._closed:
             return
         self._closed = True
-        self._stopping = True
+        session = self.session
+        session.stopping = True
         if self._conn is not None:
             self._end_session(f"back-end stopping ({self.exit_reason or 'closed'})")
-        for obj in (self._server, self._waker):
-            if obj is None:
-                continue
-            if self._poller is not None:
-                self._poller.unregister(obj)
+        server, self._server = self._server, None
+        if server is not None:
+            session.remove_source(server)
             try:
-                obj.close()
+                server.close()
             except Exception as e:
-                self._log(f"closing {type(obj).__name__}: {e}")
-        self._server = None
-        try:
-            self.device.close()
-        except Exception as e:
-            self._log(f"device.close(): {type(e).__name__}: {e}")
+                self._log(f"closing {type(server).__name__}: {e}")
+        session.close()  # the waker, the device's watches, device.close()
 
     # ================================================================== messages
     def _serve_message(self) -> None:
@@ -436,65 +399,49 @@ class VhostUserBackend:
         """Close the connection, drop every mapping and eventfd, reset the device and
         listen again."""
         conn, self._conn = self._conn, None
-        poller = self._poller
-        summary = ", ".join(
-            f"{k} {self.counters[k]}"
-            for k in ("messages", "chains", "bad_chains", "handler_errors", "ring_errors")
-        )
-        self._log(f"connection {self._conn_no} closed: {reason} (totals: {summary})")
-        for ring in self.rings:
-            self._clear_ring(ring)
+        session = self.session
+        for vring in self._vrings:
+            self._clear_vring(vring)  # kept chains released before the memory goes
         self._unmap()
         if conn is not None:
-            if poller is not None:
-                poller.unregister(conn)
+            session.remove_source(conn)
             conn.close()
         self._new_session_state()
-        self._device_reset()
-        if poller is not None and self._server is not None and not self._stopping:
-            poller.register(self._server)
-
-    def _device_reset(self) -> None:
-        self.counters["resets"] += 1
-        try:
-            self.device.reset()
-        except Exception as e:
-            self._log(f"device.reset(): {type(e).__name__}: {e}\n{traceback.format_exc()}")
+        session.reset()  # clears the rings, then device.reset()
+        summary = ", ".join(f"{k} {self.counters[k]}" for k in _SUMMARY)
+        self._log(f"connection {self._conn_no} closed: {reason} (totals: {summary})")
+        if self._server is not None and not session.stopping:
+            session.add_source(self._server, self._accept)
 
     # ------------------------------------------------------------------ helpers
-    def _ring(self, index: int, what: str) -> _Vring:
-        if not 0 <= index < len(self.rings):
+    def _vring(self, index: int, what: str) -> _Vring:
+        if not 0 <= index < len(self._vrings):
             raise ProtocolError(
                 ErrorCode.BAD_VALUE,
-                f"{what}: ring {index} does not exist (the device has {len(self.rings)})",
+                f"{what}: ring {index} does not exist (the device has {len(self._vrings)})",
             )
-        return self.rings[index]
+        return self._vrings[index]
 
-    def _watch_kick(self, ring: _Vring, kick: EventFd | None) -> None:
-        old, ring.kick = ring.kick, kick
+    def _watch_kick(self, vring: _Vring, kick: EventFd | None) -> None:
+        old, vring.kick = vring.kick, kick
         if old is not None:
-            self._kick_owner.pop(id(old), None)
-            if self._poller is not None:
-                self._poller.unregister(old)
+            self.session.remove_source(old)
             old.close()
         if kick is not None:
-            self._kick_owner[id(kick)] = ring
-            if self._poller is not None:
-                self._poller.register(kick)
+            self.session.add_source(kick, partial(self._on_kick, vring, kick))
 
-    def _clear_ring(self, ring: _Vring) -> None:
-        ring.drop()
-        self._watch_kick(ring, None)
+    def _clear_vring(self, vring: _Vring) -> None:
+        self.session.stop_ring(vring.ring)
+        self._watch_kick(vring, None)
         for name in ("call", "err"):
-            efd = getattr(ring, name)
+            efd = getattr(vring, name)
             if efd is not None:
                 efd.close()
-                setattr(ring, name, None)
-        self._pending.pop(ring.index, None)
+                setattr(vring, name, None)
 
     def _unmap(self) -> None:
         for ring in self.rings:
-            ring.drop()
+            self.session.stop_ring(ring)  # kept chains released: their views go first
         self._memory = None
         self._umap = None
         maps, self._maps = self._maps, []
@@ -519,7 +466,7 @@ class VhostUserBackend:
             raise ProtocolError(
                 ErrorCode.BAD_VALUE, f"features {extra:#x} were never offered (§2.2)"
             )
-        if value != self.acked_features and any(r.dq is not None for r in self.rings):
+        if value != self.acked_features and any(r.running for r in self.rings):
             raise ProtocolError(_BAD_STATE, "features changed while a ring is running")
         if value != self.acked_features:
             self._activated = False
@@ -527,6 +474,8 @@ class VhostUserBackend:
         if not value & bit(F_PROTOCOL_FEATURES):
             for ring in self.rings:  # "Ring states": no SET_VRING_ENABLE will come
                 ring.enabled = True
+            for vring in self._vrings:
+                self._maybe_start(vring)
         return None
 
     def _get_protocol_features(self, hdr: Header, payload: None, fds: list[int]) -> int:
@@ -546,15 +495,13 @@ class VhostUserBackend:
         return None
 
     def _reset_device(self, hdr: Header, payload: None, fds: list[int]) -> None:
-        for ring in self.rings:
-            self._clear_ring(ring)
-        self.rings = [_Vring(i) for i in range(self.device.num_queues)]
-        self._kick_owner.clear()
-        self._pending.clear()
+        for vring in self._vrings:
+            self._clear_vring(vring)  # kept chains released
+        self._vrings = [_Vring(ring) for ring in self.rings]
         self.acked_features = 0
         self._activated = False
         self._log(f"connection {self._conn_no}: {Req(hdr.request).name}", kind="reset")
-        self._device_reset()
+        self.session.reset()  # clears the rings, then device.reset()
         return None
 
     def _get_queue_num(self, hdr: Header, payload: None, fds: list[int]) -> int:
@@ -584,48 +531,40 @@ class VhostUserBackend:
         self._maps, self._memory, self._umap = maps, memory, umap
         sizes = ", ".join(f"{r.guest_phys_addr:#x}+{r.memory_size:#x}" for r in table.regions)
         self._log(f"connection {self._conn_no}: memory table [{sizes}]", kind="mem")
-        for ring in self.rings:
-            if self._runnable(ring):
-                self._pending[ring.index] = None
+        for vring in self._vrings:
+            self._maybe_start(vring)
         return None
 
-    def _stopped_ring(self, index: int, what: str) -> _Vring:
-        ring = self._ring(index, what)
-        if ring.started:
+    def _stopped_vring(self, index: int, what: str) -> _Vring:
+        vring = self._vring(index, what)
+        if vring.started:
             raise ProtocolError(
                 _BAD_STATE, f"{what}: ring {index} is started (GET_VRING_BASE stops it)"
             )
-        return ring
+        return vring
 
     def _set_vring_num(self, hdr: Header, st: VringState, fds: list[int]) -> None:
-        ring = self._stopped_ring(st.index, "SET_VRING_NUM")
-        limit = self.device.max_queue_size
-        if st.num < 1 or st.num & (st.num - 1) or st.num > limit:
-            raise ProtocolError(
-                ErrorCode.BAD_VALUE,
-                f"SET_VRING_NUM: ring {st.index} size {st.num} must be a power of two in "
-                f"1..{limit} (§2.7)",
-            )
-        ring.num = st.num
+        vring = self._stopped_vring(st.index, "SET_VRING_NUM")
+        self.session.check_num(vring.ring, st.num, "SET_VRING_NUM")
         return None
 
     def _set_vring_addr(self, hdr: Header, addr: VringAddr, fds: list[int]) -> None:
-        ring = self._ring(addr.index, "SET_VRING_ADDR")
+        vring = self._vring(addr.index, "SET_VRING_ADDR")
         if addr.flags:
             raise ProtocolError(
                 ErrorCode.BAD_VALUE,
                 f"SET_VRING_ADDR: flags {addr.flags:#x} (dirty logging was not offered)",
             )
-        if not ring.num:
+        num = vring.ring.num
+        if not num:
             raise ProtocolError(
                 _BAD_STATE, f"SET_VRING_ADDR before SET_VRING_NUM, ring {addr.index}"
             )
         if self._umap is not None:
-            self._layout(ring.num, addr)  # BAD_ADDRESS now rather than at the first kick
-        ring.drop()
-        ring.addr = addr
-        if self._runnable(ring):
-            self._pending[ring.index] = None
+            self._layout(num, addr)  # BAD_ADDRESS now rather than at the first kick
+        self.session.stop_ring(vring.ring)
+        vring.addr = addr
+        self._maybe_start(vring)
         return None
 
     def _layout(self, num: int, addr: VringAddr) -> RingLayout:
@@ -651,31 +590,30 @@ class VhostUserBackend:
         return layout
 
     def _set_vring_base(self, hdr: Header, st: VringState, fds: list[int]) -> None:
-        ring = self._stopped_ring(st.index, "SET_VRING_BASE")
+        vring = self._stopped_vring(st.index, "SET_VRING_BASE")
         if st.num > 0xFFFF:
             raise ProtocolError(ErrorCode.BAD_VALUE, f"SET_VRING_BASE: {st.num} is not a u16")
-        ring.base = st.num
+        vring.ring.base = st.num
         return None
 
     def _get_vring_base(self, hdr: Header, st: VringState, fds: list[int]) -> VringState:
-        ring = self._ring(st.index, "GET_VRING_BASE")
-        ring.drop()
-        ring.started = False
-        ring.polling = False
+        vring = self._vring(st.index, "GET_VRING_BASE")
+        ring = vring.ring
+        self.session.stop_ring(ring)  # kept chains released; the position is kept
+        vring.started = False
+        vring.polling = False
         ring.broken = False
-        self._watch_kick(ring, None)
-        self._pending.pop(ring.index, None)
+        self._watch_kick(vring, None)
         return VringState(ring.index, ring.base)
 
     def _set_vring_kick(self, hdr: Header, value: int, fds: list[int]) -> None:
         index, has_fd = vring_file(value, "SET_VRING_KICK")
-        ring = self._ring(index, "SET_VRING_KICK")
+        vring = self._vring(index, "SET_VRING_KICK")
         kick = self._adopt_eventfd(fds, "SET_VRING_KICK") if has_fd else None
-        self._watch_kick(ring, kick)
-        ring.polling = not has_fd
-        ring.started = True  # "Ring states": started by SET_VRING_KICK
-        if self._runnable(ring):
-            self._pending[index] = None  # do not wait for a kick that may never come
+        self._watch_kick(vring, kick)
+        vring.polling = not has_fd
+        vring.started = True  # "Ring states": started by SET_VRING_KICK
+        self._maybe_start(vring)  # and do not wait for a kick that may never come
         return None
 
     def _set_vring_call(self, hdr: Header, value: int, fds: list[int]) -> None:
@@ -686,26 +624,25 @@ class VhostUserBackend:
 
     def _set_vring_fd(self, value: int, fds: list[int], name: str, what: str) -> None:
         index, has_fd = vring_file(value, what)
-        ring = self._ring(index, what)
+        vring = self._vring(index, what)
         new = self._adopt_eventfd(fds, what) if has_fd else None
-        old = getattr(ring, name)
-        setattr(ring, name, new)
+        old = getattr(vring, name)
+        setattr(vring, name, new)
         if old is not None:
             old.close()
         return None
 
     def _set_vring_enable(self, hdr: Header, st: VringState, fds: list[int]) -> None:
-        ring = self._ring(st.index, "SET_VRING_ENABLE")
+        vring = self._vring(st.index, "SET_VRING_ENABLE")
         if st.num not in (0, 1):
             raise ProtocolError(
                 ErrorCode.BAD_VALUE, f"SET_VRING_ENABLE: {st.num} is neither 0 nor 1"
             )
-        ring.enabled = bool(st.num)
-        if not ring.enabled:
-            ring.drop()
-            self._pending.pop(ring.index, None)
-        elif self._runnable(ring):
-            self._pending[ring.index] = None
+        vring.ring.enabled = bool(st.num)
+        if st.num:
+            self._maybe_start(vring)
+        else:
+            self.session.stop_ring(vring.ring)  # kept chains released
         return None
 
     def _get_config(self, hdr: Header, cfg: ConfigPayload, fds: list[int]) -> ConfigPayload:
@@ -726,74 +663,81 @@ class VhostUserBackend:
         return None
 
     # ================================================================== data path
-    def _runnable(self, ring: _Vring) -> bool:
+    def _runnable(self, vring: _Vring) -> bool:
+        ring = vring.ring
         return (
-            ring.started
+            vring.started
             and ring.enabled
             and not ring.broken
             and ring.num > 0
-            and ring.addr is not None
+            and vring.addr is not None
             and self._memory is not None
-            and (ring.kick is not None or ring.polling)
+            and (vring.kick is not None or vring.polling)
         )
 
-    def _start(self, ring: _Vring) -> DeviceQueue | None:
-        """Build the ring's DeviceQueue (activating the device first if needed)."""
-        assert ring.addr is not None and self._memory is not None
-        try:
-            layout = self._layout(ring.num, ring.addr)
-        except ProtocolError as e:
-            self._ring_broken(ring, e.message)
-            return None
-        if not self._activated:
-            features = self.acked_features & ~bit(F_PROTOCOL_FEATURES)
+    def _maybe_start(self, vring: _Vring) -> None:
+        """If the ring may run now, make sure it does: build its DeviceQueue
+        (activating the device first if needed) and look at it in this round."""
+        if not self._runnable(vring):
+            return
+        ring = vring.ring
+        if ring.dq is None:
+            assert vring.addr is not None and self._memory is not None
             try:
-                self.device.activate(features)
-            except Exception as e:
-                raise _Close(f"device.activate({features:#x}): {type(e).__name__}: {e}") from None
-            self._activated = True
-            self._log(f"connection {self._conn_no}: device active, features {features:#x}")
-        ring.dq = DeviceQueue(
-            self._memory,
-            layout,
-            event_idx=bool(self.acked_features & bit(F.EVENT_IDX)),
-            indirect=bool(self.acked_features & bit(F.INDIRECT_DESC)),
-            last_avail=ring.base,
-        )
-        return ring.dq
-
-    def _serve_pending(self) -> None:
-        for index in list(self._pending):
-            if self._stopping or self._conn is None:
+                layout = self._layout(ring.num, vring.addr)
+            except ProtocolError as e:
+                self.session.ring_broken(ring, e.message)
                 return
-            ring = self.rings[index]
-            if not self._runnable(ring):
-                self._pending.pop(index, None)
-                continue
-            try:
-                dq = ring.dq or self._start(ring)
-                if dq is None:
-                    self._pending.pop(index, None)
-                    continue
-                call = ring.call
-                more = self.service.drain(index, dq, self.budget, lambda c=call: _signal(c))
-            except RingError as e:
-                self._ring_broken(ring, str(e))
-                more = False
-            except _Close as e:
-                self.counters["protocol_errors"] += 1
-                self._end_session(str(e))
-                return
-            if not more:
-                self._pending.pop(index, None)
+            if not self._activated:
+                features = self.acked_features & ~bit(F_PROTOCOL_FEATURES)
+                try:
+                    self.device.activate(features)
+                except Exception as e:
+                    raise _Close(
+                        f"device.activate({features:#x}): {type(e).__name__}: {e}"
+                    ) from None
+                self._activated = True
+                self._log(f"connection {self._conn_no}: device active, features {features:#x}")
+            self.session.start_ring(ring, self._memory, layout, self.acked_features)
+        self.session.schedule_ring(ring)
+        if vring.polling:
+            self._arm_polling()
 
-    def _ring_broken(self, ring: _Vring, why: str) -> None:
-        self.counters["ring_errors"] += 1
-        ring.drop()
-        ring.broken = True
-        self._pending.pop(ring.index, None)
+    def _arm_polling(self) -> None:
+        timer = self._poll_timer
+        if timer is None or not timer.pending:
+            self._poll_timer = self.session.call_later(self.poll_interval, self._poll_rings)
+
+    def _poll_rings(self) -> None:
+        """Polling mode: look at every ring started without a kick fd."""
+        self._poll_timer = None
+        polling = False
+        for vring in self._vrings:
+            if vring.polling and vring.ring.running:
+                self.session.schedule_ring(vring.ring)
+                polling = True
+        if polling:
+            self._arm_polling()
+
+    # ================================================================== session hooks
+    def interrupt(self, ring: Ring) -> None:
+        """Write ``ring``'s call eventfd (a used-buffer notification)."""
+        _signal(self._vrings[ring.index].call)
+
+    def ring_broken(self, ring: Ring, why: str) -> None:
+        """The ring is no longer served until GET_VRING_BASE: write its err eventfd."""
         self._log(f"ring {ring.index} broken, stopped until GET_VRING_BASE: {why}", kind="ring")
-        _signal(ring.err)
+        _signal(self._vrings[ring.index].err)
+
+    def config_interrupt(self) -> None:
+        """A config change cannot be announced without BACKEND_REQ (not offered)."""
+        self.counters["config_interrupts_unsupported"] += 1
+        if not self._config_warned:
+            self._config_warned = True
+            self._log(
+                "config change not announced: vhost-user needs the back-end request "
+                "channel (BACKEND_REQ), which is not offered"
+            )
 
 
 def _signal(efd: EventFd | None) -> None:

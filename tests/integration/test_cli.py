@@ -394,7 +394,8 @@ def test_python_dash_m_tools_cli_reports_usage_errors_like_the_script(tmp_path):
         (["blk", "--image", "{tmp}", "--control", "{ctl}"], "directory"),
         (["blk", "--memory", "1000", "--control", "{ctl}"], "512"),
         (["blk", "--image", "{img}", "--control", "tcp://0.0.0.0:1"], "ipc://"),
-        (["net"], "invalid choice"),
+        (["nope"], "invalid choice"),
+        (["net"], "--backend"),
     ],
 )
 def test_device_process_bad_arguments(tmp_path, image, args, says):

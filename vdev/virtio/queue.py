@@ -178,6 +178,25 @@ class Chain:
             f"writable_len={self.writable_len}, segments={self.segments!r})"
         )
 
+    def release(self) -> None:
+        """Drop the chain's views into guest memory (idempotent).
+
+        Every view is released, so a later use of one (even a reference kept elsewhere)
+        raises ``ValueError`` instead of touching memory the chain no longer owns, and
+        the region they point into can be unmapped. Afterwards the chain is empty
+        (``readable == writable == []``, both lengths 0); ``head`` and ``segments``
+        stay for logs and traces.
+        """
+        views = self.readable + self.writable
+        self.readable = []
+        self.writable = []
+        self.readable_len = self.writable_len = 0
+        for v in views:
+            try:
+                v.release()
+            except BufferError:  # exported (e.g. by a running preadv): dropped anyway
+                pass
+
     def read(self, offset: int, length: int) -> bytes:
         """Copy bytes out of the readable part."""
         return gather(self.readable, offset, length)

@@ -1,0 +1,805 @@
+"""One device session for every transport: a device's rings, its pending work, the
+chains it keeps, its event sources and timers, its counters and its log.
+
+Theory of operation
+-------------------
+A device process serves one :class:`~vdev.device.Device` over one transport: the ZeroMQ
+runtime (:mod:`vdev.runtime`, our kernel) or the vhost-user back-end
+(:mod:`vdev.vhost_user`, QEMU). Everything that does not depend on how the driver talks
+is here, once, in :class:`DeviceSession`; a transport keeps only what is its own
+(parsing control messages and replying, doorbells or eventfds, mapping memory) and
+tells the session what happened through a handful of calls:
+
+=============================  ============================================================
+the transport calls            when
+=============================  ============================================================
+``check_num(ring, num, what)`` SET_VRING_NUM (a power of two up to the device's maximum)
+``start_ring(ring, ...)``      a ring may run: builds its :class:`DeviceQueue` (EVENT_IDX /
+                               INDIRECT_DESC as negotiated, ``last_avail`` = the base)
+``kick(index)``                the driver kicked a ring (marks it pending when it runs)
+``stop_ring(ring)``            the ring stops (GET_VRING_BASE, disabled, new memory):
+                               releases the chains the device keeps, keeps the position
+``reset()``                    device reset / disconnect: every ring cleared, then
+                               ``device.reset()``
+``add_source(obj, cb)``        the transport's own pollables (control socket, doorbells)
+``run()`` / ``stop()``         the one loop of the process
+=============================  ============================================================
+
+and the session calls the transport back (:class:`SessionTransport`): ``interrupt(ring)``
+(ring's call doorbell / eventfd), ``ring_broken(ring, why)`` (DEVICE_NEEDS_RESET / the
+error eventfd) and ``config_interrupt()``. Everything the data path does goes through
+this one object, so a tracer or a fault injector hooks in at one place.
+
+The loop (single-threaded; the only thread that touches the device)::
+
+    while not stopping:
+        ready = poller.poll(0 if pending else min(idle_timeout, earliest timer))
+        for each ready source: its callback      (transport's, or the device's watch)
+        fire the timers that are due              (heap; at most those due now)
+        serve the pending rings                   (at most ``budget`` chains each)
+        flush the interrupts owed by completions made outside a drain
+
+Serving a ring is the disable–drain–re-enable–recheck loop of
+:mod:`vdev.virtio.queue`, hand-inlined on purpose (it is the hot path: ``vlab bench
+blk`` measures it):
+
+=========================  ==================================================================
+event                      what happens
+=========================  ==================================================================
+valid chain                ``n = device.handle(q, chain)``; ``push(head, n)``; count ``chains``
+handle returns PENDING     the chain is *kept* (per ring, by identity); nothing is pushed;
+                           count ``chains_kept``
+``ChainError``             ``push(head, 0)``; count ``bad_chains``; log; go on
+``device.handle`` raises   a device bug: log it; ``push(head, 0)``; count ``handler_errors``
+or returns a bad length
+``RingError``              the ring is marked broken, no longer served; the transport tells
+                           the driver
+=========================  ==================================================================
+
+During a drain ``should_interrupt()`` (EVENT_IDX aware) is asked after every
+:data:`INTERRUPT_EVERY` chains and at the end of each round.
+
+Kept chains. ``device.complete(q, chain, n)`` pushes the used entry of a kept chain and
+releases its views. Inside the drain of ``q`` the drain's interrupt logic covers it;
+anywhere else (a watch callback, a timer, the drain of another ring, a control message)
+the ring is marked *owed* and ``should_interrupt()`` is asked once per owed ring right
+after that callback (or drain) returns — a callback that completes 30 chains costs at
+most one interrupt. A chain kept when its ring stops is *released*
+(:meth:`~vdev.virtio.queue.Chain.release`: its views are dropped so the memory can be
+unmapped), never pushed; ``device.released(q)`` is told, and a later ``complete`` of it
+raises :class:`~vdev.virtio.errors.UsageError` (``stale_completions``). A correct driver
+cannot have more than a queue size of chains in flight; one more to keep means a head
+was made available again while kept, and the ring is broken (``AVAIL_IDX_JUMP``), so
+the kept set is bounded whatever the driver does.
+
+Event sources and timers. ``device.watch(source, cb)`` registers ``source`` (an fd, an
+object with ``fileno()``, or a hostops pollable; plain fds are wrapped in
+:class:`hostops.poll.FdSource`) with the loop's poller; watches outlive resets.
+``device.call_later(delay, cb)`` pushes a :class:`~vdev.device.TimerHandle` on a heap
+ordered by deadline (cancelled timers are dropped lazily, and the heap is rebuilt when
+they outnumber the live ones). Exceptions escaping device callbacks are device bugs:
+logged (rate limited), counted as ``handler_errors``, and the loop goes on.
+
+Counters (:attr:`DeviceSession.counters`, shared with the transport, plain ints):
+:data:`SESSION_COUNTERS` plus the transport's own; per ring (:meth:`ring_metrics`): the
+:class:`~vdev.virtio.queue.DeviceQueueStats` (cumulative over restarts),
+``kicks_received``, ``ring_errors``, ``handler_errors``, ``chains_released``, ``kept``
+(a gauge) and ``rule:<RULE>`` per spec rule the driver broke.
+
+The log is one line per event on the transport's log file, at most
+:data:`MAX_LOG_PER_KIND` lines of each kind, so a hostile driver cannot fill the disk.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import IO, Any, NoReturn, Protocol
+
+from hostops.clock import monotonic
+from hostops.poll import FdSource, Pollable, Poller, Waker
+from vdev.device import PENDING, Device, TimerHandle, _source_key
+from vdev.virtio.constants import F, bit
+from vdev.virtio.control import ErrorCode
+from vdev.virtio.errors import (
+    AddressError,
+    ChainError,
+    ProtocolError,
+    RingError,
+    Rule,
+    UsageError,
+)
+from vdev.virtio.memory import GuestMemory
+from vdev.virtio.queue import Chain, DeviceQueue, DeviceQueueStats
+from vdev.virtio.ring import RingLayout
+
+__all__ = [
+    "DeviceSession",
+    "Ring",
+    "SessionTransport",
+    "SESSION_COUNTERS",
+    "INTERRUPT_EVERY",
+    "MAX_LOG_PER_KIND",
+]
+
+#: During a drain, the interrupt decision is also taken after every this many chains.
+INTERRUPT_EVERY = 8
+
+#: Log lines of one kind before that kind is muted.
+MAX_LOG_PER_KIND = 100
+
+#: The session's counters (device level), in :attr:`DeviceSession.counters`.
+SESSION_COUNTERS = (
+    "kicks_received",  # kicks received (for any ring number)
+    "chains",  # valid chains handed to the device
+    "bad_chains",  # chains rejected by validation, completed with length 0
+    "handler_errors",  # exceptions escaping the device (handle, callbacks, timers, hooks)
+    "interrupts",  # used-buffer notifications sent for a ring
+    "ring_errors",  # rings found broken
+    "resets",  # device resets (device.reset() called)
+    "chains_kept",  # handle() returned PENDING
+    "completions",  # device.complete() accepted
+    "stale_completions",  # device.complete() of a chain that is not kept
+    "chains_released",  # kept chains dropped because their ring stopped
+    "timers_fired",  # device timers that ran
+)
+
+_QUEUE_STAT_FIELDS = tuple(f.name for f in fields(DeviceQueueStats) if f.name != "rule_violations")
+
+
+class SessionTransport(Protocol):
+    """What the session asks of the transport that drives it."""
+
+    def interrupt(self, ring: Ring) -> None:
+        """Send ``ring``'s used-buffer notification (its call doorbell / eventfd)."""
+        ...
+
+    def ring_broken(self, ring: Ring, why: str) -> None:
+        """``ring`` cannot be trusted and is no longer served: tell the driver."""
+        ...
+
+    def config_interrupt(self) -> None:
+        """Send a configuration-change notification (or say why it cannot)."""
+        ...
+
+
+@dataclass(slots=True, eq=False)
+class Ring:
+    """One virtqueue as the session sees it, whatever the transport.
+
+    ``num``, ``base`` and ``enabled`` are what the driver set; ``dq`` exists only while
+    the ring may be served (the transport starts it with :meth:`DeviceSession.start_ring`);
+    ``kept`` holds the chains the device keeps, by identity. Counters survive restarts
+    and resets.
+    """
+
+    index: int
+    num: int = 0  # SET_VRING_NUM (0: not set)
+    base: int = 0  # next avail index to process when (re)started
+    enabled: bool = False
+    dq: DeviceQueue | None = None
+    broken: bool = False  # found broken: not served until stopped
+    kept: dict[Chain, None] = field(default_factory=dict)
+    kicks: int = 0
+    ring_errors: int = 0
+    handler_errors: int = 0
+    chains_released: int = 0
+    retired: dict[str, int] = field(default_factory=dict)  # stats of dropped DeviceQueues
+
+    @property
+    def running(self) -> bool:
+        """Has a DeviceQueue and is not broken: kicks make it pending."""
+        return self.dq is not None and not self.broken
+
+
+class DeviceSession:
+    """The rings, pending work, kept chains, event sources, timers, counters and log of
+    ``device``, driven by ``transport`` (see the module docstring).
+
+    ``budget`` bounds the chains served per ring per round; ``counters`` names the
+    transport's own counters (all start at 0); ``log_prefix`` starts every log line,
+    written to ``log_file`` (default stderr); ``clock`` is the monotonic clock of the
+    timers. The session attaches itself to the device (``device._session``).
+    """
+
+    #: Seconds the poller sleeps at most when idle (stop(), sources and timers wake it
+    #: earlier; this only bounds how long a missed wake-up could last).
+    idle_timeout = 1.0
+
+    def __init__(
+        self,
+        device: Device,
+        transport: SessionTransport,
+        *,
+        budget: int = 64,
+        counters: Sequence[str] = (),
+        log_prefix: str = "",
+        log_file: IO[str] | None = None,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        if device.num_queues < 1:
+            raise UsageError(f"{device!r} has no queues")
+        self.device = device
+        self.transport = transport
+        self.budget = max(1, budget)
+        self.counters: dict[str, int] = dict.fromkeys((*SESSION_COUNTERS, *counters), 0)
+        self.rings = [Ring(i) for i in range(device.num_queues)]
+        self.log_prefix = log_prefix
+        self._log_file: IO[str] = log_file if log_file is not None else sys.stderr
+        self._log_counts: dict[str, int] = {}
+        self._clock = clock
+        self._notify = transport.interrupt
+        self._pending: dict[int, None] = {}  # ring indices with work, in kick order
+        self._owed: dict[Ring, None] = {}  # rings completed outside their own drain
+        self._draining: Ring | None = None
+        # id(pollable) -> (pollable, callback, is the device's)
+        self._sources: dict[int, tuple[Pollable, Callable[[], None], bool]] = {}
+        self._watches: dict[tuple[str, int], tuple[Any, Pollable]] = {}  # device watches
+        self._timers: list[tuple[float, int, TimerHandle, bool]] = []
+        self._timer_seq = itertools.count()
+        self._cancelled = 0  # cancelled timers still in the heap
+        self._poller: Poller | None = None
+        self.waker: Waker | None = None
+        self.stopping = False
+        self._closed = False
+        device._attach(self)
+
+    # ================================================================== logging
+    def log(self, message: str, kind: str | None = None) -> None:
+        """One line on the log; with ``kind``, at most :data:`MAX_LOG_PER_KIND` lines
+        of that kind (a hostile driver must not be able to fill the disk with our log)."""
+        if kind is not None:
+            n = self._log_counts[kind] = self._log_counts.get(kind, 0) + 1
+            if n > MAX_LOG_PER_KIND:
+                return
+            if n == MAX_LOG_PER_KIND:
+                message += f" (further {kind} messages suppressed)"
+        try:
+            print(f"{self.log_prefix}{message}", file=self._log_file, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    # ================================================================== the loop
+    def open(self) -> None:
+        """Create the poller and the waker; register every source added so far."""
+        if self._poller is not None:
+            return
+        self._poller = poller = Poller()
+        self.waker = waker = Waker()
+        self._sources[id(waker)] = (waker, self._drain_waker, False)
+        for obj, _, _ in self._sources.values():
+            poller.register(obj)
+
+    def _drain_waker(self) -> None:
+        if self.waker is not None:
+            self.waker.drain()
+
+    def add_source(self, obj: Pollable, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (the transport's; exceptions propagate to :meth:`run`)
+        whenever ``obj`` is ready. Adding it again replaces the callback."""
+        self._sources[id(obj)] = (obj, callback, False)
+        if self._poller is not None:
+            self._poller.register(obj)
+
+    def remove_source(self, obj: Pollable) -> None:
+        """Stop watching ``obj`` (unknown objects are ignored). Do it before closing it."""
+        if self._sources.pop(id(obj), None) is not None and self._poller is not None:
+            self._poller.unregister(obj)
+
+    def run(self, on_error: Callable[[Exception], None] | None = None) -> None:
+        """Serve until :meth:`stop` (see the module docstring). An exception escaping
+        the transport's callbacks goes to ``on_error`` (the loop then goes on) or, if
+        there is none, out of :meth:`run`."""
+        self.open()
+        while not self.stopping:
+            try:
+                self.run_once()
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(e)
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """One round of the loop: wait for sources (at most ``timeout`` seconds; by
+        default 0 when a ring has work left, else until the earliest timer, at most
+        :attr:`idle_timeout`), run their callbacks and the timers that are due, serve
+        the pending rings, flush owed interrupts."""
+        poller = self._poller
+        if poller is None:
+            self.open()
+            poller = self._poller
+            assert poller is not None
+        if timeout is None:
+            if self._pending:
+                timeout = 0.0
+            elif self._timers:
+                timeout = self._timer_timeout()
+            else:
+                timeout = self.idle_timeout
+        sources = self._sources
+        for obj in poller.poll(timeout):
+            if self.stopping:
+                return
+            entry = sources.get(id(obj))
+            if entry is None:  # removed earlier in this round
+                continue
+            if entry[2]:
+                self._device_callback(entry[1])
+            else:
+                entry[1]()
+        if self.stopping:
+            return
+        if self._timers:
+            self._run_timers()
+        if self._pending:
+            self.serve_pending()
+        if self._owed:
+            self._flush()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return (signal-handler and thread safe)."""
+        self.stopping = True
+        waker = self.waker
+        if waker is not None:
+            try:
+                waker.wake()
+            except Exception:  # closing concurrently: the flag is enough
+                pass
+
+    def close(self) -> None:
+        """Stop every ring (releasing kept chains), unregister every source, close the
+        waker, detach from the device and call ``device.close()``. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.stopping = True
+        for ring in self.rings:
+            self.stop_ring(ring)
+        self._pending.clear()
+        self._owed.clear()
+        for _, _, timer, _ in self._timers:
+            timer._owner = None
+        self._timers.clear()
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            for obj, _, _ in list(self._sources.values()):
+                try:
+                    poller.unregister(obj)
+                except Exception:
+                    pass
+        self._sources.clear()
+        self._watches.clear()
+        waker, self.waker = self.waker, None
+        if waker is not None:
+            waker.close()
+        if self.device._session is self:
+            self.device._attach(None)
+        try:
+            self.device.close()
+        except Exception as e:
+            self.log(f"device.close(): {type(e).__name__}: {e}")
+
+    # ================================================================== rings
+    def check_num(self, ring: Ring, num: int, what: str) -> None:
+        """SET_VRING_NUM's rule (§2.7: a power of two, at most the device's
+        ``max_queue_size``); ProtocolError BAD_VALUE otherwise. Sets ``ring.num``."""
+        limit = self.device.max_queue_size
+        if num < 1 or num & (num - 1) or num > limit:
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE,
+                f"{what}: queue {ring.index} size {num} must be a power of two in "
+                f"1..{limit} (§2.7)",
+            )
+        ring.num = num
+
+    def start_ring(
+        self, ring: Ring, memory: GuestMemory, layout: RingLayout, features: int
+    ) -> DeviceQueue:
+        """Build ``ring``'s DeviceQueue on ``memory`` at ``layout`` (EVENT_IDX and
+        INDIRECT_DESC as in ``features``), starting at ``ring.base``. ProtocolError
+        BAD_ADDRESS if the rings do not lie in memory."""
+        try:
+            ring.dq = DeviceQueue(
+                memory,
+                layout,
+                event_idx=bool(features & bit(F.EVENT_IDX)),
+                indirect=bool(features & bit(F.INDIRECT_DESC)),
+                last_avail=ring.base,
+            )
+        except (AddressError, UsageError) as e:
+            raise ProtocolError(ErrorCode.BAD_ADDRESS, f"queue {ring.index}: {e}") from None
+        ring.broken = False
+        return ring.dq
+
+    def stop_ring(self, ring: Ring) -> None:
+        """Stop serving ``ring``: release the chains kept on it (then
+        ``device.released()``), keep its position as the base and its counters."""
+        self._pending.pop(ring.index, None)
+        self._owed.pop(ring, None)
+        if ring.kept:
+            self._release(ring)
+        dq = ring.dq
+        if dq is None:
+            return
+        ring.base = dq.last_avail
+        retired = ring.retired
+        st = dq.stats
+        for name in _QUEUE_STAT_FIELDS:
+            retired[name] = retired.get(name, 0) + getattr(st, name)
+        for rule, n in st.rule_violations.items():
+            key = f"rule:{rule}"
+            retired[key] = retired.get(key, 0) + n
+        ring.dq = None
+
+    def clear_ring(self, ring: Ring) -> None:
+        """:meth:`stop_ring`, then forget what the driver set (counters survive)."""
+        self.stop_ring(ring)
+        ring.num = 0
+        ring.base = 0
+        ring.enabled = False
+        ring.broken = False
+
+    def _release(self, ring: Ring) -> None:
+        chains = list(ring.kept)
+        ring.kept.clear()
+        for chain in chains:
+            chain.release()
+        n = len(chains)
+        ring.chains_released += n
+        self.counters["chains_released"] += n
+        self.log(f"queue {ring.index}: {n} kept chain(s) released", kind="release")
+        try:
+            self.device.released(ring.index)
+        except Exception as e:
+            self._device_bug(f"device.released({ring.index})", e)
+
+    def reset(self) -> str:
+        """Clear every ring (kept chains released), then ``device.reset()``. Returns ""
+        or, if the device raised, what it raised (logged, counted ``handler_errors``)."""
+        for ring in self.rings:
+            self.clear_ring(ring)
+        self._pending.clear()
+        self._owed.clear()
+        self.counters["resets"] += 1
+        try:
+            self.device.reset()
+        except Exception as e:
+            self._device_bug("device.reset()", e)
+            return f"{type(e).__name__}: {e}"
+        return ""
+
+    def kick(self, index: int) -> bool:
+        """The driver kicked ring ``index``: count it and mark the ring pending if it
+        runs. False if there is no such ring."""
+        self.counters["kicks_received"] += 1
+        if not 0 <= index < len(self.rings):
+            return False
+        ring = self.rings[index]
+        ring.kicks += 1
+        if ring.dq is not None and not ring.broken:
+            self._pending[index] = None
+        return True
+
+    def schedule_ring(self, ring: Ring) -> None:
+        """Look at ``ring`` in this round even without a kick (it may hold work queued
+        before it started, or its kicks may have been lost), if it runs."""
+        if ring.dq is not None and not ring.broken:
+            self._pending[ring.index] = None
+
+    def ring_broken(self, ring: Ring, why: str) -> None:
+        """``ring`` cannot be trusted: stop serving it (its DeviceQueue, if any, and the
+        chains kept stay until the ring is stopped), count it, tell the transport."""
+        ring.broken = True
+        ring.ring_errors += 1
+        self.counters["ring_errors"] += 1
+        self._pending.pop(ring.index, None)
+        self.transport.ring_broken(ring, why)
+
+    @property
+    def has_pending(self) -> bool:
+        """Some ring has work left."""
+        return bool(self._pending)
+
+    # ================================================================== data path
+    def serve_pending(self) -> None:
+        """One round over the pending rings: at most ``budget`` chains each."""
+        pending = self._pending
+        rings = self.rings
+        for index in list(pending):
+            if self.stopping:
+                return
+            ring = rings[index]
+            dq = ring.dq
+            if dq is None or ring.broken:
+                pending.pop(index, None)
+                continue
+            try:
+                more = self._drain(ring, dq)
+            except RingError as e:
+                self.ring_broken(ring, str(e))
+                more = False
+            if not more:
+                pending.pop(index, None)
+            if self._owed:
+                self._flush()
+
+    def _drain(self, ring: Ring, dq: DeviceQueue) -> bool:
+        """Serve ``ring`` for one round; True if it has work left (budget spent).
+        :class:`RingError` propagates. Hand-inlined: this is the hot path."""
+        counters = self.counters
+        index = ring.index
+        kept = ring.kept
+        pop = dq.pop
+        push = dq.push
+        handle = self.device.handle
+        budget = self.budget
+        handled = chains = 0
+        self._draining = ring
+        try:
+            while True:
+                dq.disable_notifications()
+                while True:
+                    if handled >= budget:
+                        self._interrupt(ring, dq)
+                        return True
+                    try:
+                        chain = pop()
+                    except ChainError as e:
+                        handled += 1
+                        counters["bad_chains"] += 1
+                        self.log(f"queue {index}: bad chain: {e}", "chain")
+                        push(e.head, 0)
+                        continue
+                    if chain is None:
+                        break
+                    handled += 1
+                    chains += 1
+                    try:
+                        written = handle(index, chain)
+                    except Exception as e:
+                        self._handler_error(
+                            ring, f"{type(e).__name__}: {e}", traceback.format_exc()
+                        )
+                        written = 0
+                    # the usual answer (a plain int in range) costs one test
+                    if type(written) is not int or not 0 <= written <= chain.writable_len:
+                        if written is PENDING:
+                            if len(kept) >= dq.size:
+                                self._overkept(ring, chain)
+                            kept[chain] = None
+                            counters["chains_kept"] += 1
+                            continue
+                        written = self._check_written(ring, chain, written)
+                    push(chain.head, written)
+                    del chain  # drop the views into guest memory now
+                    if not chains % INTERRUPT_EVERY:
+                        # let the driver complete what is done while we go on (no
+                        # ping-pong); EVENT_IDX keeps this to one interrupt per reap
+                        self._interrupt(ring, dq)
+                self._interrupt(ring, dq)
+                if not dq.enable_notifications():
+                    return False
+        finally:
+            self._draining = None
+            counters["chains"] += chains
+
+    def _overkept(self, ring: Ring, chain: Chain) -> NoReturn:
+        """A correct driver has at most a queue size of chains in flight (§2.7.6): more
+        kept chains means it made a head available again while the device held it."""
+        chain.release()
+        raise RingError(
+            Rule.AVAIL_IDX_JUMP,
+            f"queue {ring.index}: {len(ring.kept)} chains kept and another one made "
+            f"available: more than the queue size in flight (a head reused)",
+        )
+
+    def _interrupt(self, ring: Ring, dq: DeviceQueue) -> None:
+        if dq.should_interrupt():
+            self.counters["interrupts"] += 1
+            self._notify(ring)
+
+    def _flush(self) -> None:
+        """One interrupt decision per ring completed outside its own drain."""
+        owed, self._owed = self._owed, {}
+        for ring in owed:
+            dq = ring.dq
+            if dq is not None:
+                self._interrupt(ring, dq)
+
+    def _check_written(self, ring: Ring, chain: Chain, written: object) -> int:
+        if isinstance(written, int) and not isinstance(written, bool):
+            if 0 <= written <= chain.writable_len:
+                return int(written)
+        self._handler_error(
+            ring, f"handle() returned {written!r}; want an int in 0..{chain.writable_len}"
+        )
+        return 0
+
+    def _handler_error(self, ring: Ring, what: str, tb: str = "") -> None:
+        ring.handler_errors += 1
+        self.counters["handler_errors"] += 1
+        detail = f"{what}\n{tb}" if tb else what
+        self.log(
+            f"queue {ring.index}: device bug, request completed with length 0: {detail}",
+            "handler",
+        )
+
+    def _device_bug(self, where: str, e: BaseException) -> None:
+        self.counters["handler_errors"] += 1
+        self.log(
+            f"{where}: device bug: {type(e).__name__}: {e}\n{traceback.format_exc()}",
+            "callback",
+        )
+
+    # ================================================================== device API
+    def _ring_arg(self, queue: object, what: str) -> Ring:
+        if not isinstance(queue, int) or isinstance(queue, bool):
+            raise UsageError(f"{what}: queue {queue!r} is not an int")
+        if not 0 <= queue < len(self.rings):
+            raise UsageError(
+                f"{what}: queue {queue} does not exist (the device has {len(self.rings)})"
+            )
+        return self.rings[queue]
+
+    def complete(self, queue: int, chain: Chain, used_len: int) -> None:
+        """:meth:`vdev.device.Device.complete`: push the used entry of a kept chain."""
+        ring = self._ring_arg(queue, "complete")
+        kept = ring.kept
+        if not isinstance(chain, Chain) or chain not in kept:
+            self.counters["stale_completions"] += 1
+            head = getattr(chain, "head", "?")
+            raise UsageError(
+                f"complete: chain {head} is not kept on queue {queue} (already completed, "
+                f"never kept, or released when the ring stopped)"
+            )
+        if (
+            not isinstance(used_len, int)
+            or isinstance(used_len, bool)
+            or not 0 <= used_len <= chain.writable_len
+        ):
+            raise UsageError(
+                f"complete: used length {used_len!r} is not an int in "
+                f"0..{chain.writable_len} (§2.7.8.2)"
+            )
+        dq = ring.dq
+        assert dq is not None, "a ring without a DeviceQueue keeps no chain"
+        del kept[chain]
+        dq.push(chain.head, int(used_len))
+        chain.release()
+        self.counters["completions"] += 1
+        if self._draining is not ring:
+            self._owed[ring] = None
+
+    def kept(self, queue: int) -> int:
+        """:meth:`vdev.device.Device.kept`."""
+        return len(self._ring_arg(queue, "kept").kept)
+
+    def watch(self, source: Any, callback: Callable[[], None]) -> None:
+        """:meth:`vdev.device.Device.watch`."""
+        key = _source_key(source)
+        if not callable(callback):
+            raise UsageError(f"watch: callback {callback!r} is not callable")
+        old = self._watches.get(key)
+        pollable: Pollable
+        if old is not None:
+            pollable = old[1]
+            self._sources[id(pollable)] = (pollable, callback, True)
+            return
+        if key[0] == "fd":
+            pollable = FdSource(source)
+        elif callable(getattr(source, "_pollable", None)):
+            pollable = source
+        else:
+            try:
+                fd = source.fileno()
+            except (OSError, ValueError) as e:
+                raise UsageError(f"watch: {source!r}.fileno(): {e}") from None
+            if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+                raise UsageError(f"watch: {source!r}.fileno() returned {fd!r}")
+            pollable = FdSource(fd)
+        self._watches[key] = (source, pollable)
+        self._sources[id(pollable)] = (pollable, callback, True)
+        if self._poller is not None:
+            self._poller.register(pollable)
+
+    def unwatch(self, source: Any) -> None:
+        """:meth:`vdev.device.Device.unwatch`."""
+        entry = self._watches.pop(_source_key(source), None)
+        if entry is None:
+            return
+        self.remove_source(entry[1])
+
+    def schedule(self, timer: TimerHandle) -> None:
+        """Arm a device timer (:meth:`vdev.device.Device.call_later`)."""
+        self._arm(timer, True)
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> TimerHandle:
+        """A transport timer: ``callback()`` once on the loop after ``delay_s``;
+        exceptions propagate to :meth:`run` like the transport's source callbacks."""
+        timer = TimerHandle(max(0.0, float(delay_s)), callback)
+        self._arm(timer, False)
+        return timer
+
+    def notify_config_change(self) -> None:
+        """:meth:`vdev.device.Device.notify_config_change`."""
+        self.transport.config_interrupt()
+
+    # ================================================================== timers
+    def _arm(self, timer: TimerHandle, device: bool) -> None:
+        if not timer.pending:
+            return
+        timer.deadline = deadline = self._clock() + timer.delay
+        timer._owner = self
+        # armed on the loop thread: the next poll's timeout accounts for it
+        heapq.heappush(self._timers, (deadline, next(self._timer_seq), timer, device))
+
+    def _timer_cancelled(self) -> None:
+        """A timer in the heap was cancelled (called by TimerHandle.cancel)."""
+        self._cancelled += 1
+        heap = self._timers
+        if self._cancelled > 32 and self._cancelled * 2 > len(heap):
+            self._timers = [e for e in heap if e[2].pending]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
+
+    def _timer_timeout(self) -> float:
+        wait = self._timers[0][0] - self._clock()
+        return min(self.idle_timeout, max(0.0, wait))
+
+    def _run_timers(self) -> None:
+        heap = self._timers
+        now = self._clock()
+        # bounded: timers armed by these callbacks (even with delay 0) wait a round
+        for _ in range(len(heap)):
+            heap = self._timers  # a cancel() in a callback may have rebuilt it
+            if not heap or heap[0][0] > now:
+                return
+            _, _, timer, device = heapq.heappop(heap)
+            timer._owner = None
+            callback = timer._fire()
+            if callback is None:
+                self._cancelled = max(0, self._cancelled - 1)
+                continue
+            if device:
+                self.counters["timers_fired"] += 1
+                self._device_callback(callback)
+            else:
+                callback()
+
+    def _device_callback(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception as e:
+            self._device_bug(f"callback {getattr(callback, '__qualname__', callback)!r}", e)
+        if self._owed:
+            self._flush()
+
+    # ================================================================== metrics
+    def ring_metrics(self, ring: Ring) -> dict[str, int]:
+        """``ring``'s counters: DeviceQueueStats (cumulative), kicks, errors, kept."""
+        out = dict.fromkeys(_QUEUE_STAT_FIELDS, 0)
+        out.update(ring.retired)
+        dq = ring.dq
+        if dq is not None:
+            st = dq.stats
+            for name in _QUEUE_STAT_FIELDS:
+                out[name] = out.get(name, 0) + getattr(st, name)
+            for rule, n in st.rule_violations.items():
+                out[f"rule:{rule}"] = out.get(f"rule:{rule}", 0) + n
+        out["kicks_received"] = ring.kicks
+        out["ring_errors"] = ring.ring_errors
+        out["handler_errors"] = ring.handler_errors
+        out["chains_released"] = ring.chains_released
+        out["kept"] = len(ring.kept)
+        return out
+
+    def metrics(self) -> dict[str, int]:
+        """The session's (and transport's) counters merged with ``device.metrics``."""
+        out = dict(self.counters)
+        for name, n in self.device.metrics.snapshot().items():
+            out[name] = out.get(name, 0) + int(n)
+        return out

@@ -1,0 +1,1544 @@
+"""The L2 switch: a process of its own that net devices of any number of kernels attach to.
+
+    python -m vdev.switch --listen ipc:///path/sw.sock [--age SECONDS] [--max-macs N]
+                          [--max-ports N] [--hwm N] [--tap IFNAME]
+
+(:func:`main` is also what a ``python -m vdev switch`` sub-command calls.)
+
+Theory of operation
+-------------------
+A *learning bridge* as IEEE 802.1D describes it, in two layers:
+
+* :class:`SwitchCore` is the forwarding logic with no I/O at all (unit-tested with an
+  injectable clock): a table of ports, a :class:`MacTable` (source MAC → port, learned
+  from every frame, aged out after ``age_s`` seconds, at most ``max_macs`` entries with
+  the least recently seen evicted first), and :meth:`SwitchCore.decide`, which says
+  where one frame goes: broadcast, multicast and unknown unicast destinations are
+  *flooded* to every other port, a known unicast destination goes to its one port, a
+  frame whose destination sits on the port it came from is *filtered*; frames shorter
+  than an Ethernet header, with a multicast source address, or to the IEEE 802.1D
+  reserved group addresses (01:80:C2:00:00:0X, "never forwarded", §7.12.6) are dropped.
+  Every decision is counted per port and globally (:class:`PortCounters`,
+  :class:`SwitchCounters`): plain ints that tests assert on.
+* :class:`SwitchServer` is the process around it: one single-threaded
+  :class:`EventLoop` over a :class:`hostops.framechan.FrameHub` (a ZeroMQ ``ROUTER`` on
+  an ``ipc://`` endpoint), one pidfd per port process, an optional TAP port
+  (:class:`vdev.net_tap.TapBackend`, for which the switch is the
+  :class:`~vdev.netbackend.FrameSink`), timers and a signal wake-up.
+
+Wire protocol (every message is one ZeroMQ part: a kind byte, then its payload):
+
+==========================  =============  ===============================================
+message                     direction      payload after the kind byte
+==========================  =============  ===============================================
+``H`` hello                 port → switch  msgpack ``{v, name, mac, accepts, pid}``
+``W`` welcome               switch → port  msgpack ``{v, port, switch_pid}``
+``F`` frame                 both           12-byte ``virtio_net_hdr``, the Ethernet frame
+``B`` bye                   port → switch  —
+``R`` register again        switch → port  — (a frame came from a connection the switch
+                                           does not know: it was restarted)
+``E`` error                 switch → port  UTF-8 message (a refused hello)
+``S`` / ``s`` stats         any ↔ switch   msgpack ``{seq, after, timeout}`` /
+                                           msgpack ``{seq, stats}``
+==========================  =============  ===============================================
+
+*Offloads.* A frame keeps its ``virtio_net_hdr``, so a checksum-offloaded
+(``NEEDS_CSUM``) or TSO (``GSO_TCPV4``) frame crosses the switch as it is when the
+receiving port said in its hello that it ``accepts`` ``"csum"`` / ``"tso4"``; for a
+port that does not, the switch does what a NIC would: it completes the checksum or cuts
+the segments (:func:`vdev.virtio.packet.complete_checksum`,
+:func:`~vdev.virtio.packet.gso_segment_tcpv4`), once per flood, and clears
+``DATA_VALID`` (§5.1.6.4.1: without GUEST_CSUM the flags must be zero). A header that
+breaks §5.1.6.2.1 (GSO other than TCPv4, GSO without NEEDS_CSUM or without a
+``gso_size``, a checksum field outside the frame) is dropped and counted ``bad_hdr``.
+
+*Relaying* costs no copy in Python: a frame received from one port is handed to the
+hub again as the very ZeroMQ message it arrived in (libzmq shares the buffer),
+to one port or to all of them.
+
+*Ports come and go.* A port is created by its hello (an update if the connection
+already has one) and removed by its bye, by the exit of the process it announced (a
+pidfd — SIGKILL included; a pid the switch cannot watch, e.g. from another pid
+namespace, is counted ``unwatched_ports`` and such a port is removed by the other two
+triggers only), or when a send finds its connection gone (``ROUTER_MANDATORY``).
+Removing a port forgets the MACs learned on it. Every change increments
+``generation``; a stats request with ``after=G`` is answered once the generation
+exceeds ``G`` (or at its timeout), which lets a client wait for "port gone" without
+polling.
+
+*Bounded memory*: ZeroMQ high-water marks (``--hwm`` messages per port and direction;
+a frame for a full port is dropped and counted), a cap on message size, the MAC table
+cap, at most ``--max-ports`` ports, at most 64 deferred stats requests, and bounded
+work per wake-up (``budget`` messages).
+
+*Life cycle*: SIGTERM or SIGINT → the loop ends, the socket file is removed, the final
+statistics are printed as one JSON line on stdout, exit 0. (SIGTERM stops the loop
+between two callbacks, through :func:`hostops.signals.on_terminate`; SIGINT is Python's
+``KeyboardInterrupt``, which may cut the callback in progress short, so the final
+counters can miss the frame being relayed at that instant.) Bad options: one line on
+stderr, exit 2. The switch also exits when the process that launched it with
+:class:`hostops.DeviceProcess` dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import sys
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import msgpack
+
+from hostops.clock import monotonic
+from hostops.framechan import DEFAULT_HWM, FrameHub, FramePort, Part, PeerProcess, SendStatus
+from hostops.poll import Poller, Waker
+from hostops.process import ParentWatch
+from hostops.signals import on_terminate, wake_on_signals
+from hostops.tap import TapError
+from vdev.virtio.net import (
+    ETH_HLEN,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    HDR_F_DATA_VALID,
+    HDR_F_NEEDS_CSUM,
+    NET_HDR_SIZE,
+    NetHdr,
+    format_mac,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "KIND_HELLO",
+    "KIND_WELCOME",
+    "KIND_FRAME",
+    "KIND_BYE",
+    "KIND_REGISTER",
+    "KIND_ERROR",
+    "KIND_STATS",
+    "KIND_STATS_REPLY",
+    "OFFLOADS",
+    "MAX_FRAME",
+    "DEFAULT_AGE_S",
+    "DEFAULT_MAX_MACS",
+    "DEFAULT_MAX_PORTS",
+    "PortCounters",
+    "SwitchCounters",
+    "SwitchPort",
+    "MacTable",
+    "SwitchCore",
+    "SwitchFull",
+    "adapt_frame",
+    "check_hdr",
+    "encode_hello",
+    "decode_hello",
+    "EventLoop",
+    "RxGate",
+    "TimerHandle",
+    "SwitchServer",
+    "SwitchClient",
+    "main",
+]
+
+PROTOCOL_VERSION = 1
+KIND_HELLO = b"H"
+KIND_WELCOME = b"W"
+KIND_FRAME = b"F"
+KIND_BYE = b"B"
+KIND_REGISTER = b"R"
+KIND_ERROR = b"E"
+KIND_STATS = b"S"
+KIND_STATS_REPLY = b"s"
+
+#: The offloads a port may accept: checksum completion left to the receiver, and TCPv4
+#: super-frames (virtio-net GUEST_CSUM / GUEST_TSO4 on the receiving side).
+OFFLOADS = frozenset({"csum", "tso4"})
+
+#: Largest Ethernet frame that crosses the switch: an IPv4 packet of 65535 bytes (RFC 791
+#: total length is 16 bits) behind an Ethernet header with one 802.1Q tag.
+MAX_FRAME = 0xFFFF + ETH_HLEN + 4
+
+DEFAULT_AGE_S = 300.0
+DEFAULT_MAX_MACS = 4096
+DEFAULT_MAX_PORTS = 256
+
+_MAX_NAME = 64
+_MAX_PENDING_STATS = 64
+_MAX_STATS_WAIT_S = 30.0
+_RESERVED_PREFIX = b"\x01\x80\xc2\x00\x00"  # IEEE 802.1D §7.12.6 reserved group addresses
+_ZERO_MAC = b"\x00" * 6
+_PLAIN = NetHdr()
+_K_FRAME = KIND_FRAME[0]
+_K_HELLO = KIND_HELLO[0]
+_K_STATS = KIND_STATS[0]
+_K_BYE = KIND_BYE[0]
+#: Where the Ethernet frame starts in a frame message: kind byte + virtio_net_hdr.
+_FRAME_AT = 1 + NET_HDR_SIZE
+
+
+# ===================================================================== sans-IO core
+
+
+@dataclass(slots=True)
+class PortCounters:
+    """Counters of one port, seen from the switch: ``rx_*`` are frames the switch
+    received *from* the port, ``tx_*`` frames it sent *to* the port (segments count one
+    each), ``flooded`` the part of ``tx_frames`` that were floods (broadcast, multicast,
+    unknown unicast), ``dropped`` frames from the port that were discarded (malformed)
+    plus frames for the port that could not be queued (its queue was full)."""
+
+    rx_frames: int = 0
+    rx_bytes: int = 0
+    tx_frames: int = 0
+    tx_bytes: int = 0
+    dropped: int = 0
+    flooded: int = 0
+
+
+@dataclass(slots=True)
+class SwitchCounters:
+    """Counters of the whole switch (plain ints)."""
+
+    frames: int = 0  # frames received from any port (well-formed or not)
+    forwarded: int = 0  # frames sent to exactly one known port
+    flooded: int = 0  # frames flooded to every other port
+    filtered: int = 0  # destination learned on the port the frame came from
+    dropped: int = 0  # frames dropped for any reason (sum of the reasons below and full)
+    runts: int = 0  # shorter than an Ethernet header
+    oversize: int = 0  # longer than MAX_FRAME
+    bad_hdr: int = 0  # virtio_net_hdr missing or breaking §5.1.6.2.1
+    bad_source: int = 0  # multicast source MAC (802.1D: never learned or forwarded)
+    link_local: int = 0  # to 01:80:C2:00:00:0X (802.1D: never forwarded)
+    full: int = 0  # a destination's queue was at its high-water mark
+    offload_errors: int = 0  # a frame to complete/segment did not parse (PacketError)
+    checksummed: int = 0  # checksums completed for ports without "csum"
+    segmented: int = 0  # super-frames cut for ports without "tso4"
+    unregistered: int = 0  # frames from connections that never said hello
+    malformed: int = 0  # messages of unknown kind or shape
+    ports_added: int = 0
+    ports_removed: int = 0
+    ports_refused: int = 0  # hellos refused (bad, or max_ports reached)
+    unwatched_ports: int = 0  # ports whose process could not be watched (pidfd)
+
+
+@dataclass(slots=True)
+class SwitchPort:
+    """One port as the core knows it."""
+
+    number: int
+    name: str
+    mac: bytes | None = None
+    accepts: frozenset[str] = frozenset()
+    pid: int = 0
+    counters: PortCounters = field(default_factory=PortCounters)
+
+
+class SwitchFull(Exception):
+    """A port cannot be added: ``max_ports`` ports exist already."""
+
+
+class MacTable:
+    """Source MAC → port, with ageing and a size cap (least recently seen goes first).
+
+    ``clock`` is any monotonic ``() -> seconds``. An entry is *seen* when a frame from
+    that MAC arrives; it expires ``age_s`` seconds after it was last seen (checked at
+    every lookup and by :meth:`expire`).
+    """
+
+    def __init__(
+        self,
+        *,
+        age_s: float = DEFAULT_AGE_S,
+        capacity: int = DEFAULT_MAX_MACS,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        if age_s <= 0:
+            raise ValueError(f"age_s must be > 0, got {age_s!r}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+        self.age_s = age_s
+        self.capacity = capacity
+        self._clock = clock
+        # mac -> [port, last seen]; ordered by last seen (oldest first)
+        self._entries: OrderedDict[bytes, list[Any]] = OrderedDict()
+        self.learned = 0
+        """New entries."""
+        self.moved = 0
+        """Entries that changed port (a station moved, or a loop)."""
+        self.aged = 0
+        """Entries dropped because they were not seen for ``age_s``."""
+        self.evicted = 0
+        """Entries dropped to make room (the table was full)."""
+
+    def learn(self, mac: bytes, port: int) -> None:
+        """Record that ``mac`` was seen on ``port`` now."""
+        now = self._clock()
+        e = self._entries.get(mac)
+        if e is not None:
+            if e[0] != port:
+                e[0] = port
+                self.moved += 1
+            e[1] = now
+            self._entries.move_to_end(mac)
+            return
+        if len(self._entries) >= self.capacity:
+            self._entries.popitem(last=False)
+            self.evicted += 1
+        self._entries[mac] = [port, now]
+        self.learned += 1
+
+    def lookup(self, mac: bytes) -> int | None:
+        """The port ``mac`` was last seen on, or None (unknown or aged out)."""
+        e = self._entries.get(mac)
+        if e is None:
+            return None
+        if self._clock() - e[1] >= self.age_s:
+            del self._entries[mac]
+            self.aged += 1
+            return None
+        port: int = e[0]
+        return port
+
+    def expire(self) -> int:
+        """Drop every entry not seen for ``age_s``; return how many (bounded by the
+        table size)."""
+        limit = self._clock() - self.age_s
+        n = 0
+        for _ in range(len(self._entries)):
+            mac, e = next(iter(self._entries.items()))
+            if e[1] > limit:
+                break
+            del self._entries[mac]
+            n += 1
+        self.aged += n
+        return n
+
+    def next_expiry(self) -> float | None:
+        """When the oldest entry expires (clock time), None if the table is empty."""
+        for e in self._entries.values():
+            t: float = e[1] + self.age_s
+            return t
+        return None
+
+    def forget_port(self, port: int) -> int:
+        """Drop every entry on ``port``; return how many."""
+        gone = [mac for mac, e in self._entries.items() if e[0] == port]
+        for mac in gone:
+            del self._entries[mac]
+        return len(gone)
+
+    def entries(self) -> list[tuple[bytes, int, float]]:
+        """``(mac, port, seconds since seen)`` for every entry, oldest first."""
+        now = self._clock()
+        return [(mac, e[0], now - e[1]) for mac, e in self._entries.items()]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, mac: object) -> bool:
+        return self.lookup(mac) is not None if isinstance(mac, bytes) else False
+
+
+class SwitchCore:
+    """The forwarding decision and the bookkeeping of a learning switch (no I/O).
+
+    Typical use, per frame received on port ``p``::
+
+        outs, flooded = core.decide(p, frame)
+        for o in outs:
+            if send(o, frame): core.count_tx(o, len(frame), flooded)
+            else:              core.count_full(o)
+    """
+
+    def __init__(
+        self,
+        *,
+        age_s: float = DEFAULT_AGE_S,
+        max_macs: int = DEFAULT_MAX_MACS,
+        max_ports: int = DEFAULT_MAX_PORTS,
+        clock: Callable[[], float] = monotonic,
+    ) -> None:
+        if max_ports < 1:
+            raise ValueError(f"max_ports must be >= 1, got {max_ports!r}")
+        self.table = MacTable(age_s=age_s, capacity=max_macs, clock=clock)
+        self.max_ports = max_ports
+        self.ports: dict[int, SwitchPort] = {}
+        self.counters = SwitchCounters()
+        self.generation = 0
+        """Incremented whenever a port is added, changed or removed."""
+        self._next_number = 1
+
+    # ------------------------------------------------------------------ ports
+    def add_port(
+        self,
+        name: str,
+        *,
+        mac: bytes | None = None,
+        accepts: frozenset[str] = frozenset(),
+        pid: int = 0,
+    ) -> SwitchPort:
+        """Create a port (numbers are never reused); :class:`SwitchFull` at the cap.
+        A given ``mac`` is learned at once, so unicast to a quiet port is not flooded."""
+        if len(self.ports) >= self.max_ports:
+            self.counters.ports_refused += 1
+            raise SwitchFull(f"the switch has {self.max_ports} ports already")
+        port = SwitchPort(self._next_number, name, mac, _valid_accepts(accepts), pid)
+        self._next_number += 1
+        self.ports[port.number] = port
+        self.counters.ports_added += 1
+        self.generation += 1
+        if mac is not None and _learnable(mac):
+            self.table.learn(mac, port.number)
+        return port
+
+    def update_port(
+        self, number: int, *, name: str, mac: bytes | None, accepts: frozenset[str]
+    ) -> None:
+        """A port said hello again (e.g. its driver negotiated other offloads)."""
+        port = self.ports[number]
+        port.name = name
+        port.accepts = _valid_accepts(accepts)
+        if mac is not None and mac != port.mac and _learnable(mac):
+            self.table.learn(mac, number)
+        port.mac = mac
+        self.generation += 1
+
+    def remove_port(self, number: int) -> SwitchPort | None:
+        """Remove a port and the MACs learned on it; None if there is no such port."""
+        port = self.ports.pop(number, None)
+        if port is None:
+            return None
+        self.table.forget_port(number)
+        self.counters.ports_removed += 1
+        self.generation += 1
+        return port
+
+    # ------------------------------------------------------------------ frames
+    def decide(self, in_port: int, frame: bytes | memoryview) -> tuple[tuple[int, ...], bool]:
+        """Where ``frame`` (received on ``in_port``) goes: ``(output ports, flooded)``.
+
+        Counts the frame on ``in_port`` and learns its source. An empty tuple means the
+        frame goes nowhere (dropped or filtered, counted). Transmissions are counted by
+        the caller with :meth:`count_tx` / :meth:`count_full`, since only it knows
+        whether each send succeeded."""
+        c = self.counters
+        c.frames += 1
+        port = self.ports.get(in_port)
+        if port is None:
+            c.unregistered += 1
+            c.dropped += 1
+            return (), False
+        pc = port.counters
+        n = len(frame)
+        pc.rx_frames += 1
+        pc.rx_bytes += n
+        if n < ETH_HLEN:  # IEEE 802.3 §3.1.1: DA, SA, type/length at least
+            c.runts += 1
+            return self._drop_in(pc)
+        if n > MAX_FRAME:
+            c.oversize += 1
+            return self._drop_in(pc)
+        head = bytes(frame[:12])
+        dst = head[:6]
+        src = head[6:]
+        if src[0] & 1:  # 802.1D §7.8: a group address is never a source
+            c.bad_source += 1
+            return self._drop_in(pc)
+        if src != _ZERO_MAC:
+            self.table.learn(src, in_port)
+        if dst[0] & 1:
+            if dst[:5] == _RESERVED_PREFIX and dst[5] <= 0x0F:
+                c.link_local += 1
+                return self._drop_in(pc)
+            return self._flood(in_port)
+        out = self.table.lookup(dst)
+        if out is None or out not in self.ports:
+            return self._flood(in_port)
+        if out == in_port:
+            c.filtered += 1
+            return (), False
+        c.forwarded += 1
+        return (out,), False
+
+    def _flood(self, in_port: int) -> tuple[tuple[int, ...], bool]:
+        self.counters.flooded += 1
+        return tuple(p for p in self.ports if p != in_port), True
+
+    def _drop_in(self, pc: PortCounters) -> tuple[tuple[int, ...], bool]:
+        pc.dropped += 1
+        self.counters.dropped += 1
+        return (), False
+
+    def count_bad(self, in_port: int, reason: str) -> None:
+        """A message from ``in_port`` was dropped before :meth:`decide` (e.g.
+        ``"bad_hdr"``, ``"malformed"``): counts the reason, the port's ``rx_frames``
+        and ``dropped``."""
+        c = self.counters
+        c.frames += 1
+        setattr(c, reason, getattr(c, reason) + 1)
+        c.dropped += 1
+        port = self.ports.get(in_port)
+        if port is not None:
+            port.counters.rx_frames += 1
+            port.counters.dropped += 1
+
+    def count_tx(self, out_port: int, nbytes: int, flooded: bool) -> None:
+        """One frame of ``nbytes`` was queued for ``out_port``."""
+        port = self.ports.get(out_port)
+        if port is None:
+            return
+        pc = port.counters
+        pc.tx_frames += 1
+        pc.tx_bytes += nbytes
+        if flooded:
+            pc.flooded += 1
+
+    def count_full(self, out_port: int) -> None:
+        """A frame for ``out_port`` was dropped: its queue was full."""
+        self.counters.full += 1
+        self.count_drop(out_port)
+
+    def count_drop(self, out_port: int) -> None:
+        """A frame for ``out_port`` was dropped (the reason is counted by the caller)."""
+        self.counters.dropped += 1
+        port = self.ports.get(out_port)
+        if port is not None:
+            port.counters.dropped += 1
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> dict[str, Any]:
+        """Every counter, the ports and the MAC table, as plain data (msgpack/JSON)."""
+        t = self.table
+        sw = asdict(self.counters)
+        sw.update(
+            macs=len(t),
+            macs_learned=t.learned,
+            macs_moved=t.moved,
+            macs_aged=t.aged,
+            macs_evicted=t.evicted,
+            ports=len(self.ports),
+            generation=self.generation,
+        )
+        ports = [
+            {
+                "port": p.number,
+                "name": p.name,
+                "mac": format_mac(p.mac) if p.mac else None,
+                "accepts": sorted(p.accepts),
+                "pid": p.pid,
+                **asdict(p.counters),
+            }
+            for p in self.ports.values()
+        ]
+        macs = [[format_mac(m), port, round(age, 3)] for m, port, age in t.entries()]
+        return {"switch": sw, "ports": ports, "macs": macs}
+
+
+def _valid_accepts(accepts: frozenset[str]) -> frozenset[str]:
+    """Known offloads only; "tso4" only with "csum" (virtio §5.1.3.1: GUEST_TSO4
+    requires GUEST_CSUM)."""
+    a = frozenset(accepts) & OFFLOADS
+    if "csum" not in a:
+        a = frozenset()
+    return a
+
+
+def _learnable(mac: bytes) -> bool:
+    return len(mac) == 6 and not mac[0] & 1 and mac != _ZERO_MAC
+
+
+# ===================================================================== offloads
+
+
+def check_hdr(hdr: NetHdr, frame_len: int) -> str | None:
+    """Why ``hdr`` is not acceptable on a frame of ``frame_len`` bytes, or None.
+
+    virtio §5.1.6.2.1: GSO only as negotiated (the switch relays TCPv4 only), a GSO
+    frame has NEEDS_CSUM and a ``gso_size``; with NEEDS_CSUM the checksum field
+    (``csum_start + csum_offset``, 2 bytes) lies inside the frame."""
+    gso = hdr.gso_type & ~GSO_ECN
+    if gso not in (GSO_NONE, GSO_TCPV4):
+        return f"gso_type {hdr.gso_type:#x} is not relayed"
+    if gso == GSO_TCPV4 and (not hdr.flags & HDR_F_NEEDS_CSUM or hdr.gso_size == 0):
+        return "GSO_TCPV4 without NEEDS_CSUM or gso_size"
+    if hdr.flags & HDR_F_NEEDS_CSUM and hdr.csum_start + hdr.csum_offset + 2 > frame_len:
+        return "checksum field outside the frame"
+    return None
+
+
+def adapt_frame(
+    hdr: NetHdr, frame: bytes | memoryview, accepts: frozenset[str]
+) -> list[tuple[NetHdr, bytes | memoryview]]:
+    """What a port that accepts ``accepts`` gets for ``(hdr, frame)``: the frame as it
+    is if it can take it, else the frame with its checksum completed, or its segments
+    (checksums complete), each with a plain header — what a NIC without those offloads
+    would have put on the wire. Raises :class:`vdev.virtio.packet.PacketError` for a
+    frame that does not parse as its header says."""
+    from vdev.virtio.packet import complete_checksum, gso_segment_tcpv4
+
+    gso = hdr.gso_type & ~GSO_ECN
+    if gso == GSO_TCPV4 and "tso4" not in accepts:
+        plain = NetHdr()
+        return [(plain, seg) for seg in gso_segment_tcpv4(frame, hdr.gso_size)]
+    if hdr.flags & HDR_F_NEEDS_CSUM and "csum" not in accepts:
+        return [(NetHdr(), complete_checksum(frame, hdr.csum_start, hdr.csum_offset))]
+    if hdr.flags & HDR_F_DATA_VALID and "csum" not in accepts:
+        return [(NetHdr(), frame)]
+    return [(hdr, frame)]
+
+
+# ===================================================================== wire protocol
+
+
+def encode_hello(*, name: str, mac: bytes | None, accepts: frozenset[str], pid: int) -> list[bytes]:
+    """A hello message (as the parts :meth:`hostops.framechan.FramePort.send` joins)."""
+    body = {"v": PROTOCOL_VERSION, "name": name, "mac": mac, "accepts": sorted(accepts), "pid": pid}
+    return [KIND_HELLO, msgpack.packb(body)]
+
+
+def decode_hello(payload: bytes) -> tuple[str, bytes | None, frozenset[str], int]:
+    """``(name, mac, accepts, pid)`` from a hello payload; ValueError naming the
+    problem for anything malformed (the port's fault)."""
+    try:
+        body = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ValueError(f"hello is not msgpack: {e}") from None
+    if not isinstance(body, dict):
+        raise ValueError("hello is not a map")
+    if body.get("v") != PROTOCOL_VERSION:
+        raise ValueError(f"protocol version {body.get('v')!r} (this switch speaks 1)")
+    name = body.get("name", "")
+    if not isinstance(name, str) or len(name) > _MAX_NAME or not name.isprintable():
+        raise ValueError(f"port name must be printable text of at most {_MAX_NAME} chars")
+    mac = body.get("mac")
+    if mac is not None and (not isinstance(mac, bytes) or len(mac) != 6 or mac[0] & 1):
+        raise ValueError("mac must be 6 bytes of a unicast address or nil")
+    accepts = body.get("accepts", [])
+    if not isinstance(accepts, list) or len(accepts) > 8:
+        raise ValueError("accepts must be a short list of offload names")
+    if not all(isinstance(a, str) for a in accepts):
+        raise ValueError("accepts must be a list of strings")
+    pid = body.get("pid", 0)
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < 1 << 31:
+        raise ValueError("pid must be a non-negative int")
+    return name, mac, frozenset(accepts), pid
+
+
+# ===================================================================== the loop
+
+
+class TimerHandle:
+    """A timer of an :class:`EventLoop`; :meth:`cancel` stops it if it has not run."""
+
+    __slots__ = ("when", "callback", "cancelled")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Do not run the callback (no-op once it ran)."""
+        self.cancelled = True
+
+    def __lt__(self, other: TimerHandle) -> bool:
+        return self.when < other.when
+
+
+class _Fd:
+    """A plain fd as a hostops pollable."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def _pollable(self) -> int:
+        return self.fd
+
+
+class EventLoop:
+    """One thread's loop: watched sources (level-triggered), timers, a stop flag.
+
+    ``watch(source, cb)`` takes a hostops pollable (anything with ``_pollable()``), an
+    object with ``fileno()`` or an int fd, and calls ``cb()`` while it is readable.
+    ``call_later(delay_s, cb)`` runs ``cb()`` once. :meth:`run` loops until :meth:`stop`
+    (safe from signal handlers and other threads). Used by the switch, and by tests to
+    drive net backends with a :class:`~vdev.netbackend.FrameSink` of their own.
+    """
+
+    def __init__(self, clock: Callable[[], float] = monotonic) -> None:
+        self._clock = clock
+        self._poller = Poller()
+        self._waker = Waker()
+        self._poller.register(self._waker)
+        self._watches: dict[int, tuple[Any, Callable[[], None]]] = {}  # id(pollable)
+        self._keys: dict[int, Any] = {}  # id(source) -> pollable
+        self._timers: list[TimerHandle] = []
+        self._stopping = False
+        self.callback_errors = 0
+        """Exceptions escaping callbacks (logged, the loop goes on)."""
+
+    @property
+    def waker(self) -> Waker:
+        """The loop's self-pipe (e.g. for :func:`hostops.signals.wake_on_signals`)."""
+        return self._waker
+
+    def _pollable_of(self, source: Any) -> Any:
+        if hasattr(source, "_pollable"):
+            return source
+        fd = source if isinstance(source, int) else source.fileno()
+        return _Fd(fd)
+
+    def watch(self, source: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``source`` is readable (replaces an earlier
+        callback for the same source)."""
+        key = id(source) if not isinstance(source, int) else -1 - source
+        old = self._keys.get(key)
+        if old is not None:
+            self._watches[id(old)] = (old, callback)
+            return
+        p = self._pollable_of(source)
+        self._keys[key] = p
+        self._watches[id(p)] = (p, callback)
+        self._poller.register(p)
+
+    def unwatch(self, source: Any) -> None:
+        """Stop watching ``source`` (unknown sources are ignored)."""
+        key = id(source) if not isinstance(source, int) else -1 - source
+        p = self._keys.pop(key, None)
+        if p is None:
+            return
+        self._watches.pop(id(p), None)
+        self._poller.unregister(p)
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> TimerHandle:
+        """Run ``callback()`` once, ``delay_s`` seconds from now."""
+        t = TimerHandle(self._clock() + max(0.0, delay_s), callback)
+        heapq.heappush(self._timers, t)
+        return t
+
+    def run_once(self, timeout_s: float | None) -> None:
+        """Wait up to ``timeout_s`` (None: until something happens; shortened to the
+        next timer) and dispatch whatever is ready and every due timer."""
+        timers = self._timers
+        while timers and timers[0].cancelled:
+            heapq.heappop(timers)
+        if timers:
+            wait = max(0.0, timers[0].when - self._clock())
+            timeout_s = wait if timeout_s is None else min(timeout_s, wait)
+        for obj in self._poller.poll(timeout_s):
+            if obj is self._waker:
+                self._waker.drain()
+                continue
+            entry = self._watches.get(id(obj))
+            if entry is None:  # unwatched by an earlier callback of this round
+                continue
+            self._call(entry[1])
+        now = self._clock()
+        for _ in range(len(timers)):
+            if not timers or timers[0].when > now:
+                break
+            t = heapq.heappop(timers)
+            if not t.cancelled:
+                t.cancelled = True
+                self._call(t.callback)
+
+    def _call(self, cb: Callable[[], None]) -> None:
+        try:
+            cb()
+        except Exception as e:  # a bug in a callback must not stop the switch
+            self.callback_errors += 1
+            if self.callback_errors <= 20:
+                print(f"switch: callback failed: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def run(self) -> None:
+        """Dispatch until :meth:`stop`."""
+        while not self._stopping:
+            self.run_once(None)
+
+    def stop(self) -> None:
+        """Make :meth:`run` return (signal-handler and thread safe)."""
+        self._stopping = True
+        self._waker.wake()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stopping
+
+    def close(self) -> None:
+        """Forget every watch and timer and close the waker (not the sources)."""
+        for p, _ in list(self._watches.values()):
+            self._poller.unregister(p)
+        self._watches.clear()
+        self._keys.clear()
+        self._timers.clear()
+        self._waker.close()
+
+
+class RxGate:
+    """Back-pressure for a backend's receive path: watch ``source`` only while the
+    device has receive buffers.
+
+    The device loop's watches are level-triggered, so a backend that stops reading for
+    lack of buffers must also stop watching, or it is called again at once. :meth:`pause`
+    unwatches and re-checks after ``retry_s`` (a timer on the device loop);
+    :meth:`resume` watches again at once (a device that knows when the driver added
+    receive buffers can call the backend's ``resume_rx()``, which calls it).
+    """
+
+    def __init__(
+        self, source: Any, callback: Callable[[], None], *, retry_s: float = 0.002
+    ) -> None:
+        self.source = source
+        self.callback = callback
+        self.retry_s = retry_s
+        self.sink: Any = None
+        self.watching = False
+        self._timer: Any = None
+        self.pauses = 0
+        """Times the receive path stopped for lack of receive buffers."""
+
+    def start(self, sink: Any) -> None:
+        """Begin watching on ``sink`` (a :class:`~vdev.netbackend.FrameSink`)."""
+        self.sink = sink
+        self.resume()
+
+    def pause(self) -> None:
+        """No receive buffers: stop watching, look again in ``retry_s``."""
+        if self.sink is None:
+            return
+        if self.watching:
+            self.sink.unwatch(self.source)
+            self.watching = False
+            self.pauses += 1
+        if self._timer is None:
+            self._timer = self.sink.call_later(self.retry_s, self._retry)
+
+    def _retry(self) -> None:
+        self._timer = None
+        self.resume()
+
+    def resume(self) -> None:
+        """Watch again (idempotent)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sink is not None and not self.watching:
+            self.sink.watch(self.source, self.callback)
+            self.watching = True
+
+    def stop(self) -> None:
+        """Stop watching and cancel the retry timer (before closing the source)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.sink is not None and self.watching:
+            self.sink.unwatch(self.source)
+        self.watching = False
+
+
+# ===================================================================== the server
+
+
+@dataclass(slots=True)
+class _Link:
+    """How the server reaches one port: a ZeroMQ peer or the TAP backend."""
+
+    peer: bytes | None = None
+    tap: Any = None  # vdev.net_tap.TapBackend
+    watch: PeerProcess | None = None
+
+
+class _TapSink:
+    """The switch as the :class:`~vdev.netbackend.FrameSink` of its TAP port."""
+
+    def __init__(self, server: SwitchServer, number: int) -> None:
+        self._server = server
+        self.number = number
+        self.link_up = True
+
+    def receive(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        return self._server.from_tap(self.number, hdr, frame)
+
+    def rx_buffers_available(self) -> bool:
+        return True  # the switch drops for full ports instead of holding frames back
+
+    def set_link(self, up: bool) -> None:
+        self.link_up = up
+
+    def watch(self, source: Any, callback: Callable[[], None]) -> None:
+        self._server.loop.watch(source, callback)
+
+    def unwatch(self, source: Any) -> None:
+        self._server.loop.unwatch(source)
+
+    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Any:
+        return self._server.loop.call_later(delay_s, callback)
+
+    def count(self, name: str, n: int = 1) -> None:
+        c = self._server.tap_counters
+        c[name] = c.get(name, 0) + n
+
+
+class SwitchServer:
+    """The switch process's loop around a :class:`SwitchCore` (see the module doc).
+
+    ``run()`` blocks until :meth:`stop` (or SIGTERM/SIGINT when ``signals=True``) and
+    returns the exit status. ``budget`` bounds the messages handled per wake-up.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        age_s: float = DEFAULT_AGE_S,
+        max_macs: int = DEFAULT_MAX_MACS,
+        max_ports: int = DEFAULT_MAX_PORTS,
+        hwm: int = DEFAULT_HWM,
+        tap: str | None = None,
+        budget: int = 256,
+        log: Any = None,
+    ) -> None:
+        self.core = SwitchCore(age_s=age_s, max_macs=max_macs, max_ports=max_ports)
+        self.endpoint = endpoint
+        self.budget = max(1, budget)
+        self.loop = EventLoop()
+        self._log_file = log if log is not None else sys.stderr
+        self._links: dict[int, _Link] = {}
+        self._by_peer: dict[bytes, int] = {}
+        self._pid_watches: dict[int, PeerProcess] = {}
+        self._pending_stats: list[tuple[bytes, int, int, float]] = []
+        self._stats_timer: TimerHandle | None = None
+        self._age_timer: TimerHandle | None = None
+        self.tap_counters: dict[str, int] = {}
+        self._parent: ParentWatch | None = None
+        self._hub: FrameHub | None = None
+        self._tap_backend: Any = None
+        try:
+            self._hub = FrameHub(endpoint, hwm=hwm)
+            self.loop.watch(self._hub, self._on_hub)
+            if tap is not None:
+                self._open_tap(tap)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ life cycle
+    def run(self, *, signals: bool = False) -> int:
+        """Serve until stopped; returns 0. ``signals``: SIGTERM stops the loop (and the
+        loop's waker becomes the signal wake-up fd), and the launching process's death
+        too (``VLAB_PARENT_FD``). Main thread only for ``signals``."""
+        undo_term: Callable[[], None] = _noop
+        undo_wake: Callable[[], None] = _noop
+        if signals:
+            undo_term = on_terminate(self.stop, exit=False)
+            undo_wake = wake_on_signals(self.loop.waker)
+            self._parent = ParentWatch.from_env()
+            if self._parent is not None:
+                self.loop.watch(self._parent, self._on_parent)
+        self._log(f"listening on {self.endpoint}")
+        self._arm_ageing()
+        try:
+            self.loop.run()
+        finally:
+            undo_wake()
+            undo_term()
+        return 0
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return (signal-handler and thread safe)."""
+        self.loop.stop()
+
+    def close(self) -> None:
+        """Close the hub (removing its socket file), the TAP and every watch.
+        Idempotent."""
+        for number in list(self._links):
+            self._drop_link(number)
+        for w in self._pid_watches.values():
+            w.close()
+        self._pid_watches.clear()
+        if self._tap_backend is not None:
+            tap, self._tap_backend = self._tap_backend, None
+            try:
+                tap.close()
+            except OSError:
+                pass
+        if self._hub is not None:
+            hub, self._hub = self._hub, None
+            self.loop.unwatch(hub)
+            hub.close()
+        if self._parent is not None:
+            parent, self._parent = self._parent, None
+            self.loop.unwatch(parent)
+            parent.close()
+        self.loop.close()
+
+    def _on_parent(self) -> None:
+        if self._parent is not None and self._parent.parent_gone():
+            self._log("the launching process is gone: exiting")
+            self.stop()
+        elif self._parent is not None:
+            self.loop.unwatch(self._parent)
+
+    def _log(self, msg: str) -> None:
+        try:
+            print(f"switch: {msg}", file=self._log_file, flush=True)
+        except (OSError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ the hub
+    def _on_hub(self) -> None:
+        hub = self._hub
+        if hub is None:
+            return
+        for _ in range(self.budget):
+            got = hub.recv()
+            if got is None:
+                if not hub.readable():
+                    return
+                continue  # a malformed message was skipped
+            peer, msg = got
+            buf = msg.buffer
+            if not len(buf):
+                self.core.counters.malformed += 1
+                continue
+            kind = buf[0]
+            if kind == _K_FRAME:
+                self._on_frame(peer, msg, buf)
+            elif kind == _K_HELLO:
+                self._on_hello(peer, bytes(buf[1:]))
+            elif kind == _K_STATS:
+                self._on_stats(peer, bytes(buf[1:]))
+            elif kind == _K_BYE:
+                number = self._by_peer.get(peer)
+                if number is not None:
+                    self._remove(number, "said bye")
+            else:
+                self.core.counters.malformed += 1
+
+    def _on_frame(self, peer: bytes, msg: Part, buf: memoryview) -> None:
+        number = self._by_peer.get(peer)
+        core = self.core
+        if number is None:
+            core.counters.frames += 1
+            core.counters.unregistered += 1
+            core.counters.dropped += 1
+            assert self._hub is not None
+            self._hub.send(peer, KIND_REGISTER)
+            return
+        if len(buf) < _FRAME_AT:
+            core.count_bad(number, "bad_hdr")
+            return
+        frame = buf[_FRAME_AT:]
+        hdr: NetHdr | None = None
+        if buf[1] or buf[2]:  # flags or gso_type: an offloaded frame, check it
+            hdr = NetHdr.unpack(buf, 1)
+            if check_hdr(hdr, len(frame)) is not None:
+                core.count_bad(number, "bad_hdr")
+                return
+        outs, flooded = core.decide(number, frame)
+        if outs:
+            self._deliver(outs, flooded, hdr, msg, frame)
+
+    def _deliver(
+        self,
+        outs: tuple[int, ...],
+        flooded: bool,
+        hdr: NetHdr | None,
+        msg: Part,
+        frame: bytes | memoryview,
+    ) -> None:
+        """Send one frame to ``outs``: ``msg`` is the whole frame message as received
+        (forwarded as it is), ``hdr`` its header (None: a plain header)."""
+        core = self.core
+        n = len(frame)
+        adapted: dict[frozenset[str], list[tuple[NetHdr, bytes | memoryview]] | None] = {}
+        # (filled only for ports that need a frame finished; once per kind of port)
+        for o in outs:
+            link = self._links.get(o)
+            port = core.ports.get(o)
+            if link is None or port is None:
+                continue
+            if hdr is None or _takes(hdr, port.accepts):
+                if link.peer is not None:
+                    self._send(o, link.peer, msg, n, flooded)
+                else:
+                    self._send_tap(o, link, hdr or _PLAIN, frame, flooded)
+                continue
+            if port.accepts not in adapted:
+                adapted[port.accepts] = self._adapt(hdr, frame, port.accepts)
+            pieces = adapted[port.accepts]
+            if pieces is None:
+                core.count_drop(o)
+                continue
+            for h, piece in pieces:
+                if link.peer is not None:
+                    out = [KIND_FRAME, h.pack(), piece]
+                    if not self._send(o, link.peer, out, len(piece), flooded):
+                        break
+                else:
+                    self._send_tap(o, link, h, piece, flooded)
+
+    def _adapt(
+        self, hdr: NetHdr, frame: bytes | memoryview, accepts: frozenset[str]
+    ) -> list[tuple[NetHdr, bytes | memoryview]] | None:
+        from vdev.virtio.packet import PacketError
+
+        try:
+            pieces = adapt_frame(hdr, frame, accepts)
+        except PacketError:
+            self.core.counters.offload_errors += 1
+            return None
+        if hdr.gso_type & ~GSO_ECN == GSO_TCPV4 and "tso4" not in accepts:
+            self.core.counters.segmented += 1
+        elif hdr.flags & HDR_F_NEEDS_CSUM and "csum" not in accepts:
+            self.core.counters.checksummed += 1
+        return pieces
+
+    def _send(
+        self,
+        number: int,
+        peer: bytes,
+        msg: Part | Sequence[bytes | memoryview],
+        n: int,
+        flooded: bool,
+    ) -> bool:
+        hub = self._hub
+        assert hub is not None
+        status = hub.send(peer, msg)
+        if status is SendStatus.SENT:
+            self.core.count_tx(number, n, flooded)
+            return True
+        if status is SendStatus.FULL:
+            self.core.count_full(number)
+            return False
+        self._remove(number, "connection gone")
+        return False
+
+    def _send_tap(
+        self, number: int, link: _Link, hdr: NetHdr, frame: bytes | memoryview, flooded: bool
+    ) -> None:
+        if link.tap is not None and link.tap.send(hdr, frame):
+            self.core.count_tx(number, len(frame), flooded)
+        else:
+            self.core.count_full(number)
+
+    def from_tap(self, number: int, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        """A frame read from the TAP port (called by its backend through the sink)."""
+        core = self.core
+        offloaded = bool(hdr.flags or hdr.gso_type)
+        if offloaded and check_hdr(hdr, len(frame)) is not None:
+            core.count_bad(number, "bad_hdr")
+            return False
+        outs, flooded = core.decide(number, frame)
+        if not outs:
+            return False
+        hub = self._hub
+        assert hub is not None
+        # one copy out of the backend's reusable read buffer, shared by every send
+        msg = hub.part(b"".join((KIND_FRAME, hdr.pack(), frame)))
+        self._deliver(outs, flooded, hdr if offloaded else None, msg, msg.buffer[_FRAME_AT:])
+        return True
+
+    # ------------------------------------------------------------------ ports
+    def _on_hello(self, peer: bytes, payload: bytes) -> None:
+        hub = self._hub
+        assert hub is not None
+        core = self.core
+        try:
+            name, mac, accepts, pid = decode_hello(payload)
+        except ValueError as e:
+            core.counters.ports_refused += 1
+            hub.send(peer, [KIND_ERROR, str(e).encode()])
+            return
+        number = self._by_peer.get(peer)
+        if number is not None:
+            core.update_port(number, name=name, mac=mac, accepts=accepts)
+        else:
+            try:
+                port = core.add_port(
+                    name or f"port{core.counters.ports_added + 1}",
+                    mac=mac,
+                    accepts=accepts,
+                    pid=pid,
+                )
+            except SwitchFull as e:
+                hub.send(peer, [KIND_ERROR, str(e).encode()])
+                return
+            number = port.number
+            self._links[number] = _Link(peer=peer)
+            self._by_peer[peer] = number
+            self._watch_pid(number, pid)
+            mac_text = format_mac(mac) if mac else "-"
+            self._log(f"port {number} ({port.name}, mac {mac_text}, pid {pid}) attached")
+        welcome = {"v": PROTOCOL_VERSION, "port": number, "switch_pid": os.getpid()}
+        hub.send(peer, [KIND_WELCOME, msgpack.packb(welcome)])
+        self._answer_stats()
+
+    def _watch_pid(self, number: int, pid: int) -> None:
+        if pid == 0:
+            self.core.counters.unwatched_ports += 1
+            return
+        w = self._pid_watches.get(pid)
+        if w is None:
+            w = PeerProcess.open(pid)
+            if w is None:
+                self.core.counters.unwatched_ports += 1
+                return
+            self._pid_watches[pid] = w
+            self.loop.watch(w, lambda: self._on_pid_exit(pid))
+        self._links[number].watch = w
+
+    def _on_pid_exit(self, pid: int) -> None:
+        w = self._pid_watches.pop(pid, None)
+        if w is not None:
+            self.loop.unwatch(w)
+            w.close()
+        for number, port in list(self.core.ports.items()):
+            link = self._links.get(number)
+            if port.pid == pid and link is not None and link.peer is not None:
+                self._remove(number, f"process {pid} exited")
+
+    def _remove(self, number: int, why: str) -> None:
+        port = self.core.remove_port(number)
+        self._drop_link(number)
+        if port is not None:
+            self._log(f"port {number} ({port.name}) removed: {why}")
+            self._answer_stats()
+
+    def _drop_link(self, number: int) -> None:
+        link = self._links.pop(number, None)
+        if link is None:
+            return
+        if link.peer is not None:
+            self._by_peer.pop(link.peer, None)
+        w = link.watch
+        if w is not None and not any(x.watch is w for x in self._links.values()):
+            for pid, pw in list(self._pid_watches.items()):
+                if pw is w:
+                    del self._pid_watches[pid]
+            self.loop.unwatch(w)
+            w.close()
+
+    def _open_tap(self, ifname: str) -> None:
+        from vdev.net_tap import TapBackend
+
+        backend = TapBackend(ifname)
+        self._tap_backend = backend
+        port = self.core.add_port(f"tap:{ifname}", accepts=backend.offloads(), pid=os.getpid())
+        self._links[port.number] = _Link(tap=backend)
+        backend.attach(_TapSink(self, port.number))
+        backend.set_rx_offloads(OFFLOADS)
+
+    # ------------------------------------------------------------------ ageing
+    def _arm_ageing(self) -> None:
+        """Sweep the MAC table when its oldest entry expires (at most every second)."""
+        t = self.core.table
+        t.expire()
+        nxt = t.next_expiry()
+        delay = t.age_s if nxt is None else max(1.0, nxt - monotonic())
+        self._age_timer = self.loop.call_later(delay, self._arm_ageing)
+
+    # ------------------------------------------------------------------ stats
+    def _on_stats(self, peer: bytes, payload: bytes) -> None:
+        hub = self._hub
+        assert hub is not None
+        seq, after, timeout = 0, None, 0.0
+        if payload:
+            try:
+                req = msgpack.unpackb(payload, raw=False)
+                seq = int(req.get("seq", 0))
+                after = req.get("after")
+                timeout = float(req.get("timeout", 0.0))
+            except Exception:
+                self.core.counters.malformed += 1
+                return
+        if (
+            isinstance(after, int)
+            and after >= self.core.generation
+            and len(self._pending_stats) < _MAX_PENDING_STATS
+        ):
+            deadline = monotonic() + min(max(timeout, 0.0), _MAX_STATS_WAIT_S)
+            self._pending_stats.append((peer, seq, after, deadline))
+            self._arm_stats_timer()
+            return
+        self._reply_stats(peer, seq)
+
+    def _reply_stats(self, peer: bytes, seq: int) -> None:
+        assert self._hub is not None
+        st = self.stats()
+        self._hub.send(peer, [KIND_STATS_REPLY, msgpack.packb({"seq": seq, "stats": st})])
+
+    def stats(self) -> dict[str, Any]:
+        """The core's statistics plus the TAP backend's counters."""
+        st = self.core.stats()
+        st["tap"] = dict(self.tap_counters)
+        st["switch"]["callback_errors"] = self.loop.callback_errors
+        if self._hub is not None:  # messages of more than one part, dropped by the hub
+            st["switch"]["malformed"] += self._hub.malformed
+        return st
+
+    def _answer_stats(self) -> None:
+        """Answer deferred stats requests whose generation has passed or timed out."""
+        if not self._pending_stats:
+            return
+        now = monotonic()
+        gen = self.core.generation
+        keep = []
+        for peer, seq, after, deadline in self._pending_stats:
+            if gen > after or now >= deadline:
+                self._reply_stats(peer, seq)
+            else:
+                keep.append((peer, seq, after, deadline))
+        self._pending_stats = keep
+        self._arm_stats_timer()
+
+    def _arm_stats_timer(self) -> None:
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+        if self._pending_stats:
+            first = min(d for _, _, _, d in self._pending_stats)
+            self._stats_timer = self.loop.call_later(first - monotonic(), self._answer_stats)
+
+
+def _takes(hdr: NetHdr, accepts: frozenset[str]) -> bool:
+    """Whether a port accepting ``accepts`` takes ``hdr``'s frame unchanged."""
+    if hdr.gso_type & ~GSO_ECN:
+        return "tso4" in accepts
+    return "csum" in accepts if hdr.flags & (HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) else True
+
+
+def _noop() -> None:
+    return None
+
+
+# ===================================================================== client
+
+
+class SwitchClient:
+    """Ask a running switch for its statistics (a connection of its own, not a port).
+
+    ``stats()`` returns at once; ``wait(predicate)`` waits for a port change that
+    makes ``predicate(stats)`` true, without polling: it asks the switch to answer only
+    once its ``generation`` has moved on."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._port = FramePort(endpoint, monitor=False)
+        self._seq = 0
+
+    def stats(self, *, after: int | None = None, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The switch's statistics (see :meth:`SwitchCore.stats`). With ``after``, the
+        switch answers once its generation exceeds ``after`` (or after ``timeout_s``).
+        TimeoutError if no answer arrives in ``timeout_s`` (+1 s)."""
+        self._seq += 1
+        seq = self._seq
+        req = {"seq": seq, "after": after, "timeout": timeout_s}
+        if not self._port.send([KIND_STATS, msgpack.packb(req)]):
+            raise TimeoutError(f"switch at {self._port.endpoint} is not accepting requests")
+        deadline = monotonic() + timeout_s + 1.0
+        while True:
+            remaining = deadline - monotonic()
+            if remaining <= 0 or not self._port.wait(remaining):
+                raise TimeoutError(f"no stats from the switch at {self._port.endpoint}")
+            msg = self._port.recv()
+            if msg is None or msg.bytes[:1] != KIND_STATS_REPLY:
+                continue
+            body = msgpack.unpackb(msg.bytes[1:], raw=False)
+            if body.get("seq") == seq:
+                st: dict[str, Any] = body["stats"]
+                return st
+
+    def wait(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout_s: float = 10.0
+    ) -> dict[str, Any]:
+        """Stats once ``predicate(stats)`` holds after a port change; TimeoutError."""
+        deadline = monotonic() + timeout_s
+        st = self.stats()
+        while not predicate(st):
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"switch state never matched; last: {st['switch']}")
+            st = self.stats(after=st["switch"]["generation"], timeout_s=remaining)
+        return st
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._port.close()
+
+    def __enter__(self) -> SwitchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ===================================================================== command line
+
+PROG = "python -m vdev.switch"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return v
+
+
+def _bounded_int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} is not in {lo}..{hi}")
+        return v
+
+    return parse
+
+
+def _endpoint(text: str) -> str:
+    path = text[len("ipc://") :] if text.startswith("ipc://") else ""
+    if not path:
+        raise argparse.ArgumentTypeError(f"not an ipc:// endpoint: {text!r}")
+    if len(os.fsencode(path)) >= 107:
+        raise argparse.ArgumentTypeError(f"socket path is too long for a Unix socket: {path!r}")
+    return text
+
+
+def _ifname(text: str) -> str:
+    if (
+        not 1 <= len(text.encode()) <= 15
+        or "/" in text
+        or text in (".", "..")
+        or any(c.isspace() for c in text)
+    ):
+        raise argparse.ArgumentTypeError(f"not an interface name (1-15 chars): {text!r}")
+    return text
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The command line."""
+    p = _Parser(prog=prog, description="Run the virtio-lab L2 learning switch.")
+    p.add_argument(
+        "--listen",
+        required=True,
+        metavar="ENDPOINT",
+        type=_endpoint,
+        help="ipc:// endpoint the ports connect to",
+    )
+    p.add_argument(
+        "--age",
+        type=_positive_float,
+        default=DEFAULT_AGE_S,
+        metavar="SECONDS",
+        help=f"forget a MAC not seen for this long (default {DEFAULT_AGE_S:g})",
+    )
+    p.add_argument(
+        "--max-macs",
+        type=_bounded_int(1, 1 << 20),
+        default=DEFAULT_MAX_MACS,
+        metavar="N",
+        help=f"MAC table size (default {DEFAULT_MAX_MACS})",
+    )
+    p.add_argument(
+        "--max-ports",
+        type=_bounded_int(1, 4096),
+        default=DEFAULT_MAX_PORTS,
+        metavar="N",
+        help=f"most ports at once (default {DEFAULT_MAX_PORTS})",
+    )
+    p.add_argument(
+        "--hwm",
+        type=_bounded_int(1, 1 << 20),
+        default=DEFAULT_HWM,
+        metavar="N",
+        help=f"frames queued per port and direction (default {DEFAULT_HWM})",
+    )
+    p.add_argument(
+        "--tap",
+        type=_ifname,
+        metavar="IFNAME",
+        help="also switch to the Linux TAP interface IFNAME (root)",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Run the switch; the exit status (0 after SIGTERM/SIGINT, 2 for bad usage, 1 for
+    a failure while running). ``prog`` names the command in messages."""
+    debug = os.environ.get("VLAB_DEBUG") == "1"
+    try:
+        args = build_parser(prog).parse_args(argv)
+    except _UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    try:
+        server = SwitchServer(
+            args.listen,
+            age_s=args.age,
+            max_macs=args.max_macs,
+            max_ports=args.max_ports,
+            hwm=args.hwm,
+            tap=args.tap,
+        )
+    except TapError as e:
+        if debug:
+            raise
+        print(f"{prog}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if debug:
+            raise
+        print(f"{prog}: cannot listen on {args.listen}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{prog}: cannot listen on {args.listen}: {e}", file=sys.stderr)
+        return 2
+    status = 0
+    try:
+        status = server.run(signals=True)
+    except KeyboardInterrupt:
+        status = 0
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        status = 1
+    finally:
+        try:
+            final = server.stats()
+        except Exception:
+            final = {}
+        server.close()
+    try:
+        print(json.dumps(final, separators=(",", ":")), flush=True)
+    except (OSError, ValueError):
+        pass
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
