@@ -57,41 +57,76 @@ class NetRow:
 
 
 # --------------------------------------------------------------------------- peers
-def _peer_native(size: int) -> None:
-    """Receive UDP on 127.0.0.1; print the port; on EOF of stdin report bytes/time."""
+class _Counter:
+    """What a receiving peer counts during one row (reset by ``start``)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.first = 0.0
+        self.packets = 0
+
+    def add(self, n: int) -> None:
+        if not self.first:
+            self.first = time.perf_counter()
+        self.bytes += n
+        self.packets += 1
+
+
+def _serve_rows(counter_box: list[_Counter], extra: Any = None) -> None:
+    """The peer's command loop on stdin: ``start`` resets the count, ``stop`` reports
+    it (bytes, seconds from the first datagram to now), ``quit`` ends."""
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "start":
+            counter_box[0] = _Counter()
+            out: dict[str, Any] = {"ok": True}
+            if extra is not None:
+                out.update(extra())
+            print(json.dumps(out), flush=True)
+        elif cmd == "stop":
+            c = counter_box[0]
+            end = time.perf_counter()
+            out = {"bytes": c.bytes, "packets": c.packets, "seconds": end - (c.first or end)}
+            if extra is not None:
+                out.update(extra())
+            print(json.dumps(out), flush=True)
+        else:
+            return
+
+
+def _peer_native() -> None:
+    """Receive UDP on 127.0.0.1 (port printed first); rows via :func:`_serve_rows`."""
     import socket
     import threading
 
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     s.bind(("127.0.0.1", 0))
-    print(json.dumps({"port": s.getsockname()[1]}), flush=True)
-    state = {"bytes": 0, "first": 0.0, "stop": False}
+    box = [_Counter()]
+    stop = threading.Event()
 
     def rx() -> None:
         s.settimeout(0.2)
         buf = bytearray(65536)
-        while not state["stop"]:
+        while not stop.is_set():
             try:
                 n = s.recv_into(buf)
             except TimeoutError:
                 continue
-            if not state["first"]:
-                state["first"] = time.perf_counter()
-            state["bytes"] += n
+            box[0].add(n)
 
     t = threading.Thread(target=rx, daemon=True)
     t.start()
-    sys.stdin.readline()  # the sender says "stop"
-    end = time.perf_counter()
-    state["stop"] = True
+    print(json.dumps({"port": s.getsockname()[1]}), flush=True)
+    _serve_rows(box)
+    stop.set()
     t.join(2)
-    print(json.dumps({"bytes": state["bytes"], "seconds": end - (state["first"] or end)}))
     s.close()
 
 
-def _peer_virtio(switch: str, size: int) -> None:
-    """Boot kernel B on the switch, receive UDP on port 9000; report like the native peer."""
+def _peer_virtio(switch: str) -> None:
+    """Boot kernel B on the switch, receive UDP on port 9000; rows via
+    :func:`_serve_rows` (the report adds kernel B's receive-queue interrupts)."""
     import threading
 
     import kernel
@@ -101,71 +136,72 @@ def _peer_virtio(switch: str, size: int) -> None:
         fd = k.sys.socket(2, 2)
         k.sys.setsockopt(fd, 1, 8, 8 << 20)  # SOL_SOCKET, SO_RCVBUF
         k.sys.bind(fd, ("10.0.0.2", 9000))
-        print(json.dumps({"port": 9000}), flush=True)
-        state: dict[str, Any] = {"bytes": 0, "first": 0.0, "stop": False}
         k.sys.settimeout(fd, 0.2)
+        box = [_Counter()]
+        stop = threading.Event()
 
         def rx() -> None:
-            while not state["stop"]:
+            while not stop.is_set():
                 try:
                     data = k.sys.recv(fd, 65536)
                 except TimeoutError:
                     continue
                 except OSError:
                     return
-                if not state["first"]:
-                    state["first"] = time.perf_counter()
-                state["bytes"] += len(data)
+                box[0].add(len(data))
 
         t = threading.Thread(target=rx, daemon=True)
         t.start()
-        sys.stdin.readline()
-        end = time.perf_counter()
-        state["stop"] = True
+        dev = k.devices[0]
+
+        def extra() -> dict[str, Any]:
+            return {"interrupts": dev.queues[0].stats.interrupts, "rx_frames": dev.rx_frames}
+
+        print(json.dumps({"port": 9000}), flush=True)
+        _serve_rows(box, extra)
+        stop.set()
         t.join(2)
-        rxq = k.devices[0].queues[0].stats
-        print(
-            json.dumps(
-                {
-                    "bytes": state["bytes"],
-                    "seconds": end - (state["first"] or end),
-                    "interrupts": rxq.interrupts,
-                    "rx_frames": k.devices[0].rx_frames,
-                }
-            )
+
+
+class _Peer:
+    """A receiving peer process (``python -m tools.bench_net peer ...``)."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tools.bench_net", "peer", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
+        self.hello = self._read(f"bench peer {' '.join(args)} did not start")
 
+    def _read(self, what: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.close()
+            raise CliError(what)
+        out: dict[str, Any] = json.loads(line)
+        return out
 
-def _start_peer(*args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
-    p = subprocess.Popen(
-        [sys.executable, "-m", "tools.bench_net", "peer", *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    if not line:
-        p.kill()
-        p.wait()
-        raise CliError(f"bench peer {' '.join(args)} did not start")
-    return p, json.loads(line)
+    def call(self, cmd: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._read(f"bench peer ended without answering {cmd!r}")
 
-
-def _finish_peer(p: subprocess.Popen[str]) -> dict[str, Any]:
-    assert p.stdin is not None and p.stdout is not None
-    p.stdin.write("stop\n")
-    p.stdin.flush()
-    line = p.stdout.readline()
-    try:
-        p.wait(10)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-    if not line:
-        raise CliError("bench peer ended without a report")
-    out: dict[str, Any] = json.loads(line)
-    return out
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+                self.proc.wait(15)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def _mbit(report: dict[str, Any]) -> float:
@@ -174,64 +210,69 @@ def _mbit(report: dict[str, Any]) -> float:
 
 
 # --------------------------------------------------------------------------- rows
-def _native_row(size: int, seconds: float) -> float:
+def _native_row(peer: _Peer, size: int, seconds: float) -> float:
     import socket
 
-    p, hello = _start_peer("native", str(size))
-    try:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.connect(("127.0.0.1", hello["port"]))
-        payload = os.urandom(size)
-        end = time.perf_counter() + seconds
-        send = s.send
-        while time.perf_counter() < end:
-            for _ in range(64):
-                try:
-                    send(payload)
-                except OSError:  # ENOBUFS/ECONNREFUSED: a lost datagram, go on
-                    pass
-        s.close()
-    finally:
-        report = _finish_peer(p)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", peer.hello["port"]))
+    payload = os.urandom(size)
+    peer.call("start")
+    end = time.perf_counter() + seconds
+    send = s.send
+    while time.perf_counter() < end:
+        for _ in range(64):
+            try:
+                send(payload)
+            except OSError:  # ENOBUFS/ECONNREFUSED: a lost datagram, go on
+                pass
+    report = peer.call("stop")
+    s.close()
     return _mbit(report)
 
 
-def _virtio_row(k: Any, switch: str, size: int, seconds: float) -> tuple[float, float, float]:
-    p, hello = _start_peer("virtio", switch, str(size))
-    try:
-        fd = k.sys.socket(2, 2)
-        k.sys.connect(fd, ("10.0.0.2", hello["port"]))
-        payload = os.urandom(size)
-        dev = k.devices[0]
-        txq = dev.queues[1].stats
-        kicks0 = txq.kicks_sent
-        sent0 = dev.tx_frames
-        link = dev.link
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            for _ in range(16):
-                try:
-                    k.sys.send(fd, payload)
-                except OSError as e:
-                    if e.errno != _ENOBUFS:
-                        raise CliError(f"udp-{size}: send failed: {e}") from None
-                    link.wait_tx_room(0.1)
-        kicks = txq.kicks_sent - kicks0
-        frames = max(1, dev.tx_frames - sent0)
-        k.sys.close(fd)
-    finally:
-        report = _finish_peer(p)
-    rx_frames = max(1, int(report.get("rx_frames", 1)))
-    return _mbit(report), kicks / frames, float(report.get("interrupts", 0)) / rx_frames
+def _virtio_row(
+    k: Any, fd: int, peer: _Peer, size: int, seconds: float
+) -> tuple[float, float, float]:
+    payload = os.urandom(size)
+    dev = k.devices[0]
+    txq = dev.queues[1].stats
+    link = dev.link
+    before = peer.call("start")
+    kicks0 = txq.kicks_sent
+    sent0 = dev.tx_frames
+    end = time.perf_counter() + seconds
+    send = k.sys.send
+    while time.perf_counter() < end:
+        for _ in range(16):
+            try:
+                send(fd, payload)
+            except OSError as e:
+                if e.errno != _ENOBUFS:
+                    raise CliError(f"udp-{size}: send failed: {e}") from None
+                link.wait_tx_room(0.1)
+    kicks = txq.kicks_sent - kicks0
+    frames = max(1, dev.tx_frames - sent0)
+    report = peer.call("stop")
+    irqs = report["interrupts"] - before["interrupts"]
+    rx = max(1, report["rx_frames"] - before["rx_frames"])
+    return _mbit(report), kicks / frames, irqs / rx
 
 
 def run_net(
     seconds: float = 1.0,
     as_json: bool = False,
     plot: str | None = None,
-    sizes: tuple[int, ...] = SIZES,
+    only: list[str] | None = None,
 ) -> int:
     """Run the UDP_STREAM rows and print them; returns the exit status."""
+    names = [f"udp-{n}" for n in SIZES]
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise CliError(f"unknown row(s) {unknown}; rows are {names}", 2)
+    sizes = [n for n in SIZES if not only or f"udp-{n}" in only]
+    if plot:
+        _check_plot_target(plot)
     import kernel
     from hostops.process import DeviceProcess, python_argv
     from hostops.rundir import RuntimeDir
@@ -247,24 +288,40 @@ def run_net(
     try:
         spec = kernel.Net(backend="switch", switch=switch_ep, ip="10.0.0.1/24", mtu=BENCH_MTU)
         with kernel.boot(devices=[spec]) as k:
-            for size in sizes:
-                v, kpp, ipp = _virtio_row(k, switch_ep, size, seconds)
-                n = _native_row(size, seconds)
-                rows.append(
-                    NetRow(
-                        name=f"udp-{size}",
-                        unit="Mbit/s",
-                        virtio=round(v, 1),
-                        native=round(n, 1),
-                        ratio=round(v / n, 4) if n else 0.0,
-                        kicks_per_packet=round(kpp, 4),
-                        interrupts_per_packet=round(ipp, 4),
-                    )
-                )
+            vpeer = _Peer("virtio", switch_ep)
+            npeer = _Peer("native")
+            try:
+                fd = k.sys.socket(2, 2)
+                k.sys.connect(fd, ("10.0.0.2", vpeer.hello["port"]))
+                rows = [_row(k, fd, vpeer, npeer, size, seconds) for size in sizes]
+            finally:
+                vpeer.close()
+                npeer.close()
     finally:
         sw.stop()
         sw.close()
         rundir.cleanup()
+    _print(rows, as_json)
+    if plot:
+        _plot(rows, plot)
+    return 0
+
+
+def _row(k: Any, fd: int, vpeer: _Peer, npeer: _Peer, size: int, seconds: float) -> NetRow:
+    v, kpp, ipp = _virtio_row(k, fd, vpeer, size, seconds)
+    n = _native_row(npeer, size, seconds)
+    return NetRow(
+        name=f"udp-{size}",
+        unit="Mbit/s",
+        virtio=round(v, 1),
+        native=round(n, 1),
+        ratio=round(v / n, 4) if n else 0.0,
+        kicks_per_packet=round(kpp, 4),
+        interrupts_per_packet=round(ipp, 4),
+    )
+
+
+def _print(rows: list[NetRow], as_json: bool) -> None:
     if as_json:
         print(json.dumps({"rows": [asdict(r) for r in rows]}))
     else:
@@ -285,9 +342,19 @@ def run_net(
                 ],
             )
         )
-    if plot:
-        _plot(rows, plot)
-    return 0
+
+
+def _check_plot_target(path: str) -> None:
+    """Fail before the run, not after it: matplotlib present, directory writable."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError("--plot needs matplotlib (pip install matplotlib)", 2) from None
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CliError(f"--plot: directory {parent} does not exist", 2)
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"--plot: directory {parent} is not writable", 2)
 
 
 def _plot(rows: list[NetRow], path: str) -> None:
@@ -319,9 +386,9 @@ def _plot(rows: list[NetRow], path: str) -> None:
 
 def _peer_main(argv: list[str]) -> int:
     if argv[:1] == ["native"]:
-        _peer_native(int(argv[1]))
+        _peer_native()
     elif argv[:1] == ["virtio"]:
-        _peer_virtio(argv[1], int(argv[2]))
+        _peer_virtio(argv[1])
     else:
         print("usage: python -m tools.bench_net peer native|virtio ...", file=sys.stderr)
         return 2

@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     b = sub.add_parser("bench", help="benchmarks: the virtio path beside the native baseline")
-    b.add_argument("target", choices=["blk"], help="what to benchmark")
+    b.add_argument(
+        "target",
+        choices=["blk", "net"],
+        help="blk: virtio-blk beside os.pread/pwrite; net: UDP_STREAM between two kernels "
+        "on the switch beside native UDP over loopback",
+    )
     b.add_argument("--image", help="raw image to use (default: a temporary 128 MiB file)")
     b.add_argument(
         "--seconds",
@@ -82,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="run only this row (repeatable)",
+    )
+    b.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="net: draw goodput against payload size, both paths, as a PNG (matplotlib)",
     )
 
     v = sub.add_parser(
@@ -121,8 +131,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return demo.run(image=args.image, write=args.write, size=args.size)
         if args.command == "bench":
+            if args.target == "net":
+                from tools import bench_net
+
+                if args.image:
+                    raise CliError("bench net: --image is for bench blk", 2)
+                return bench_net.run_net(
+                    seconds=args.seconds, as_json=args.json, plot=args.plot, only=args.only
+                )
             from tools import bench
 
+            if args.plot:
+                raise CliError("bench blk: --plot is for bench net", 2)
             return bench.run_blk(
                 image=args.image, seconds=args.seconds, as_json=args.json, only=args.only
             )

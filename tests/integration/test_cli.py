@@ -135,16 +135,19 @@ def _num(cell: str) -> float:
     return float(cell.replace(",", ""))
 
 
-def _features(out: str) -> list[str]:
-    lines = [ln for ln in out.splitlines() if ln.startswith("negotiated features: ")]
+def _features(out: str, dev: str = "vda") -> list[str]:
+    head = f"{dev} negotiated features: "
+    lines = [ln for ln in out.splitlines() if ln.startswith(head)]
     assert len(lines) == 1, out
-    return lines[0].removeprefix("negotiated features: ").split(", ")
+    return lines[0].removeprefix(head).split(", ")
 
 
-def _device_counters(out: str) -> dict[str, int]:
+def _device_counters(out: str, which: int = 0) -> dict[str, int]:
+    """The ``device counters:`` line of the demo's ``which``-th device (0: the disk,
+    1: the NIC)."""
     lines = [ln for ln in out.splitlines() if ln.startswith("device counters: ")]
-    assert len(lines) == 1, out
-    pairs = lines[0].removeprefix("device counters: ").split(", ")
+    assert len(lines) == 2, out
+    pairs = lines[which].removeprefix("device counters: ").split(", ")
     return {k: int(v) for k, v in (p.split("=") for p in pairs)}
 
 
@@ -199,6 +202,11 @@ def test_demo_on_a_temporary_image(tmp_path):
     dc = _device_counters(run.out)
     assert dc["bytes_written"] == dc["bytes_read"] == nbytes, run
     assert dc["flushes"] >= 1, run
+    # the NIC: a UDP round trip and three pings crossed the loopback device
+    assert "[ok] UDP 10.0.0.2:" in run.out and "[ok] ping 10.0.0.2: 3 replies" in run.out, run
+    assert "MRG_RXBUF" in _features(run.out, "eth0")
+    nc = _device_counters(run.out, 1)
+    assert nc["tx_frames"] == nc["rx_frames"] >= 8, nc  # 2 UDP + 3 echo requests + replies
 
 
 def test_demo_on_an_image_is_read_only_by_default(tmp_path, image):
@@ -289,6 +297,50 @@ def test_bench_json_all_rows(tmp_path):
         assert by_name[name]["kicks_per_request"] < 1, by_name[name]
 
 
+NET_ROW_KEYS = {
+    "name",
+    "unit",
+    "virtio",
+    "native",
+    "ratio",
+    "kicks_per_packet",
+    "interrupts_per_packet",
+}
+
+
+def test_bench_net_json_and_plot(tmp_path):
+    """Two rows of UDP_STREAM through two kernels on the switch, beside native UDP; the
+    JSON has the documented shape and the plot is a PNG."""
+    png = tmp_path / "udp.png"
+    run = vlab(
+        tmp_path,
+        "bench",
+        "net",
+        "--seconds",
+        "0.2",
+        "--json",
+        "--only",
+        "udp-1024",
+        "--only",
+        "udp-65507",
+        "--plot",
+        str(png),
+        timeout=120,
+    )
+    assert run.status == 0, run
+    doc = json.loads(run.out.splitlines()[-1])
+    rows = doc["rows"]
+    assert [r["name"] for r in rows] == ["udp-1024", "udp-65507"], rows
+    for r in rows:
+        assert set(r) == NET_ROW_KEYS, r
+        assert r["unit"] == "Mbit/s"
+        assert r["virtio"] > 0 and r["native"] > 0, r
+        assert r["ratio"] == pytest.approx(r["virtio"] / r["native"], rel=1e-3, abs=1e-4), r
+        assert 0 <= r["kicks_per_packet"] <= 1, r
+        assert r["interrupts_per_packet"] >= 0, r
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_bench_plain_table_on_an_image(tmp_path):
     img = tmp_path / "bench.img"
     img.write_bytes(os.urandom(4 << 20))
@@ -336,7 +388,11 @@ def _one_error_line(run: Run, status: int, prefix: str = "vlab: error:") -> str:
     [
         ([], "required"),
         (["nosuch"], "invalid choice"),
-        (["bench", "net"], "invalid choice: 'net'"),
+        (["bench", "nope"], "invalid choice: 'nope'"),
+        (["bench", "net", "--only", "udp-7"], "udp-7"),
+        (["bench", "net", "--image", "x.img"], "--image"),
+        (["bench", "blk", "--plot", "x.png"], "--plot"),
+        (["bench", "net", "--plot", "/nonexistent-dir/x.png"], "does not exist"),
         (["bench", "blk", "--seconds", "-1"], "must be > 0"),
         (["bench", "blk", "--seconds", "abc"], "not a number"),
         (["bench", "blk", "--seconds", "0"], "must be > 0"),
