@@ -155,12 +155,40 @@ def _peer_virtio(switch: str) -> None:
         dev = k.devices[0]
 
         def extra() -> dict[str, Any]:
-            return {"interrupts": dev.queues[0].stats.interrupts, "rx_frames": dev.rx_frames}
+            return {
+                "interrupts": dev.queues[0].stats.interrupts,
+                "rx_frames": dev.rx_frames,
+                "device_pid": dev.pid,
+            }
 
         print(json.dumps({"port": 9000}), flush=True)
         _serve_rows(box, extra)
         stop.set()
         t.join(2)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (0.0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _Stages:
+    """CPU time per packet of every process on the virtio path, for ``--stages``."""
+
+    NAMES = ("sender kernel", "sender device", "switch", "receiver device", "receiver kernel")
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.start = [_cpu_seconds(p) for p in pids]
+
+    def per_packet_us(self, packets: int) -> list[float]:
+        now = [_cpu_seconds(p) for p in self.pids]
+        return [(b - a) * 1e6 / max(1, packets) for a, b in zip(self.start, now, strict=True)]
 
 
 class _Peer:
@@ -231,13 +259,14 @@ def _native_row(peer: _Peer, size: int, seconds: float) -> float:
 
 
 def _virtio_row(
-    k: Any, fd: int, peer: _Peer, size: int, seconds: float
-) -> tuple[float, float, float]:
+    k: Any, fd: int, peer: _Peer, size: int, seconds: float, stage_pids: list[int]
+) -> tuple[float, float, float, list[float]]:
     payload = os.urandom(size)
     dev = k.devices[0]
     txq = dev.queues[1].stats
     link = dev.link
     before = peer.call("start")
+    stages = _Stages([*stage_pids, before["device_pid"], peer.proc.pid])
     kicks0 = txq.kicks_sent
     sent0 = dev.tx_frames
     end = time.perf_counter() + seconds
@@ -255,7 +284,7 @@ def _virtio_row(
     report = peer.call("stop")
     irqs = report["interrupts"] - before["interrupts"]
     rx = max(1, report["rx_frames"] - before["rx_frames"])
-    return _mbit(report), kicks / frames, irqs / rx
+    return _mbit(report), kicks / frames, irqs / rx, stages.per_packet_us(report["packets"])
 
 
 def run_net(
@@ -263,8 +292,11 @@ def run_net(
     as_json: bool = False,
     plot: str | None = None,
     only: list[str] | None = None,
+    stages_table: bool = False,
 ) -> int:
-    """Run the UDP_STREAM rows and print them; returns the exit status."""
+    """Run the UDP_STREAM rows and print them (with ``stages_table``, also the CPU time
+    each process on the virtio path spent per received packet); returns the exit
+    status."""
     names = [f"udp-{n}" for n in SIZES]
     if only:
         unknown = sorted(set(only) - set(names))
@@ -278,6 +310,7 @@ def run_net(
     from hostops.rundir import RuntimeDir
 
     rows: list[NetRow] = []
+    stage_rows: list[list[Any]] = []
     rundir = RuntimeDir.create()
     switch_ep = rundir.endpoint("bench-switch")
     sw = DeviceProcess.launch(
@@ -293,7 +326,11 @@ def run_net(
             try:
                 fd = k.sys.socket(2, 2)
                 k.sys.connect(fd, ("10.0.0.2", vpeer.hello["port"]))
-                rows = [_row(k, fd, vpeer, npeer, size, seconds) for size in sizes]
+                pids = [os.getpid(), k.devices[0].pid, sw.pid]
+                for size in sizes:
+                    row, cpu = _row(k, fd, vpeer, npeer, size, seconds, pids)
+                    rows.append(row)
+                    stage_rows.append([row.name, *(round(us, 1) for us in cpu)])
             finally:
                 vpeer.close()
                 npeer.close()
@@ -302,15 +339,21 @@ def run_net(
         sw.close()
         rundir.cleanup()
     _print(rows, as_json)
+    if stages_table and not as_json:
+        print()
+        print("CPU time per received packet, by process on the virtio path (µs):")
+        print(render_table(["workload", *_Stages.NAMES], stage_rows))
     if plot:
         _plot(rows, plot)
     return 0
 
 
-def _row(k: Any, fd: int, vpeer: _Peer, npeer: _Peer, size: int, seconds: float) -> NetRow:
-    v, kpp, ipp = _virtio_row(k, fd, vpeer, size, seconds)
+def _row(
+    k: Any, fd: int, vpeer: _Peer, npeer: _Peer, size: int, seconds: float, pids: list[int]
+) -> tuple[NetRow, list[float]]:
+    v, kpp, ipp, cpu = _virtio_row(k, fd, vpeer, size, seconds, pids)
     n = _native_row(npeer, size, seconds)
-    return NetRow(
+    row = NetRow(
         name=f"udp-{size}",
         unit="Mbit/s",
         virtio=round(v, 1),
@@ -319,6 +362,7 @@ def _row(k: Any, fd: int, vpeer: _Peer, npeer: _Peer, size: int, seconds: float)
         kicks_per_packet=round(kpp, 4),
         interrupts_per_packet=round(ipp, 4),
     )
+    return row, cpu
 
 
 def _print(rows: list[NetRow], as_json: bool) -> None:

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this row (repeatable)",
     )
     b.add_argument(
+        "--stages",
+        action="store_true",
+        help="net: also print the CPU time per packet of each process on the virtio path",
+    )
+    b.add_argument(
         "--plot",
         metavar="PATH",
         help="net: draw goodput against payload size, both paths, as a PNG (matplotlib)",
@@ -137,7 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.image:
                     raise CliError("bench net: --image is for bench blk", 2)
                 return bench_net.run_net(
-                    seconds=args.seconds, as_json=args.json, plot=args.plot, only=args.only
+                    seconds=args.seconds,
+                    as_json=args.json,
+                    plot=args.plot,
+                    only=args.only,
+                    stages_table=args.stages,
                 )
             from tools import bench
 
