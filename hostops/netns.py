@@ -90,7 +90,7 @@ class NetNamespace:
             raise NetnsError(1, f"ip netns add {name}: {r.stderr.strip() or r.returncode}")
         ns = cls(name, ip)
         try:
-            ns.run(["ip", "link", "set", "lo", "up"])
+            ns.run([ip, "link", "set", "lo", "up"])  # the path found above: PATH may lack sbin
         except BaseException:
             ns.delete()
             raise

@@ -23,8 +23,11 @@ doorbells and a vhost-user-like control channel. The layers, top down:
 ==================  =========================================================
 
 A disk served by a vhost-user back-end (qemu-storage-daemon, or ``python -m vdev blk
---vhost-user SOCK``) is ``kernel.VhostUserBlk("/path/to/socket")``: the kernel then
-acts as QEMU does, and everything above the transport is the same.
+--vhost-user SOCK``) is ``kernel.VhostUserBlk("/path/to/socket")``, a NIC served by a
+vhost-user net back-end (``python -m vdev net --backend switch --switch EP
+--vhost-user SOCK``, OVS-DPDK, VPP) ``kernel.VhostUserNet("/path/to/socket",
+ip="10.0.0.2/24")``: the kernel then acts as QEMU does, and everything above the
+transport is the same.
 
 Example::
 
@@ -47,7 +50,7 @@ from .errors import (
     DeviceProbeError,
     KernelError,
 )
-from .specs import Blk, DeviceSpec, Net, VhostUserBlk
+from .specs import Blk, DeviceSpec, Net, VhostUserBlk, VhostUserNet
 from .syscalls import Syscalls
 from .transport import KernelQueue, VirtioTransport
 from .transport_vhost_user import VhostUserTransport
@@ -63,6 +66,7 @@ __all__ = [
     "Blk",
     "VhostUserBlk",
     "Net",
+    "VhostUserNet",
     "NetDriver",
     "NetLink",
     "VirtioBus",

@@ -15,8 +15,15 @@ New kinds (``Net``, ``Custom("pkg.module:Class", **opts)``) subclass
 ``transport`` says how the kernel reaches the device: ``"zmq"`` (the default: a device
 process the kernel starts, :mod:`kernel.transport_zmq`) or ``"vhost-user"`` (a back-end
 somebody else started, listening on a Unix socket: :class:`VhostUserBlk`,
-:mod:`kernel.transport_vhost_user`). vhost-user has no device id on the wire, so such a
-spec also says what the device is (``device_id``).
+:class:`VhostUserNet`, :mod:`kernel.transport_vhost_user`). vhost-user has no device id
+on the wire, so such a spec also says what the device is (``device_id``). Like QEMU, a
+vhost-user front-end may own part of the device itself: ``frontend_features`` are
+feature bits the front-end implements (offered to the driver whatever the back-end
+offers, passed on to it only if it offers them too) and
+:meth:`DeviceSpec.frontend_config` is the config space the driver reads instead of
+asking the back-end (GET_CONFIG). For virtio-net the MAC, the link status and the MTU
+are the front-end's (QEMU's vhost-user net never asks its back-end for config space
+either).
 """
 
 from __future__ import annotations
@@ -26,10 +33,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hostops.process import python_argv
-from vdev.virtio import DeviceId
-from vdev.virtio.net import MAX_MTU, MIN_MTU, format_mac, parse_mac
+from vdev.virtio import DeviceId, NetF, bit
+from vdev.virtio.net import MAX_MTU, MIN_MTU, S_LINK_UP, NetConfig, format_mac, parse_mac
 
-__all__ = ["DeviceSpec", "Blk", "VhostUserBlk", "Net", "NET_BACKENDS"]
+__all__ = ["DeviceSpec", "Blk", "VhostUserBlk", "Net", "VhostUserNet", "NET_BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,15 @@ class DeviceSpec:
     #: How devices of this kind are numbered: "letters" (vda, vdb) or "numbers" (eth0).
     naming: ClassVar[str] = "letters"
     transport: ClassVar[str] = "zmq"
+    #: vhost-user: feature bits the front-end implements itself (offered to the driver
+    #: whatever the back-end offers; passed on to the back-end only if it offers them).
+    frontend_features: ClassVar[int] = 0
+
+    def frontend_config(self) -> bytes | None:
+        """vhost-user: the config space the front-end owns (the driver reads it instead
+        of asking the back-end), or None (ask the back-end: GET_CONFIG). Called once per
+        device bring-up."""
+        return None
 
     def device_args(self) -> list[str]:
         """Command-line arguments of the device, after the subcommand and without
@@ -167,12 +183,50 @@ NET_BACKENDS: dict[str, tuple[str, ...]] = {
 _BACKEND_OPTIONS = ("switch", "ifname", "record", "replay")
 
 
-def _parse_ipv4_cidr(text: str, what: str) -> tuple[str, int]:
+def _net_dma_bytes(mtu: int, offload: bool, queue_size: int) -> int:
+    """DMA bytes of a NIC: receive buffers for a full ring plus a transmit pool."""
+    from .virtio_net import rx_buffer_bytes, tx_pool_bytes
+
+    # the driver takes GUEST_TSO4 only with MRG_RXBUF (see NetDriver.features_for)
+    rx = rx_buffer_bytes(mtu, True, offload) * queue_size
+    rx_plain = rx_buffer_bytes(mtu, False, False) * queue_size
+    return max(rx, rx_plain) + tx_pool_bytes(mtu, queue_size) + (256 << 10)
+
+
+def _check_net_common(
+    who: str, mac: object, ip: object, gateway: object, mtu: object, q: object, offload: object
+) -> None:
+    """The checks :class:`Net` and :class:`VhostUserNet` share (ValueError naming the
+    field)."""
+    if mac is not None:
+        if not isinstance(mac, str):
+            raise ValueError(f"{who}: mac must be a string, got {mac!r}")
+        m = parse_mac(mac)  # ValueError names the problem
+        if m[0] & 1:
+            raise ValueError(f"{who}: mac {mac} is a multicast address")
+        if m == bytes(6):
+            raise ValueError(f"{who}: mac {mac} is the all-zero address")
+    if not isinstance(ip, str):
+        raise ValueError(f"{who}: ip must be a string like '10.0.0.2/24', got {ip!r}")
+    _parse_ipv4_cidr(ip, "ip", who)
+    if gateway is not None:
+        if not isinstance(gateway, str):
+            raise ValueError(f"{who}: gateway must be a string, got {gateway!r}")
+        _parse_ipv4_cidr(gateway + "/32", "gateway", who)
+    if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
+        raise ValueError(f"{who}: mtu {mtu!r} is not an int in {MIN_MTU}..{MAX_MTU}")
+    if isinstance(q, bool) or not isinstance(q, int) or q < 2 or q > 32768 or q & (q - 1):
+        raise ValueError(f"{who}: queue_size {q!r} is not a power of two in 2..32768")
+    if not isinstance(offload, bool):
+        raise ValueError(f"{who}: offload must be True or False, got {offload!r}")
+
+
+def _parse_ipv4_cidr(text: str, what: str, who: str = "Net") -> tuple[str, int]:
     addr, sep, plen = text.partition("/")
     parts = addr.split(".")
     ok = len(parts) == 4 and all(p.isdigit() and 0 <= int(p) <= 255 for p in parts)
     if not ok or not sep or not plen.isdigit() or not 0 <= int(plen) <= 32:
-        raise ValueError(f"Net: {what} {text!r} is not an IPv4 address/prefix (e.g. 10.0.0.2/24)")
+        raise ValueError(f"{who}: {what} {text!r} is not an IPv4 address/prefix (e.g. 10.0.0.2/24)")
     return addr, int(plen)
 
 
@@ -188,7 +242,8 @@ class Net(DeviceSpec):
     the device picks a locally administered one), ``mtu`` 68..65535, ``queue_size`` the
     ring size, ``offload`` whether checksum/TSO offloads are negotiated,
     ``rx_buffer_size`` the size of each receive buffer when MRG_RXBUF is negotiated
-    (default: from the MTU; smaller buffers make big frames span several).
+    (default: from the MTU; smaller buffers make big frames span several), ``paced``
+    replays a pcap at its timestamps (default: as fast as receive buffers allow).
     """
 
     backend: str = "loopback"
@@ -203,6 +258,7 @@ class Net(DeviceSpec):
     ifname: str | None = None
     record: str | None = None
     replay: str | None = None
+    paced: bool = False
 
     kind: ClassVar[str] = "net"
     name_prefix: ClassVar[str] = "eth"
@@ -226,32 +282,16 @@ class Net(DeviceSpec):
                 raise ValueError(f"Net: option {opt}= does not apply to backend {self.backend!r}")
             if v is not None and (not isinstance(v, str) or not v):
                 raise ValueError(f"Net: {opt} must be a non-empty string, got {v!r}")
-        if self.mac is not None:
-            if not isinstance(self.mac, str):
-                raise ValueError(f"Net: mac must be a string, got {self.mac!r}")
-            m = parse_mac(self.mac)  # ValueError names the problem
-            if m[0] & 1:
-                raise ValueError(f"Net: mac {self.mac} is a multicast address")
-        if not isinstance(self.ip, str):
-            raise ValueError(f"Net: ip must be a string like '10.0.0.2/24', got {self.ip!r}")
-        _parse_ipv4_cidr(self.ip, "ip")
-        if self.gateway is not None:
-            if not isinstance(self.gateway, str):
-                raise ValueError(f"Net: gateway must be a string, got {self.gateway!r}")
-            _parse_ipv4_cidr(self.gateway + "/32", "gateway")
-        m = self.mtu
-        if isinstance(m, bool) or not isinstance(m, int) or not MIN_MTU <= m <= MAX_MTU:
-            raise ValueError(f"Net: mtu {m!r} is not an int in {MIN_MTU}..{MAX_MTU}")
-        q = self.queue_size
-        if isinstance(q, bool) or not isinstance(q, int) or q < 2 or q > 32768 or q & (q - 1):
-            raise ValueError(f"Net: queue_size {q!r} is not a power of two in 2..32768")
+        _check_net_common(
+            "Net", self.mac, self.ip, self.gateway, self.mtu, self.queue_size, self.offload
+        )
+        if not isinstance(self.paced, bool) or (self.paced and not self.replay):
+            raise ValueError("Net: paced=True needs replay=PATH (it paces the replay)")
         r = self.rx_buffer_size
         if r is not None and (
             isinstance(r, bool) or not isinstance(r, int) or not 64 <= r <= 65536
         ):
             raise ValueError(f"Net: rx_buffer_size {r!r} is not an int in 64..65536")
-        if not isinstance(self.offload, bool):
-            raise ValueError(f"Net: offload must be True or False, got {self.offload!r}")
 
     @property
     def mac_bytes(self) -> bytes | None:
@@ -260,12 +300,7 @@ class Net(DeviceSpec):
 
     def dma_bytes(self, queue_size: int) -> int:
         """Receive buffers for a full ring plus a transmit pool, sized from the MTU."""
-        from .virtio_net import rx_buffer_bytes, tx_pool_bytes
-
-        # the driver takes GUEST_TSO4 only with MRG_RXBUF (see NetDriver.features_for)
-        rx = rx_buffer_bytes(self.mtu, True, self.offload) * queue_size
-        rx_plain = rx_buffer_bytes(self.mtu, False, False) * queue_size
-        return max(rx, rx_plain) + tx_pool_bytes(self.mtu, queue_size) + (256 << 10)
+        return _net_dma_bytes(self.mtu, self.offload, queue_size)
 
     def device_args(self) -> list[str]:
         """``--backend NAME [backend options] [--mac M] --mtu N --queue-size N``."""
@@ -274,7 +309,99 @@ class Net(DeviceSpec):
             v = getattr(self, opt)
             if v is not None:
                 args += [f"--{opt}", v]
+        if self.paced:
+            args.append("--paced")
         if self.mac is not None:
             args += ["--mac", format_mac(parse_mac(self.mac))]
         args += ["--mtu", str(self.mtu), "--queue-size", str(self.queue_size)]
         return args
+
+
+#: The virtio-net features a vhost-user front-end owns: the config space fields (MAC,
+#: link status, MTU) are the front-end's, as in QEMU (offered to the driver whatever the
+#: back-end offers; passed on to the back-end when it offers them too).
+NET_FRONTEND_FEATURES = bit(NetF.MAC) | bit(NetF.STATUS) | bit(NetF.MTU)
+
+
+@dataclass(frozen=True)
+class VhostUserNet(DeviceSpec):
+    """A virtio-net NIC (``eth0``, ...) served by a vhost-user net back-end listening on
+    the Unix socket ``path`` (``python -m vdev net --backend switch --switch EP
+    --vhost-user SOCK``, OVS-DPDK's ``dpdkvhostuser`` port, VPP, ...). The kernel is the
+    front-end, as QEMU is: it connects, it is not the back-end's owner (neither starts
+    nor stops it).
+
+    As with QEMU's ``virtio-net-pci`` on a vhost-user netdev, the front-end owns the
+    config space: ``mac`` (default: a random locally administered unicast address, new
+    at each boot), the link status (always up: a back-end has no way to report carrier
+    without the back-end request channel; a back-end that goes away fails the device
+    with EIO instead) and ``mtu`` (68..65535; the back-end is told with NET_SET_MTU
+    when it offers the NET_MTU protocol feature, as QEMU does -- a back-end without it
+    must be started with an MTU at least this big, or it drops the bigger frames).
+    The back-end is never asked for config space and learns the MAC from the frames
+    it carries, as a switch does. The data path features are negotiated with the
+    back-end: EVENT_IDX, MRG_RXBUF and, with ``offload`` (the default), CSUM,
+    GUEST_CSUM, HOST_TSO4, GUEST_TSO4 when it offers them. ``ip`` (address/prefix) and
+    ``gateway`` configure the interface as for :class:`Net`; ``queue_size`` is the ring
+    size of both queues (a power of two the back-end accepts: it refuses a bigger one
+    and the probe fails saying so).
+    """
+
+    path: str = ""
+    ip: str = "10.0.0.2/24"
+    gateway: str | None = None
+    mac: str | None = None
+    mtu: int = 1500
+    queue_size: int = 256
+    offload: bool = True
+
+    kind: ClassVar[str] = "net"
+    name_prefix: ClassVar[str] = "eth"
+    naming: ClassVar[str] = "numbers"
+    transport: ClassVar[str] = "vhost-user"
+    device_id: ClassVar[int] = int(DeviceId.NET)
+    frontend_features: ClassVar[int] = NET_FRONTEND_FEATURES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str | os.PathLike) or not os.fspath(self.path):
+            raise ValueError(f"VhostUserNet: socket path must be non-empty, got {self.path!r}")
+        _check_net_common(
+            "VhostUserNet",
+            self.mac,
+            self.ip,
+            self.gateway,
+            self.mtu,
+            self.queue_size,
+            self.offload,
+        )
+
+    @property
+    def mac_bytes(self) -> bytes | None:
+        """The fixed MAC as six bytes (None: a random one at each bring-up)."""
+        return parse_mac(self.mac) if self.mac else None
+
+    def frontend_config(self) -> bytes:
+        """The virtio-net config space (§5.1.4) the front-end owns: the MAC (``mac``
+        or a fresh random locally administered unicast one), LINK_UP, one queue pair,
+        the MTU."""
+        mac = self.mac_bytes or _random_mac()
+        return NetConfig(mac, S_LINK_UP, 1, self.mtu).pack()
+
+    def dma_bytes(self, queue_size: int) -> int:
+        """Receive buffers for a full ring plus a transmit pool, sized from the MTU."""
+        return _net_dma_bytes(self.mtu, self.offload, queue_size)
+
+    def device_args(self) -> list[str]:
+        """Not started by the kernel: there is no command line."""
+        raise TypeError("a vhost-user device is not started by the kernel")
+
+    def argv(self, control_endpoint: str) -> list[str]:
+        """Not started by the kernel: there is no command line."""
+        raise TypeError("a vhost-user device is not started by the kernel")
+
+
+def _random_mac() -> bytes:
+    """Six random bytes made a locally administered (bit 1) unicast (bit 0 clear)
+    address (IEEE 802: the U/L and I/G bits of the first octet)."""
+    raw = os.urandom(6)
+    return bytes([(raw[0] & 0xFC) | 0x02]) + raw[1:]

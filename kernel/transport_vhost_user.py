@@ -13,20 +13,41 @@ wire format of :mod:`vdev.virtio.vhost_user` (one codec for both sides):
    (``SO_PEERCRED``);
 2. :meth:`~VhostUserTransport.get_device_info`: GET_FEATURES; if the back-end offers
    ``VHOST_USER_F_PROTOCOL_FEATURES`` (bit 30), GET_PROTOCOL_FEATURES and
-   SET_PROTOCOL_FEATURES with what we use of the offer (REPLY_ACK, CONFIG, MQ); with MQ,
-   GET_QUEUE_NUM (else one queue); SET_OWNER. vhost-user has no device id: the spec
-   says what the back-end is (``kernel.VhostUserBlk`` → block);
+   SET_PROTOCOL_FEATURES with what we use of the offer (REPLY_ACK, CONFIG, MQ, NET_MTU);
+   with MQ, GET_QUEUE_NUM (else one queue); SET_OWNER. vhost-user has no device id: the spec
+   says what the back-end is (``kernel.VhostUserBlk`` → block, ``kernel.VhostUserNet``
+   → net);
 3. :meth:`~VhostUserTransport.negotiate`: the driver chooses from the offer (bit 30
-   hidden from it), SET_FEATURES with bit 30 added back when offered (the rings then
-   start disabled until SET_VRING_ENABLE). There is no status byte to re-read;
+   hidden from it, the spec's ``frontend_features`` added to it), SET_FEATURES with
+   what the driver took of the back-end's own offer (§2.2: never a bit it did not
+   offer) and bit 30 added back when offered (the rings then start disabled until
+   SET_VRING_ENABLE); for a NIC whose driver took VIRTIO_NET_F_MTU, NET_SET_MTU with
+   the spec's MTU when the back-end offers NET_MTU (as QEMU does). There is no status
+   byte to re-read;
 4. the region is a memfd (:func:`hostops.fdmem.create_memfd`; no name, so nothing can
    leak) handed over with SET_MEM_TABLE as one region: guest-physical address 0, user
    address :data:`USER_BASE`, offset 0; our fd is closed right after;
-5. GET_CONFIG (needs the CONFIG protocol feature, which qemu-storage-daemon requires);
+5. config space: the spec's :meth:`~kernel.specs.DeviceSpec.frontend_config` when it
+   has one (see below), else GET_CONFIG (needs the CONFIG protocol feature, which
+   qemu-storage-daemon requires);
 6. each ring: SET_VRING_NUM, SET_VRING_BASE 0, SET_VRING_ADDR (*user* addresses:
    USER_BASE + offset), SET_VRING_CALL and SET_VRING_KICK (an eventfd each, created
    here, passed by ``SCM_RIGHTS``), SET_VRING_ENABLE 1 (with bit 30). A kick is an
    eventfd write; there is no DRIVER_OK message.
+
+The front-end's part of the device
+------------------------------------
+QEMU does not pass everything to a vhost-user back-end: for virtio-net its own device
+model implements the MAC, the link status and the MTU (QEMU's vhost-user net never asks
+the back-end for config space; the back-end learns the MAC from the frames it carries).
+A spec says the same with ``frontend_features`` (here MAC, STATUS, MTU: offered to the
+driver whatever the back-end offers; passed on in SET_FEATURES only when the back-end
+offered them too) and ``frontend_config()`` (the config space bytes, taken once per
+bring-up -- a random MAC stays the same for the device's life):
+:meth:`~VhostUserTransport.read_config` answers from those bytes (zeros past their
+end, as the device would) without a message. There is no configuration-change
+interrupt then: the front-end's config never changes. The MTU in it reaches the
+back-end with NET_SET_MTU (step 3) when the back-end has the NET_MTU protocol feature.
 
 With REPLY_ACK negotiated every request without a reply of its own carries NEED_REPLY
 and the back-end's acknowledgement is checked (non-zero: :class:`DeviceControlError`).
@@ -62,7 +83,7 @@ from hostops.poll import Pollable
 from hostops.rundir import RuntimeDir
 from hostops.sync import Lock
 from hostops.unix import UnixConnection
-from vdev.virtio import F, ProtocolError, RingLayout, bit, feature_names
+from vdev.virtio import DeviceId, F, NetF, ProtocolError, RingLayout, bit, feature_names
 from vdev.virtio.vhost_user import (
     F_PROTOCOL_FEATURES,
     HEADER_SIZE,
@@ -99,7 +120,10 @@ __all__ = ["VhostUserTransport", "USER_BASE", "USED_PROTOCOL_FEATURES"]
 USER_BASE = 0x7F00_0000_0000
 #: The protocol features we use when the back-end offers them.
 USED_PROTOCOL_FEATURES = (
-    bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.MQ)
+    bit(ProtocolFeature.REPLY_ACK)
+    | bit(ProtocolFeature.CONFIG)
+    | bit(ProtocolFeature.MQ)
+    | bit(ProtocolFeature.MTU)
 )
 #: How long the interrupt thread waits for the request lock before looking again.
 _PEER_CHECK_LOCK_S = 0.1
@@ -131,6 +155,10 @@ class VhostUserTransport(VirtioTransport):
         self._memfd = -1
         self._kicks: dict[int, EventFd] = {}
         self._calls: dict[int, EventFd] = {}
+        #: Feature bits the front-end implements itself (the spec's).
+        self.frontend_features = int(getattr(spec, "frontend_features", 0))
+        #: The config space the front-end owns (None: the back-end's, GET_CONFIG).
+        self.frontend_config: bytes | None = None
 
     @property
     def pid(self) -> int | None:
@@ -236,18 +264,40 @@ class VhostUserTransport(VirtioTransport):
         return info
 
     def negotiate(self, choose: Callable[[int], int]) -> int:
-        """Step 3: SET_FEATURES with the driver's choice (plus bit 30 when offered)."""
+        """Step 3: SET_FEATURES with the driver's choice of the back-end's offer (plus
+        bit 30 when offered); the spec's ``frontend_features`` are offered to the driver
+        too. Then NET_SET_MTU for a NIC (see :meth:`_set_mtu`)."""
         protocol = self.offered_features & bit(F_PROTOCOL_FEATURES)
-        offered = self.offered_features & ~protocol
+        theirs = self.offered_features & ~protocol
+        offered = theirs | (self.frontend_features & ~protocol)
         wanted = int(choose(offered)) & offered
         if not wanted & bit(F.VERSION_1):
             raise self.probe_error(
                 "the back-end does not offer VIRTIO_F_VERSION_1 (legacy devices are not "
                 f"supported); offered: {', '.join(feature_names(offered, self.device_id))}"
             )
-        self._request(Req.SET_FEATURES, wanted | protocol)
+        # §2.2: the device gets no bit it did not offer (the front-end's own stay here)
+        self._request(Req.SET_FEATURES, (wanted & theirs) | protocol)
         self.features = wanted
+        self._set_mtu()
         return wanted
+
+    def _set_mtu(self) -> None:
+        """NET_SET_MTU with the spec's MTU for a NIC whose driver took
+        VIRTIO_NET_F_MTU, when the back-end offers NET_MTU (QEMU does the same, so
+        the back-end applies the MTU the driver reads from our config space)."""
+        mtu = getattr(self.spec, "mtu", None)
+        if (
+            self.device_id != DeviceId.NET
+            or not self.has_feature(NetF.MTU)
+            or not self.protocol_features & bit(ProtocolFeature.MTU)
+            or not isinstance(mtu, int)
+        ):
+            return
+        try:
+            self._request(Req.NET_SET_MTU, mtu)
+        except DeviceControlError as e:
+            raise self.probe_error(f"the back-end refused MTU {mtu}: {e}") from None
 
     def _create_region(self, size: int) -> SharedMemory:
         fd, mapping = create_memfd(size, name=f"vlab-{self.name}")
@@ -270,8 +320,14 @@ class VhostUserTransport(VirtioTransport):
                 pass
 
     def read_config(self, size: int, offset: int = 0) -> bytes:
-        """GET_CONFIG (needs the CONFIG protocol feature); exactly ``size`` bytes or
-        :class:`DeviceControlError`."""
+        """Exactly ``size`` bytes of config space at ``offset``: the front-end's own
+        (the spec's ``frontend_config()``), else GET_CONFIG (needs the CONFIG protocol
+        feature); :class:`DeviceControlError` when neither is possible."""
+        if size < 0 or offset < 0 or offset + size > MAX_CONFIG_SIZE:
+            raise ValueError(f"config range [{offset}, +{size}) beyond {MAX_CONFIG_SIZE} bytes")
+        local = self._own_config()
+        if local is not None:
+            return local[offset : offset + size].ljust(size, b"\0")
         if not self.protocol_features & bit(ProtocolFeature.CONFIG):
             raise DeviceControlError(
                 self.name,
@@ -279,8 +335,6 @@ class VhostUserTransport(VirtioTransport):
                 "UNSUPPORTED",
                 "the back-end does not offer VHOST_USER_PROTOCOL_F_CONFIG",
             )
-        if size < 0 or offset < 0 or offset + size > MAX_CONFIG_SIZE:
-            raise ValueError(f"config range [{offset}, +{size}) beyond {MAX_CONFIG_SIZE} bytes")
         reply = self._request(Req.GET_CONFIG, ConfigPayload(offset, size, 0, bytes(size)))
         if not isinstance(reply, ConfigPayload) or reply.size != size or reply.offset != offset:
             raise DeviceControlError(
@@ -290,6 +344,15 @@ class VhostUserTransport(VirtioTransport):
                 f"asked {size} bytes at {offset}, got {reply!r}",
             )
         return reply.data
+
+    def _own_config(self) -> bytes | None:
+        """The front-end's config space, asked of the spec once (then kept)."""
+        if self.frontend_config is None:
+            make = getattr(self.spec, "frontend_config", None)
+            data = make() if callable(make) else None
+            if data is not None:
+                self.frontend_config = bytes(data)[:MAX_CONFIG_SIZE]
+        return self.frontend_config
 
     def _setup_vring(self, index: int, layout: RingLayout) -> Callable[[], None]:
         if index > VRING_INDEX_MASK:

@@ -1,16 +1,26 @@
 """Suite-wide guards: nothing a test starts may outlive the suite.
 
 The session-scoped ``no_leftovers`` fixture snapshots child processes, ``/dev/shm``
-segments named ``vlab-*`` and our runtime directories before the suite and fails the
-run if any new one is still there at the end — normal or failed tests alike.
+segments named ``vlab-*``, our runtime directories, the network namespaces this run made
+(``vlabtest-<pid>-*``, :mod:`hostops.netns`) and the TAP/TUN interfaces named ``vlt*`` or
+``vlab*`` in the host's own namespace before the suite, and fails the run if any new one
+is still there at the end — normal or failed tests alike. (Tests create their TAPs
+inside their own namespaces; one of ours in the host namespace is a bug in itself.)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from hostops import netns
 
 
 def _children() -> set[int]:
@@ -65,20 +75,60 @@ def _rundirs() -> set[str]:
     return {str(p) for p in base.iterdir() if _ours(p.name.split("-")[0])}
 
 
-def leftovers(before: dict[str, set]) -> dict[str, set]:
+def _namespaces() -> set[str]:
+    """Network namespaces ``vlabtest-<pid>-<hex>`` of ours (made by this run, or by a
+    run that is gone)."""
+    prefix = netns.DEFAULT_PREFIX + "-"
+    return {n for n in netns.list_namespaces() if _ours(n[len(prefix) :].split("-", 1)[0])}
+
+
+#: Interface names our tests give TAP devices (``vlt0``, ``vltest...``, ``vlab...``).
+_TAP_PREFIXES = ("vlt", "vlab")
+
+
+def _host_taps() -> set[str]:
+    """TUN/TAP interfaces with our names in the host's (this process's) namespace:
+    ``ip -j link show type tun``. Empty without iproute2."""
+    ip = shutil.which("ip", path=os.environ.get("PATH", "") + ":/sbin:/usr/sbin:/bin")
+    if ip is None:
+        return set()
+    try:
+        r = subprocess.run(
+            [ip, "-j", "link", "show", "type", "tun"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            stdin=subprocess.DEVNULL,
+        )
+        links = json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else []
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return set()
+    names = {str(link.get("ifname", "")) for link in links if isinstance(link, dict)}
+    return {n for n in names if n.startswith(_TAP_PREFIXES)}
+
+
+def snapshot() -> dict[str, set[Any]]:
+    """Current child processes, vlab shm segments, runtime dirs, our network
+    namespaces and our TAP interfaces in the host namespace."""
+    return {
+        "processes": _children(),
+        "shm": _shm(),
+        "rundirs": _rundirs(),
+        "netns": _namespaces(),
+        "host_taps": _host_taps(),
+    }
+
+
+def leftovers(before: dict[str, set[Any]]) -> dict[str, set[Any]]:
     """What exists now that did not exist in ``before``."""
-    now = {"processes": _children(), "shm": _shm(), "rundirs": _rundirs()}
-    return {k: v - before[k] for k, v in now.items() if v - before[k]}
-
-
-def snapshot() -> dict[str, set]:
-    """Current child processes, vlab shm segments and runtime dirs."""
-    return {"processes": _children(), "shm": _shm(), "rundirs": _rundirs()}
+    now = snapshot()
+    return {k: v - before.get(k, set()) for k, v in now.items() if v - before.get(k, set())}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_leftovers():
-    """Fail the session if it leaves processes, shm segments or ipc files behind."""
+def no_leftovers() -> Iterator[None]:
+    """Fail the session if it leaves processes, shm segments, ipc files, network
+    namespaces or host-side TAPs behind."""
     before = snapshot()
     yield
     left = leftovers(before)

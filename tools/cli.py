@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser(
         "vm",
-        help="boot a small Linux guest in QEMU whose /dev/vda is a vhost-user-blk backend",
+        help="boot a small Linux guest in QEMU whose /dev/vda is a vhost-user-blk backend "
+        "and/or whose eth0 is our virtio-net back-end on the switch",
     )
     v.add_argument("--setup", action="store_true", help="download and unpack the guest kernel")
     v.add_argument("--image", help="raw image to serve (default: a temporary empty one)")
@@ -124,6 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="kill the guest after S seconds (default 180)",
     )
     v.add_argument("--verbose", action="store_true", help="echo the guest console to stderr")
+    v.add_argument(
+        "--net",
+        nargs="?",
+        const="auto",
+        metavar="EP",
+        help="give the guest eth0 (Linux's virtio_net over vhost-user, our net back-end) on "
+        "the switch at the ipc:// endpoint EP; without EP (or 'auto') start a switch for "
+        "the guest, stopped when it ends. With --net and no --image the guest has no disk",
+    )
+    v.add_argument(
+        "--ip",
+        metavar="ADDR/LEN",
+        help="with --net: the address of the guest's eth0, e.g. 10.0.0.2/24",
+    )
+    v.add_argument(
+        "--net-offload",
+        choices=["on", "off"],
+        default="on",
+        help="with --net: 'off' turns off checksum and TSO offloads of the guest's NIC "
+        "(QEMU's csum, guest_csum, host_tso4, guest_tso4; default on)",
+    )
     return p
 
 
@@ -158,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "vm":
             from tools import vm
 
-            if args.setup and (args.image or args.run):
+            if args.setup and (args.image or args.run or args.net):
                 raise CliError("vm: --setup does not boot a guest; run it alone", 2)
             return vm.run(
                 image=args.image,
@@ -168,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 size=args.size,
                 do_setup=args.setup,
                 verbose=args.verbose,
+                net=args.net,
+                ip=args.ip,
+                net_offload=args.net_offload == "on",
             )
         raise CliError(f"unknown command {args.command!r}", 2)
     except CliError as e:

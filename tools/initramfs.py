@@ -17,8 +17,9 @@ The archive built by :func:`build_initramfs` holds a static busybox with one sym
 per applet, the kernel modules (uncompressed ``.ko`` files, since busybox ``insmod``
 cannot read ``.ko.xz``) and :data:`INIT_SCRIPT` as ``/init``. The script mounts proc,
 sys and devtmpfs, quiets the kernel's console messages, loads the modules in the order
-listed in ``/etc/vlab-modules``, waits (bounded) for ``/dev/vda`` and then serves
-commands from the serial console -- a small line protocol that keeps the archive the
+listed in ``/etc/vlab-modules``, waits (bounded) for ``/dev/vda`` and/or brings up the
+network interface (see *Kernel command line* below) and then serves commands from the
+serial console -- a small line protocol that keeps the archive the
 same for every command (so it is built once and cached) and lets one boot run several
 commands, with the host doing things (such as restarting the backend) in between:
 
@@ -34,6 +35,19 @@ Console echo is switched off (``stty -echo``) so the host's input does not show 
 the output. If ``/dev/vda`` does not appear within about 10 s the guest prints
 ``@@VLAB-ERROR no /dev/vda@@`` and powers off; a failed ``insmod`` prints
 ``@@VLAB-ERROR insmod <name>@@`` and goes on (the wait for ``/dev/vda`` then decides).
+
+Kernel command line. What the guest has is said on the kernel command line (``-append``),
+so the archive stays the same for every guest; ``/init`` reads these words from
+``/proc/cmdline``:
+
+* ``vlab.disk=0``: there is no disk, do not wait for ``/dev/vda`` (default: wait);
+* ``vlab.net=1``: wait (bounded, about 10 s) for the network interface ``eth0`` (a
+  virtio-net device), then bring ``lo`` and ``eth0`` up (IPv6 off on ``eth0``, so the
+  link carries only what the commands send) and wait (bounded, about 5 s, no error)
+  for its carrier -- the driver learns the link state from the device a moment after
+  the probe; ``@@VLAB-ERROR no eth0@@`` and power off if it never appears;
+* ``vlab.ip=ADDR/LEN`` (implies ``vlab.net=1``): also ``ip addr add ADDR/LEN dev eth0``
+  before the link goes up (``@@VLAB-ERROR ip addr add ...@@`` if that fails).
 """
 
 from __future__ import annotations
@@ -78,18 +92,53 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 echo 2 > /proc/sys/kernel/printk
 stty -echo 2>/dev/null
+disk=1
+net=0
+addr=
+for w in $(cat /proc/cmdline); do
+  case "$w" in
+    vlab.disk=0) disk=0 ;;
+    vlab.net=1) net=1 ;;
+    vlab.ip=*) net=1; addr="${w#vlab.ip=}" ;;
+  esac
+done
 for m in $(cat /etc/vlab-modules); do
   insmod "/lib/modules/$m.ko" || echo "@@VLAB-ERROR insmod $m@@"
 done
 i=0
-while [ ! -b /dev/vda ] && [ $i -lt 1000 ]; do
+while [ $disk = 1 ] && [ ! -b /dev/vda ] && [ $i -lt 1000 ]; do
   usleep 10000
   i=$((i + 1))
 done
-if [ ! -b /dev/vda ]; then
+if [ $disk = 1 ] && [ ! -b /dev/vda ]; then
+  dmesg | tail -n 8
   echo "@@VLAB-ERROR no /dev/vda@@"
   sync
   poweroff -f
+fi
+i=0
+while [ $net = 1 ] && [ ! -e /sys/class/net/eth0 ] && [ $i -lt 1000 ]; do
+  usleep 10000
+  i=$((i + 1))
+done
+if [ $net = 1 ]; then
+  if [ ! -e /sys/class/net/eth0 ]; then
+    dmesg | tail -n 8
+    echo "@@VLAB-ERROR no eth0@@"
+    sync
+    poweroff -f
+  fi
+  ip link set lo up
+  echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6 2>/dev/null
+  if [ -n "$addr" ]; then
+    ip addr add "$addr" dev eth0 || echo "@@VLAB-ERROR ip addr add $addr@@"
+  fi
+  ip link set eth0 up || echo "@@VLAB-ERROR ip link set eth0 up@@"
+  i=0
+  while [ "$(cat /sys/class/net/eth0/carrier 2>/dev/null)" != 1 ] && [ $i -lt 500 ]; do
+    usleep 10000
+    i=$((i + 1))
+  done
 fi
 while true; do
   echo "@@VLAB-READY@@"

@@ -1,9 +1,13 @@
-"""``vlab vm``: a small Linux guest in QEMU whose disk is a vhost-user-blk device.
+"""``vlab vm``: a small Linux guest in QEMU whose disk and network card are our devices.
 
 A real Linux kernel, with its own ``virtio_blk`` driver, drives a block backend that
 runs in a process of its own and talks vhost-user over a Unix socket: our Python
 backend (``python -m vdev blk --image PATH --vhost-user SOCK``, ``backend="vlab"``) or
-QEMU's ``qemu-storage-daemon`` (``backend="qsd"``, the known-good reference).
+QEMU's ``qemu-storage-daemon`` (``backend="qsd"``, the known-good reference). With a
+network (:class:`GuestNet`, ``vlab vm --net``) its ``virtio_net`` driver drives our
+net device over vhost-user (``python -m vdev net --vhost-user SOCK --backend switch
+--switch EP``), a port of our L2 switch, where other guests, our own kernels and a
+host TAP (in a network namespace) meet it.
 
 What it needs (Debian 12 package names)
 ---------------------------------------
@@ -24,18 +28,23 @@ Without them ``vlab vm`` fails with one line naming what is missing and how to g
 Theory of operation
 -------------------
 * **Kernel cache** (:func:`setup`, :func:`load_kernel`): the module closure of
-  ``virtio_pci``, ``virtio_blk``, ``crc32c_generic`` and ``ext4`` (Debian serves ext2
-  with ext4) is computed from each module's own ``depends=`` entry in its ``.modinfo``
+  :data:`ROOT_MODULES` -- ``virtio_pci``, ``virtio_blk``, ``crc32c_generic``, ``ext4``
+  (Debian serves ext2 with ext4), ``failover``, ``net_failover`` and ``virtio_net`` --
+  is computed from each module's own ``depends=`` entry in its ``.modinfo``
   ELF section -- the package ships no ``modules.dep`` (``depmod`` makes it at install
   time) -- and ordered so every module comes after what it depends on. ``.ko.xz`` /
   ``.ko.gz`` are decompressed here (``lzma``/``gzip``), ``.ko.zst`` with the ``zstd``
   tool, because busybox ``insmod`` reads plain ELF only. ``kernel.json`` records the
-  release, the package and the load order.
+  release, the package and the load order. A cache made before the network modules
+  were in the list still boots disk-only guests; ``--setup`` again adds them (a net
+  guest says so, :class:`MissingPrerequisite`).
 * **Initramfs** (:mod:`tools.initramfs`): busybox, applet links, modules and ``/init``
   in a newc cpio written by us, cached as ``initramfs-<hash of inputs>.cpio``. Commands
   do not go into the archive: ``/init`` reads them from the serial console (base64),
   runs them and prints ``@@VLAB-BEGIN@@`` / ``@@VLAB-EXIT <status>@@`` around their
-  output, so one archive serves every command and one boot can run several.
+  output, so one archive serves every command and one boot can run several. What the
+  guest has is said on the kernel command line (``vlab.disk=0``: no disk to wait for;
+  ``vlab.ip=ADDR/LEN``: configure ``eth0``), so the archive is the same for all.
 * **Processes** (:class:`Guest`): a private ``0700`` run directory
   (:class:`hostops.RuntimeDir`) holds the vhost-user socket and the logs of the
   backend and of QEMU. The backend starts first; we wait for it to be ready by polling
@@ -50,24 +59,51 @@ Theory of operation
   backend (SIGTERM, grace, SIGKILL, reaped) and removes the run directory. A step that
   overruns its timeout kills QEMU and raises :class:`GuestTimeout` quoting the last
   console lines.
+  Our own helper processes (our blk backend, the net back-end, a switch) are
+  :class:`hostops.process.DeviceProcess` es instead: own session, and they exit when
+  we die through the parent-watch pipe (:class:`_Service`); QEMU and
+  qemu-storage-daemon, which know nothing of that pipe, get ``PR_SET_PDEATHSIG``.
+  :func:`start_all` boots several guests at once (launch all, then wait for each).
 * **Reconnect**: :meth:`Guest.restart_backend` stops the backend and starts a fresh
   one on the same socket path; with ``reconnect=True`` QEMU's chardev redials every
   second and brings the device back up with the guest none the wiser.
+* **Network** (:class:`GuestNet`): the guest starts its net back-end
+  (:class:`NetBackendProcess`, a port of the switch at ``GuestNet.switch``; with
+  ``switch=None`` it first starts a :class:`Switch` of its own, stopped with it) and
+  gives QEMU ``-chardev socket,...,reconnect=1 -netdev vhost-user -device
+  virtio-net-pci,netdev=n0,mac=MAC,host_mtu=MTU,vectors=0,romfile=``. QEMU's virtio-net
+  model keeps the config space (the MAC, link status, MTU); the back-end owns the rings
+  and the data path, and QEMU offers the guest its features intersected with the
+  back-end's (QEMU itself adds MAC, STATUS and the control queue, which it serves).
+  The driver negotiates VIRTIO_NET_F_MTU from ``host_mtu``, so QEMU sends
+  ``NET_SET_MTU`` and the device's MTU follows. ``offload=False`` adds
+  ``csum=off,guest_csum=off,host_tso4=off,guest_tso4=off``. ``vectors=0`` (INTx, no
+  MSI-X) works around QEMU 7.2 under TCG, which crashes setting up MSI-X vector
+  notifiers for a vhost-served virtio-net (it reaches for KVM irqfds). The net chardev
+  always redials (``reconnect=1``): :meth:`Guest.restart_net_backend` kills (or stops)
+  the back-end and starts a new one on the same socket; QEMU takes the link down, sets
+  the rings up again from where the used rings stand and brings the link back up.
+  :meth:`NetBackendProcess.negotiated_features` and
+  :meth:`~NetBackendProcess.device_counters` read the back-end's log.
 
 Python API: :func:`run_in_guest` for one command, :class:`Guest` for several commands
-in one boot. ``python -m tools.vm --setup`` fetches the kernel without the project's
-dependencies installed (this module only needs ``hostops`` and the standard library).
+in one boot, :func:`start_all` for several guests. ``python -m tools.vm --setup``
+fetches the kernel without the project's dependencies installed (this module only
+needs ``hostops`` and the standard library).
 """
 
 from __future__ import annotations
 
 import base64
 import ctypes
+import functools
 import gzip
+import ipaddress
 import json
 import lzma
 import os
 import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -81,7 +117,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from tools.initramfs import (
     CMD_END,
@@ -106,23 +142,44 @@ __all__ = [
     "KernelFiles",
     "GuestResult",
     "Backend",
+    "NetBackendProcess",
+    "Switch",
+    "GuestNet",
     "Guest",
     "BACKENDS",
+    "OFFLOAD_PROPERTIES",
+    "SMOKE_COMMAND",
+    "NET_SMOKE_COMMAND",
     "ROOT_MODULES",
+    "NET_MODULES",
     "cache_dir",
     "setup",
     "load_kernel",
     "find_busybox",
     "check_prerequisites",
     "vlab_backend_supported",
+    "vlab_net_supported",
+    "random_mac",
     "run_in_guest",
+    "start_all",
     "run",
     "main",
 ]
 
 BACKENDS = ("vlab", "qsd")
-ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+ROOT_MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
+    "failover",
+    "net_failover",
+    "virtio_net",
+)
 """What the guest loads; their dependencies are added and ordered by :func:`setup`."""
+NET_MODULES = ("failover", "net_failover", "virtio_net")
+"""The modules a guest with a network interface needs (a cache made before they were
+in :data:`ROOT_MODULES` lacks them: ``--setup`` again adds them)."""
 
 QEMU = "qemu-system-x86_64"
 QSD = "qemu-storage-daemon"
@@ -195,35 +252,62 @@ def find_busybox() -> Path:
     )
 
 
-def vlab_backend_supported() -> bool:
-    """Whether ``python -m vdev blk`` has ``--vhost-user`` (the vlab backend exists)."""
+@functools.cache
+def _vdev_help(kind: str) -> str:
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "vdev", "blk", "--help"],
+            [sys.executable, "-m", "vdev", kind, "--help"],
             capture_output=True,
             text=True,
             timeout=30,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "--vhost-user" in out.stdout
+        return ""
+    return out.stdout
 
 
-def check_prerequisites(backend: str = "vlab", cache: Path | None = None) -> None:
-    """Raise :class:`MissingPrerequisite` naming the first missing piece for ``backend``."""
-    if backend not in BACKENDS:
+def vlab_backend_supported() -> bool:
+    """Whether ``python -m vdev blk`` has ``--vhost-user`` (the vlab backend exists)."""
+    return "--vhost-user" in _vdev_help("blk")
+
+
+def vlab_net_supported() -> bool:
+    """Whether ``python -m vdev net`` serves vhost-user over the switch backend."""
+    text = _vdev_help("net")
+    return "--vhost-user" in text and "--switch" in text
+
+
+def check_prerequisites(
+    backend: str | None = "vlab", cache: Path | None = None, *, net: bool = False
+) -> None:
+    """Raise :class:`MissingPrerequisite` naming the first missing piece for a guest
+    with a disk from ``backend`` (None: no disk) and, with ``net``, a network
+    interface on our net back-end."""
+    if backend is not None and backend not in BACKENDS:
         raise VmError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     _which(QEMU, "qemu-system-x86 qemu-system-common")
     if backend == "qsd":
         _which(QSD, "qemu-system-common")
     find_busybox()
-    load_kernel(cache)
+    kernel = load_kernel(cache)
     if backend == "vlab" and not vlab_backend_supported():
         raise MissingPrerequisite(
             "the vlab backend is not available: 'python -m vdev blk --help' has no "
             "--vhost-user (use --backend qsd)"
         )
+    if net:
+        missing = [m for m in NET_MODULES if m not in kernel.modules]
+        if missing:
+            raise MissingPrerequisite(
+                f"the guest kernel cache has no {missing[0]} module (it predates the "
+                "network support): run 'vlab vm --setup' again"
+            )
+        if not vlab_net_supported():
+            raise MissingPrerequisite(
+                "the net back-end is not available: 'python -m vdev net --help' has no "
+                "--vhost-user or no switch backend"
+            )
 
 
 # -- the kernel cache -----------------------------------------------------------------
@@ -388,7 +472,7 @@ def setup(cache: Path | None = None, log: Callable[[str], None] = print) -> Kern
     pkg = _choose_package(log)
     try:
         k = load_kernel(cache)
-        if k.package == pkg:
+        if k.package == pkg and set(ROOT_MODULES) <= set(k.modules):
             log(f"guest kernel {k.release} ({pkg}) already in {cache}")
             return k
     except MissingPrerequisite:
@@ -508,13 +592,90 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 5.0) -> None:
     proc.wait()
 
 
-def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+class _Child(Protocol):
+    """A supervised child process: a :class:`hostops.process.DeviceProcess` (our own
+    Python processes) or a :class:`_Foreign` (qemu-storage-daemon)."""
+
+    @property
+    def pid(self) -> int:
+        """The child's pid (and process group)."""
+        ...
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once reaped, else None."""
+        ...
+
+    def alive(self) -> bool:
+        """Non-blocking: the child has not exited."""
+        ...
+
+    def wait(self, timeout_s: float | None) -> int | None:
+        """Wait up to ``timeout_s`` for the exit; the status or None."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group."""
+        ...
+
+    def close(self) -> None:
+        """Stop the child (SIGTERM, grace, SIGKILL), reap it, free what watches it."""
+        ...
+
+
+class _Foreign:
+    """A program that knows nothing of our parent-watch pipe (qemu-storage-daemon),
+    started by :func:`_spawn` (own session, killed with us by PR_SET_PDEATHSIG), with
+    the calls of a :class:`hostops.process.DeviceProcess`."""
+
+    def __init__(self, argv: list[str], log_path: str) -> None:
+        with open(log_path, "ab") as log:
+            self._popen = _spawn(argv, stdout=log, stdin=subprocess.DEVNULL)
+
+    @property
+    def pid(self) -> int:
+        """The child's pid."""
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once reaped."""
+        return self._popen.returncode
+
+    def alive(self) -> bool:
+        """The child has not exited (reaps it once it has)."""
+        return self._popen.poll() is None
+
+    def wait(self, timeout_s: float | None) -> int | None:
+        """Wait up to ``timeout_s``; the exit status or None."""
+        try:
+            return self._popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the process group (no-op once reaped)."""
+        if self._popen.returncode is None:
+            try:
+                os.killpg(self._popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        """SIGTERM, 5 s grace, SIGKILL, reap."""
+        _stop(self._popen)
+
+
+def _wait_for(cond: Callable[[], bool], proc: _Child, timeout_s: float) -> bool:
     """Poll ``cond`` until true, ``proc`` exits (False) or the timeout (False).
 
     Waits between polls on the process's pidfd, so an exit is noticed at once.
     """
     deadline = time.monotonic() + timeout_s
-    pidfd = os.pidfd_open(proc.pid)
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:  # gone and reaped already
+        return cond()
     try:
         sel = selectors.DefaultSelector()
         sel.register(pidfd, selectors.EVENT_READ)
@@ -523,11 +684,12 @@ def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen[bytes], timeout_s
             if cond():
                 return True
             left = deadline - time.monotonic()
-            if left <= 0 or proc.poll() is not None:
-                return False
+            if left <= 0 or not proc.alive():
+                return cond()
             sel.select(min(interval, left))
             interval = min(interval * 2, 0.1)
     finally:
+        sel.close()
         os.close(pidfd)
 
 
@@ -538,7 +700,123 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-class Backend:
+class _Service:
+    """One supervised helper process of the harness, with a log file (appended across
+    restarts): :meth:`start` launches it and waits (bounded, watching the process) for
+    :meth:`_ready`; :meth:`stop`, :meth:`kill`, :meth:`restart`; :meth:`wait_log`
+    reads what it logged. Our own Python processes are launched with
+    :class:`hostops.process.DeviceProcess` (own session; they exit when we die, through
+    the parent-watch pipe)."""
+
+    #: What the process is, in messages.
+    what = "process"
+
+    def __init__(self, log_path: str) -> None:
+        self.log_path = log_path
+        self.starts = 0
+        self._proc: _Child | None = None
+        self._log_mark = 0  # log characters before the current start
+
+    def argv(self) -> list[str]:
+        """The command line of the process."""
+        raise NotImplementedError
+
+    def _launch(self) -> _Child:
+        from hostops.process import DeviceProcess  # lazily: --setup runs without the venv
+
+        return DeviceProcess.launch(self.argv(), name=self.what, log_path=self.log_path)
+
+    def _prepare(self) -> None:
+        """Before each start (e.g. remove a stale socket file)."""
+
+    def _ready(self) -> bool:
+        """The process serves (polled after the start)."""
+        raise NotImplementedError
+
+    def _logged_since_start(self, text: str) -> bool:
+        return text in self.log_text()[self._log_mark :]
+
+    @property
+    def pid(self) -> int | None:
+        """The running process's pid."""
+        return self._proc.pid if self._proc is not None and self._proc.alive() else None
+
+    def alive(self) -> bool:
+        """Whether the process is running."""
+        return self._proc is not None and self._proc.alive()
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the process and wait until it is ready; :class:`GuestError` with its
+        last log lines if it exits or is not ready in time."""
+        if self.alive():
+            raise VmError(f"{self.what} already running")
+        if self._proc is not None:
+            self._proc.close()
+            self._proc = None
+        self._prepare()
+        self._log_mark = len(self.log_text())
+        self._proc = proc = self._launch()
+        self.starts += 1
+        if not _wait_for(self._ready, proc, timeout_s):
+            rc = proc.returncode if not proc.alive() else None
+            self.stop()
+            why = f"exited with status {rc}" if rc is not None else f"not ready in {timeout_s} s"
+            raise GuestError(f"{self.what} {why}: {self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stop the process (SIGTERM, grace, SIGKILL, reaped); idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.close()
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it (nothing of it runs afterwards)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(None)
+            proc.close()
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Stop the process and start a new one."""
+        self.stop()
+        self.start(timeout_s)
+
+    def wait_log(self, pattern: str, timeout_s: float = 10.0) -> re.Match[str]:
+        """Wait (polling, bounded) until the log matches the regular expression
+        ``pattern``; return the last match. How tests read the counters our processes
+        log (e.g. when a vhost-user connection ends)."""
+        rx = re.compile(pattern, re.M)
+        deadline = time.monotonic() + timeout_s
+        interval = 0.005
+        while True:
+            found = list(rx.finditer(self.log_text()))
+            if found:
+                return found[-1]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise GuestError(f"{self.what} never logged /{pattern}/: {self.log_tail()}")
+            proc = self._proc
+            if proc is not None and proc.alive():
+                proc.wait(min(interval, left))  # wakes at once if it exits
+            else:
+                time.sleep(min(interval, left))  # nothing to wait on: the log is final
+            interval = min(interval * 2, 0.1)
+
+    def log_text(self) -> str:
+        """Everything the process (all its starts) logged so far."""
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self) -> str:
+        """The last lines of the log, on one line."""
+        lines = [ln for ln in self.log_text().splitlines() if ln.strip()]
+        return " | ".join(lines[-3:]) or "(no output)"
+
+
+class Backend(_Service):
     """One vhost-user-blk backend process serving ``image`` on ``socket_path``.
 
     ``kind`` is ``"vlab"`` (``python -m vdev blk --vhost-user``) or ``"qsd"``
@@ -548,12 +826,11 @@ class Backend:
     def __init__(self, kind: str, image: str, socket_path: str, log_path: str) -> None:
         if kind not in BACKENDS:
             raise VmError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")
+        super().__init__(log_path)
         self.kind = kind
+        self.what = f"{kind} backend"
         self.image = image
         self.socket_path = socket_path
-        self.log_path = log_path
-        self.starts = 0
-        self._proc: subprocess.Popen[bytes] | None = None
         self._pidfile = socket_path + ".pid"
 
     def argv(self) -> list[str]:
@@ -580,93 +857,218 @@ class Backend:
             self.socket_path,
         ]
 
-    @property
-    def pid(self) -> int | None:
-        """The running backend's pid."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+    def _launch(self) -> _Child:
+        if self.kind == "qsd":
+            return _Foreign(self.argv(), self.log_path)
+        return super()._launch()
 
-    def alive(self) -> bool:
-        """Whether the backend process is running."""
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self, timeout_s: float = 30.0) -> None:
-        """Start the backend and wait until it accepts connections."""
-        if self.alive():
-            raise VmError("backend already running")
+    def _prepare(self) -> None:
         for p in (self.socket_path, self._pidfile):
             if os.path.lexists(p):
                 os.unlink(p)
-        with open(self.log_path, "ab") as log:
-            self._proc = _spawn(self.argv(), stdout=log, stdin=subprocess.DEVNULL)
-        self.starts += 1
+
+    def _ready(self) -> bool:
         if self.kind == "qsd":
             # qemu-storage-daemon writes its pid file after its exports are listening
-            def ready() -> bool:
-                try:
-                    return os.path.getsize(self._pidfile) > 0 and _is_socket(self.socket_path)
-                except OSError:
-                    return False
-        else:
+            try:
+                return os.path.getsize(self._pidfile) > 0 and _is_socket(self.socket_path)
+            except OSError:
+                return False
+        # vdev.vhost_user logs "listening on PATH" once the socket listens
+        return _is_socket(self.socket_path) and self._logged_since_start("listening on")
 
-            def ready() -> bool:
-                # vdev.vhost_user logs "listening on PATH" once the socket listens
-                return _is_socket(self.socket_path) and "listening on" in self.log_text()
 
-        if not _wait_for(ready, self._proc, timeout_s):
-            rc = self._proc.poll()
-            self.stop()
-            why = f"exited with status {rc}" if rc is not None else f"not ready in {timeout_s} s"
-            raise GuestError(f"{self.kind} backend {why}: {self.log_tail()}")
+def _ipc_path(endpoint: str) -> str:
+    if not endpoint.startswith("ipc://") or len(endpoint) <= len("ipc://"):
+        raise VmError(f"not an ipc:// endpoint: {endpoint!r}")
+    return endpoint[len("ipc://") :]
 
-    def stop(self) -> None:
-        """Stop the backend (SIGTERM, grace, SIGKILL); idempotent."""
-        proc, self._proc = self._proc, None
-        _stop(proc)
 
-    def restart(self, timeout_s: float = 30.0) -> None:
-        """Stop the backend and start a new one on the same socket path."""
-        self.stop()
-        self.start(timeout_s)
+class Switch(_Service):
+    """A ``python -m vdev switch --listen ENDPOINT [--tap IFNAME]`` process.
 
-    def wait_log(self, pattern: str, timeout_s: float = 10.0) -> re.Match[str]:
-        """Wait (polling, bounded) until the backend's output matches the regular
-        expression ``pattern``; return the last match. How tests read the counters our
-        backend logs when a connection ends."""
-        rx = re.compile(pattern, re.M)
-        deadline = time.monotonic() + timeout_s
-        interval = 0.005
-        while True:
-            found = list(rx.finditer(self.log_text()))
-            if found:
-                return found[-1]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GuestError(f"{self.kind} backend never logged /{pattern}/: {self.log_tail()}")
-            if self._proc is not None and self._proc.poll() is None:
-                try:
-                    self._proc.wait(min(interval, left))
-                except subprocess.TimeoutExpired:
-                    pass
-            else:
-                time.sleep(min(interval, left))  # nothing to wait on: the log is final
-            interval = min(interval * 2, 0.1)
+    ``wrap`` turns the command line into the one to run, e.g.
+    :meth:`hostops.netns.NetNamespace.argv` to run the switch (and the TAP it opens)
+    inside a network namespace. :meth:`stats` asks the running switch for its counters
+    (:class:`vdev.switch.SwitchClient`)."""
 
-    def log_text(self) -> str:
-        """Everything the backend processes printed so far."""
-        try:
-            return Path(self.log_path).read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+    what = "switch"
 
-    def log_tail(self) -> str:
-        """The last lines of the backend's output, on one line."""
-        lines = [ln for ln in self.log_text().splitlines() if ln.strip()]
-        return " | ".join(lines[-3:]) or "(no output)"
+    def __init__(
+        self,
+        endpoint: str,
+        log_path: str,
+        *,
+        tap: str | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+    ) -> None:
+        super().__init__(log_path)
+        self.endpoint = endpoint
+        self.path = _ipc_path(endpoint)
+        self.tap = tap
+        self._wrap = wrap
+
+    def argv(self) -> list[str]:
+        """``python -m vdev switch --listen ENDPOINT [--tap IFNAME]`` (wrapped)."""
+        argv = [sys.executable, "-m", "vdev", "switch", "--listen", self.endpoint]
+        if self.tap is not None:
+            argv += ["--tap", self.tap]
+        return self._wrap(argv) if self._wrap is not None else argv
+
+    def _prepare(self) -> None:
+        if os.path.lexists(self.path):
+            os.unlink(self.path)
+
+    def _ready(self) -> bool:
+        # the switch logs "listening on" once its socket is bound and its TAP is open
+        return _is_socket(self.path) and self._logged_since_start("listening on")
+
+    def stats(self, timeout_s: float = 10.0) -> dict[str, Any]:
+        """The switch's statistics (``{"switch": {...}, "ports": [...], ...}``)."""
+        from vdev.switch import SwitchClient
+
+        with SwitchClient(self.endpoint) as c:
+            return c.stats(timeout_s=timeout_s)
+
+
+def _features(match: re.Match[str] | None) -> int | None:
+    return int(match.group(1), 16) if match is not None else None
+
+
+class NetBackendProcess(_Service):
+    """The guest's network back-end: ``python -m vdev net --vhost-user SOCKET --backend
+    switch --switch ENDPOINT --mac MAC [--mtu N]``, one port of the switch at
+    ``switch``; QEMU's ``-netdev vhost-user`` connects to ``socket_path``.
+
+    :meth:`negotiated_features` and :meth:`device_counters` read what it logged:
+    the features of the latest activation and the device's counters at the end of
+    the latest vhost-user connection."""
+
+    what = "net back-end"
+
+    def __init__(
+        self, socket_path: str, switch: str, log_path: str, *, mac: str, mtu: int = 1500
+    ) -> None:
+        super().__init__(log_path)
+        _ipc_path(switch)
+        self.socket_path = socket_path
+        self.switch = switch
+        self.mac = mac
+        self.mtu = mtu
+
+    def argv(self) -> list[str]:
+        """The back-end's command line."""
+        return [
+            sys.executable,
+            "-m",
+            "vdev",
+            "net",
+            "--backend",
+            "switch",
+            "--switch",
+            self.switch,
+            "--mac",
+            self.mac,
+            "--mtu",
+            str(self.mtu),
+            "--vhost-user",
+            self.socket_path,
+        ]
+
+    def _prepare(self) -> None:
+        if os.path.lexists(self.socket_path):
+            os.unlink(self.socket_path)
+
+    def _ready(self) -> bool:
+        return _is_socket(self.socket_path) and self._logged_since_start("listening on")
+
+    def offered_features(self) -> int | None:
+        """The virtio features the back-end offered (its ``listening on`` line)."""
+        return _features(_last(r"listening on .*features (0x[0-9a-f]+)\)", self.log_text()))
+
+    def negotiated_features(self) -> int | None:
+        """The features the guest's driver negotiated at the latest activation (the
+        back-end logs ``device active, features 0x...``), None before any."""
+        return _features(_last(r"device active, features (0x[0-9a-f]+)", self.log_text()))
+
+    def device_counters(self) -> dict[str, int]:
+        """The device's counters logged when the latest vhost-user connection ended
+        (``{}`` before any ended)."""
+        m = _last(r"device counters: (.*)$", self.log_text())
+        if m is None or m.group(1) == "-":
+            return {}
+        out: dict[str, int] = {}
+        for item in m.group(1).split(", "):
+            name, _, value = item.rpartition(" ")
+            if name and value.lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+
+def _last(pattern: str, text: str) -> re.Match[str] | None:
+    found = list(re.finditer(pattern, text, re.M))
+    return found[-1] if found else None
 
 
 def _qemu_escape(value: str) -> str:
     """Escape a value for a QEMU ``key=value,...`` option (commas are doubled)."""
     return value.replace(",", ",,")
+
+
+#: The QEMU ``virtio-net-pci`` properties ``offload=False`` turns off.
+OFFLOAD_PROPERTIES = ("csum", "guest_csum", "host_tso4", "guest_tso4")
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC (``02:xx:xx:xx:xx:xx``)."""
+    return ":".join(f"{b:02x}" for b in b"\x02" + secrets.token_bytes(5))
+
+
+def _check_cidr(text: str) -> str:
+    """``ADDR/LEN`` of an interface (``10.0.0.2/24``), normalised; VmError otherwise."""
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError as e:
+        raise VmError(f"not an IPv4 address/prefix length: {text!r} ({e})") from None
+    net = iface.network
+    if "/" not in text:
+        raise VmError(f"give the prefix length too (ADDR/LEN, e.g. 10.0.0.2/24): {text!r}")
+    if net.prefixlen < 31 and iface.ip in (net.network_address, net.broadcast_address):
+        raise VmError(f"{text} is the network's own or its broadcast address")
+    return str(iface)
+
+
+@dataclass(frozen=True)
+class GuestNet:
+    """How a guest is attached to the network.
+
+    ``switch``: the ``ipc://`` endpoint of a running switch (``python -m vdev switch
+    --listen EP``), or None: the guest starts a switch of its own (stopped with it).
+    ``ip``: the interface's address with its prefix length (``"10.0.0.2/24"``), or None
+    (the link is up without an IPv4 address). ``mac``: default a random locally
+    administered one. ``offload``: False turns off QEMU's ``csum``, ``guest_csum``,
+    ``host_tso4`` and ``guest_tso4`` (the driver then negotiates none of them). ``mtu``:
+    QEMU's ``host_mtu`` (the driver negotiates VIRTIO_NET_F_MTU and uses it; the
+    back-end learns it from ``NET_SET_MTU``)."""
+
+    switch: str | None = None
+    ip: str | None = None
+    mac: str | None = None
+    offload: bool = True
+    mtu: int = 1500
+
+    def __post_init__(self) -> None:
+        if self.switch is not None:
+            _ipc_path(self.switch)
+        if self.ip is not None:
+            object.__setattr__(self, "ip", _check_cidr(self.ip))
+        if self.mac is not None:
+            m = re.fullmatch(r"([0-9a-fA-F]{2})(:[0-9a-fA-F]{2}){5}", self.mac)
+            if m is None or int(self.mac[:2], 16) & 1:
+                raise VmError(f"not a unicast MAC address (aa:bb:cc:dd:ee:ff): {self.mac!r}")
+            object.__setattr__(self, "mac", self.mac.lower())
+        if not 68 <= self.mtu <= 65535:
+            raise VmError(f"MTU {self.mtu} not in 68..65535")
 
 
 @dataclass
@@ -687,49 +1089,83 @@ class _Console:
 
 
 class Guest:
-    """A booted guest whose ``/dev/vda`` is served by a vhost-user-blk backend.
+    """A booted guest: a disk (``/dev/vda``, a vhost-user-blk backend) and/or a network
+    interface (``eth0``, virtio-net over vhost-user to our net back-end on a switch).
 
-    ``with Guest(image, backend="qsd") as g: r = g.run("cat /sys/block/vda/size")``.
-    :meth:`start` (called by ``__enter__``) starts the backend and QEMU and waits for
-    the guest's first prompt; :meth:`run` runs one shell command and returns a
-    :class:`GuestResult`; :meth:`restart_backend` restarts the backend on the same
-    socket; :meth:`close` powers the guest off (or kills it) and cleans up everything.
-    ``console`` is called with every console line as it arrives (live output).
-    ``backend`` is a kind (``"vlab"``/``"qsd"``: the guest starts and stops its own) or a
-    running :class:`Backend` (the caller owns it, e.g. to keep it across boots).
+    ``with Guest(image, backend="qsd") as g: r = g.run("cat /sys/block/vda/size")``;
+    ``with Guest(net=GuestNet(switch=EP, ip="10.0.0.2/24")) as g: g.run("ping -c 1 ...")``.
+    :meth:`start` (called by ``__enter__``) starts the backends (and a switch of its own
+    when ``net.switch`` is None) and QEMU and waits for the guest's first prompt;
+    :meth:`run` runs one shell command and returns a :class:`GuestResult`;
+    :meth:`restart_backend` restarts the disk's backend on the same socket,
+    :meth:`restart_net_backend` the network's; :meth:`close` powers the guest off (or
+    kills it) and cleans up everything. ``console`` is called with every console line as
+    it arrives (live output). ``backend`` is a kind (``"vlab"``/``"qsd"``: the guest
+    starts and stops its own) or a running :class:`Backend` (the caller owns it, e.g. to
+    keep it across boots). ``image`` None: no disk (then ``net`` is needed).
     """
 
     def __init__(
         self,
-        image: str,
+        image: str | None = None,
         *,
         backend: str | Backend = "vlab",
+        net: GuestNet | None = None,
         reconnect: bool = False,
         boot_timeout: float = 120.0,
         memory_mb: int = 256,
         num_queues: int = 1,
         cache: Path | None = None,
         console: Callable[[str], None] | None = None,
+        log_dir: str | None = None,
     ) -> None:
-        if not os.path.isfile(image):
-            raise VmError(f"image not found: {image}")
-        if os.path.getsize(image) < 512:
-            raise VmError(f"image {image} is smaller than one 512-byte sector")
-        self.image = os.path.abspath(image)
+        if image is None and net is None:
+            raise VmError("a guest needs a disk image or a network (or both)")
+        if image is not None:
+            if not os.path.isfile(image):
+                raise VmError(f"image not found: {image}")
+            if os.path.getsize(image) < 512:
+                raise VmError(f"image {image} is smaller than one 512-byte sector")
+        self.image = os.path.abspath(image) if image is not None else None
         self._own_backend = not isinstance(backend, Backend)
-        self.backend_kind = backend.kind if isinstance(backend, Backend) else backend
+        self.backend_kind: str | None = (
+            None if image is None else backend.kind if isinstance(backend, Backend) else backend
+        )
         self.reconnect = reconnect
         self.boot_timeout = boot_timeout
         self.memory_mb = memory_mb
         self.num_queues = num_queues
         self.cache = cache or cache_dir()
+        self.net = net
+        self.mac: str | None = None
+        if net is not None:
+            self.mac = net.mac or random_mac()
         self._console_cb = console
+        self.log_dir = log_dir
+        """Where the logs of QEMU and of the processes the guest starts go (default:
+        the run directory, removed by :meth:`close`)."""
+        self._logs = ""  # the log directory in use
         self._rundir: RuntimeDir | None = None
         self._qemu: subprocess.Popen[bytes] | None = None
         self._sel: selectors.BaseSelector | None = None
         self._con = _Console()
-        self.backend: Backend | None = None if self._own_backend else backend  # type: ignore[assignment]
+        self.backend: Backend | None = (
+            None if self._own_backend or image is None else backend  # type: ignore[assignment]
+        )
+        self.net_backend: NetBackendProcess | None = None
+        self.switch: Switch | None = None
+        """The switch the guest started itself (``net.switch`` None), else None."""
         self.boot_seconds = 0.0
+        self._t_launch = 0.0
+
+    @property
+    def switch_endpoint(self) -> str | None:
+        """The endpoint of the switch the guest is attached to."""
+        if self.net is None:
+            return None
+        if self.net.switch is not None:
+            return self.net.switch
+        return self.switch.endpoint if self.switch is not None else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -737,7 +1173,7 @@ class Guest:
         try:
             self.start()
         except BaseException:
-            self.close()
+            self.close(graceful=False)
             raise
         return self
 
@@ -749,29 +1185,13 @@ class Guest:
     ) -> None:
         self.close(graceful=exc_type is None)
 
-    def start(self) -> None:
-        """Start the backend, then QEMU, and wait for the guest's first prompt."""
-        check_prerequisites(self.backend_kind, self.cache)
-        kernel = load_kernel(self.cache)
-        initramfs = _initramfs(kernel, self.cache)
-        # lazily: --setup runs without the venv
-        from hostops.rundir import RuntimeDir, sweep_stale_rundirs
-
-        sweep_stale_rundirs()  # run dirs of harnesses that were SIGKILLed
-        self._rundir = RuntimeDir.create()
-        if self._own_backend:
-            sock = os.path.join(self._rundir.path, "vhost.sock")
-            log = os.path.join(self._rundir.path, "backend.log")
-            self.backend = Backend(self.backend_kind, self.image, sock, log)
-            self.backend.start()
-        assert self.backend is not None
-        if not self.backend.alive():
-            raise VmError("the given backend is not running (call its start() first)")
-        sock = self.backend.socket_path
-        chardev = f"socket,id=c0,path={_qemu_escape(sock)}"
-        if self.reconnect:
-            chardev += ",reconnect=1"
+    def _qemu_argv(self, kernel: KernelFiles, initramfs: Path) -> list[str]:
         mem = f"{self.memory_mb}M"
+        append = "console=ttyS0 quiet loglevel=2 panic=-1"
+        if self.image is None:
+            append += " vlab.disk=0"
+        if self.net is not None:
+            append += f" vlab.ip={self.net.ip}" if self.net.ip else " vlab.net=1"
         argv = [
             _which(QEMU, "qemu-system-x86 qemu-system-common"),
             "-accel", "tcg",
@@ -785,19 +1205,106 @@ class Guest:
             "-no-reboot",
             "-kernel", str(kernel.vmlinuz),
             "-initrd", str(initramfs),
-            "-append", "console=ttyS0 quiet loglevel=2 panic=-1",
-            "-chardev", chardev,
-            "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={self.num_queues}",
+            "-append", append,
         ]  # fmt: skip
-        t0 = time.monotonic()
-        with open(os.path.join(self._rundir.path, "qemu.log"), "ab") as qlog:
+        if self.backend is not None:
+            chardev = f"socket,id=c0,path={_qemu_escape(self.backend.socket_path)}"
+            if self.reconnect:
+                chardev += ",reconnect=1"
+            argv += [
+                "-chardev", chardev,
+                "-device", f"vhost-user-blk-pci,chardev=c0,num-queues={self.num_queues}",
+            ]  # fmt: skip
+        if self.net is not None and self.net_backend is not None:
+            # vectors=0: no MSI-X. QEMU 7.2 under TCG crashes (SIGSEGV) setting up the
+            # MSI-X vector notifiers of a virtio-net whose rings a vhost back-end serves
+            # (it reaches for KVM irqfds that do not exist without KVM); with INTx the
+            # call eventfds are relayed by QEMU's main loop. romfile=: no option ROM.
+            nic = (
+                f"virtio-net-pci,netdev=n0,mac={self.mac},host_mtu={self.net.mtu},"
+                "vectors=0,romfile="
+            )
+            if not self.net.offload:
+                nic += "".join(f",{p}=off" for p in OFFLOAD_PROPERTIES)
+            argv += [
+                "-chardev",
+                # reconnect=1: QEMU redials a restarted back-end (link down meanwhile)
+                f"socket,id=c1,path={_qemu_escape(self.net_backend.socket_path)},reconnect=1",
+                "-netdev", "vhost-user,id=n0,chardev=c1",
+                "-device", nic,
+            ]  # fmt: skip
+        return argv
+
+    def start(self) -> None:
+        """Start the backends (and a switch), then QEMU, and wait for the first prompt
+        (:meth:`launch` unless done already, then :meth:`wait_booted`)."""
+        if self._qemu is None:
+            self.launch()
+        self.wait_booted()
+
+    def wait_booted(self, timeout: float | None = None) -> None:
+        """Wait (at most ``timeout``, default ``boot_timeout``) for the guest's first
+        prompt after :meth:`launch`."""
+        if self._qemu is None:
+            raise VmError("guest not launched")
+        if self.boot_seconds:
+            return
+        self._wait_line(
+            lambda ln: ln == MARK_READY,
+            self.boot_timeout if timeout is None else timeout,
+            "boot",
+        )
+        self.boot_seconds = time.monotonic() - self._t_launch
+
+    def launch(self) -> None:
+        """Start the backends (and a switch) and QEMU, without waiting for the boot:
+        several guests boot at once with ``launch()`` each, then ``wait_booted()``
+        each (see :func:`start_all`)."""
+        check_prerequisites(self.backend_kind, self.cache, net=self.net is not None)
+        kernel = load_kernel(self.cache)
+        initramfs = _initramfs(kernel, self.cache)
+        # lazily: --setup runs without the venv
+        from hostops.rundir import RuntimeDir, sweep_stale_rundirs
+
+        sweep_stale_rundirs()  # run dirs of harnesses that were SIGKILLed
+        self._rundir = rd = RuntimeDir.create()
+        self._logs = logs = self.log_dir or rd.path
+        if self.image is not None and self._own_backend:
+            assert self.backend_kind is not None
+            sock = os.path.join(rd.path, "vhost.sock")
+            log = os.path.join(logs, "backend.log")
+            self.backend = Backend(self.backend_kind, self.image, sock, log)
+            self.backend.start()
+        if self.backend is not None and not self.backend.alive():
+            raise VmError("the given backend is not running (call its start() first)")
+        if self.net is not None:
+            assert self.mac is not None
+            endpoint = self.net.switch
+            if endpoint is not None and not _is_socket(_ipc_path(endpoint)):
+                raise VmError(
+                    f"no switch listens at {endpoint} (start one with 'python -m vdev "
+                    f"switch --listen {endpoint}', or give no endpoint to start one)"
+                )
+            if endpoint is None:
+                self.switch = Switch(rd.endpoint("sw"), os.path.join(logs, "switch.log"))
+                self.switch.start()
+                endpoint = self.switch.endpoint
+            self.net_backend = NetBackendProcess(
+                os.path.join(rd.path, "net.sock"),
+                endpoint,
+                os.path.join(logs, "net.log"),
+                mac=self.mac,
+                mtu=self.net.mtu,
+            )
+            self.net_backend.start()
+        argv = self._qemu_argv(kernel, initramfs)
+        self._t_launch = time.monotonic()
+        with open(os.path.join(logs, "qemu.log"), "ab") as qlog:
             self._qemu = _spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=qlog)
         assert self._qemu.stdout is not None
         os.set_blocking(self._qemu.stdout.fileno(), False)
         self._sel = selectors.DefaultSelector()
         self._sel.register(self._qemu.stdout.fileno(), selectors.EVENT_READ)
-        self._wait_line(lambda ln: ln == MARK_READY, self.boot_timeout, "boot")
-        self.boot_seconds = time.monotonic() - t0
 
     def run(self, command: str, timeout: float = 120.0) -> GuestResult:
         """Run ``command`` with the guest's ``sh``; return its output and exit status."""
@@ -819,10 +1326,24 @@ class Guest:
         )
 
     def restart_backend(self, timeout: float = 30.0) -> None:
-        """Stop the backend and start a new one on the same socket path."""
+        """Stop the disk's backend and start a new one on the same socket path."""
         if self.backend is None:
-            raise VmError("guest not started")
+            raise VmError("guest not started or without a disk")
         self.backend.restart(timeout)
+
+    def restart_net_backend(self, *, kill: bool = True, timeout: float = 30.0) -> None:
+        """Stop the network back-end -- SIGKILL with ``kill``, else SIGTERM -- and start
+        a new one on the same socket. QEMU's chardev (``reconnect=1``) redials within
+        about a second and restarts the rings where the used ring stands; the guest
+        sees its link go down and up."""
+        nb = self.net_backend
+        if nb is None:
+            raise VmError("guest not started or without a network")
+        if kill:
+            nb.kill()
+        else:
+            nb.stop()
+        nb.start(timeout)
 
     def poweroff(self, timeout: float = 30.0) -> None:
         """Ask the guest to sync and power off; wait for QEMU to exit."""
@@ -838,8 +1359,9 @@ class Guest:
         self._pump(0)
 
     def close(self, graceful: bool = True) -> None:
-        """Power off (if ``graceful``) or kill QEMU, stop the backend, remove the run
-        directory. Idempotent; never raises for cleanup trouble."""
+        """Power off (if ``graceful``) or kill QEMU, stop the backends (and the switch
+        the guest started), remove the run directory. Idempotent; never raises for
+        cleanup trouble."""
         try:
             if graceful and self._qemu is not None and self._qemu.poll() is None:
                 try:
@@ -862,6 +1384,10 @@ class Guest:
                 self._sel = None
             if self.backend is not None and self._own_backend:
                 self.backend.stop()
+            if self.net_backend is not None:
+                self.net_backend.stop()  # SIGTERM: it logs its counters on the way out
+            if self.switch is not None:
+                self.switch.stop()
             if self._rundir is not None:
                 self._rundir.cleanup()
                 self._rundir = None
@@ -937,14 +1463,15 @@ class Guest:
                 raise GuestError(
                     f"QEMU exited (status {rc}) during {what}; console: {self._tail()}; "
                     f"QEMU: {self._qemu_log_tail()}; "
-                    f"backend: {self.backend.log_tail() if self.backend else '-'}"
+                    f"backend: {self.backend.log_tail() if self.backend else '-'}; "
+                    f"net back-end: {self.net_backend.log_tail() if self.net_backend else '-'}"
                 )
 
     def _qemu_log_tail(self) -> str:
-        if self._rundir is None:
+        if not self._logs:
             return "-"
         try:
-            text = Path(self._rundir.path, "qemu.log").read_text(errors="replace")
+            text = Path(self._logs, "qemu.log").read_text(errors="replace")
         except OSError:
             return "-"
         lines = [ln for ln in text.splitlines() if ln.strip()]
@@ -960,6 +1487,20 @@ class Guest:
     def _tail(self) -> str:
         lines = [ln for ln in self._con.lines if ln.strip()][-_CONSOLE_TAIL:]
         return " | ".join(lines[-8:]) or "(no console output)"
+
+
+def start_all(guests: Sequence[Guest]) -> None:
+    """Boot ``guests`` at once: launch every one, then wait for each. If one fails,
+    every guest is closed (killed) and the error propagates."""
+    try:
+        for g in guests:
+            g.launch()
+        for g in guests:
+            g.wait_booted()
+    except BaseException:
+        for g in guests:
+            g.close(graceful=False)
+        raise
 
 
 def run_in_guest(
@@ -981,6 +1522,9 @@ SMOKE_COMMAND = (
 )
 """What ``vlab vm`` runs without ``--run``."""
 
+NET_SMOKE_COMMAND = "ip addr show dev eth0"
+"""What ``vlab vm --net`` (without ``--image``) runs without ``--run``."""
+
 
 def run(
     *,
@@ -991,8 +1535,16 @@ def run(
     size: int = 64 << 20,
     do_setup: bool = False,
     verbose: bool = False,
+    net: str | None = None,
+    ip: str | None = None,
+    net_offload: bool = True,
 ) -> int:
-    """``vlab vm``: the CLI entry; returns the exit status (the guest command's status)."""
+    """``vlab vm``: the CLI entry; returns the exit status (the guest command's status).
+
+    ``net``: attach the guest to the switch at this ``ipc://`` endpoint, or ``"auto"``
+    to start a switch for the guest (stopped when it ends); ``ip`` and ``net_offload``
+    configure that interface (:class:`GuestNet`). With ``net`` and no ``image`` the
+    guest has no disk."""
     from tools.errors import CliError
 
     try:
@@ -1001,19 +1553,34 @@ def run(
             return 0
         if image is not None and not os.path.isfile(image):
             raise CliError(f"image not found: {image}")
+        if net is None and (ip is not None or not net_offload):
+            raise CliError("vm: --ip and --net-offload need --net", 2)
+        attach = None
+        if net is not None:
+            try:
+                attach = GuestNet(switch=None if net == "auto" else net, ip=ip, offload=net_offload)
+            except VmError as e:
+                raise CliError(f"vm: {e}", 2) from None
         with tempfile.TemporaryDirectory(prefix="vlab-vm-") as tmp:
-            if image is None:
+            if image is None and attach is None:
                 image = os.path.join(tmp, "disk.img")
                 with open(image, "wb") as f:
                     f.truncate(size)
             cb = (lambda s: print(f"| {s}", file=sys.stderr, flush=True)) if verbose else None
             deadline = time.monotonic() + timeout
-            with Guest(image, backend=backend, boot_timeout=timeout, console=cb) as g:
+            guest = Guest(image, backend=backend, net=attach, boot_timeout=timeout, console=cb)
+            with guest as g:
+                what = [f"{backend} backend"] if image is not None else []
+                if attach is not None:
+                    addr = f", {attach.ip}" if attach.ip else ""
+                    own = " (its own)" if attach.switch is None else ""
+                    what.append(f"eth0 {g.mac}{addr} on the switch {g.switch_endpoint}{own}")
                 print(
-                    f"vlab vm: guest booted in {g.boot_seconds:.1f} s ({backend} backend)",
+                    f"vlab vm: guest booted in {g.boot_seconds:.1f} s ({'; '.join(what)})",
                     file=sys.stderr,
                 )
-                r = g.run(command or SMOKE_COMMAND, max(1.0, deadline - time.monotonic()))
+                default = SMOKE_COMMAND if image is not None else NET_SMOKE_COMMAND
+                r = g.run(command or default, max(1.0, deadline - time.monotonic()))
                 sys.stdout.write(r.output)
                 sys.stdout.flush()
             return r.status

@@ -68,6 +68,11 @@ console waits for a key press; an entropy source may wait for its pool. Such a d
   :class:`~vdev.virtio.errors.UsageError`, changes nothing and counts
   ``stale_completions``. After ``complete()`` the chain's views are released (the
   buffers belong to the driver again): touching them raises ``ValueError``.
+* :meth:`Device.complete_many` ``(queue, [(chain, used_len), ...])`` completes several
+  kept chains that belong together and publishes ``used.idx`` once, after all of them:
+  the driver never sees part of the batch (a frame spread over several receive buffers
+  with virtio-net's MRG_RXBUF must appear whole, §5.1.6.4). Checked as ``complete()``
+  checks one chain, all before anything is pushed.
 * :meth:`Device.watch` ``(source, callback)`` calls ``callback()`` on the runtime's loop
   whenever ``source`` is readable: an int fd, an object with ``fileno()``, or a hostops
   pollable (anything with ``_pollable()``, e.g. a ZeroMQ socket wrapper). It is
@@ -155,7 +160,7 @@ each :class:`TimerHandle` and cancels them in :meth:`~Device.released`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar, Final, Protocol
 
 from vdev.virtio.constants import F, bit
@@ -264,6 +269,10 @@ class DeviceHost(Protocol):
 
     def complete(self, queue: int, chain: Chain, used_len: int) -> None:
         """Push the used entry of a kept chain."""
+        ...
+
+    def complete_many(self, queue: int, completions: Sequence[tuple[Chain, int]]) -> None:
+        """Push the used entries of several kept chains, publishing ``used.idx`` once."""
         ...
 
     def kept(self, queue: int) -> int:
@@ -474,6 +483,26 @@ class Device:
         if host is None:
             raise UsageError(f"{self!r} is not attached to a runtime: nothing to complete")
         host.complete(queue, chain, used_len)
+
+    def complete_many(self, queue: int, completions: Sequence[tuple[Chain, int]]) -> None:
+        """Complete several kept chains of ``queue`` at once: ``completions`` is a
+        sequence of ``(chain, used_len)``, pushed in that order, and the driver sees
+        them *together* -- ``used.idx`` is published once, after the last used element
+        (§2.7.8). Use it when the chains belong together: a virtio-net frame spread
+        over several receive buffers with MRG_RXBUF (§5.1.6.4), whose first header
+        says how many buffers follow (Linux's ``virtio_net`` reads ``num_buffers`` and
+        expects every one of them to be in the used ring already).
+
+        Every entry is checked first, as :meth:`complete` checks one (kept on
+        ``queue``, not listed twice, ``used_len`` in ``0..chain.writable_len``): one
+        bad entry raises :class:`~vdev.virtio.errors.UsageError` and nothing is pushed.
+        The interrupt decision is taken as for :meth:`complete`; the chains' views are
+        released. An empty sequence does nothing.
+        """
+        host = self._session
+        if host is None:
+            raise UsageError(f"{self!r} is not attached to a runtime: nothing to complete")
+        host.complete_many(queue, completions)
 
     def kept(self, queue: int) -> int:
         """How many chains of ``queue`` the device keeps now (returned :data:`PENDING`

@@ -71,19 +71,33 @@ negotiated (§5.1.6.4.1):
 
 Then header + frame are written into the oldest kept buffer and that chain is completed
 with the bytes written. With MRG_RXBUF a frame may take several buffers, each filled
-completely but the last, ``num_buffers`` in the first header (§5.1.6.4); without it a
-frame that does not fit the next buffer is dropped (``rx_dropped_too_big``) and the
-buffer stays for the next frame, ``num_buffers`` is 1. No buffer (or not enough for a
-merged frame) → the frame is dropped (``rx_dropped_no_buffer``) and ``receive`` returns
-False. Nothing ever waits and nothing grows: the only queue is the driver's own buffers
-(at most the queue size). With the link down a received frame is dropped
-(``rx_dropped_link_down``).
+completely but the last, ``num_buffers`` in the first header (§5.1.6.4); they are
+completed with one :meth:`~vdev.Device.complete_many`, so ``used.idx`` moves once and
+the driver (Linux reads ``num_buffers`` from the first buffer and takes the others
+from the used ring at once) never sees part of a frame; without it a frame that does
+not fit the next buffer is dropped (``rx_dropped_too_big``) and the buffer stays for
+the next frame, ``num_buffers`` is 1. No buffer (or not enough for a merged frame) →
+the frame is dropped (``rx_dropped_no_buffer``) and ``receive`` returns False. Nothing
+ever waits and nothing grows: the only queue is the driver's own buffers (at most the
+queue size). A backend that ran out of buffers and stopped reading (back-pressure) is
+told when the driver posts one again (its ``resume_rx()``, if it has one). With the
+link down a received frame is dropped (``rx_dropped_link_down``).
 
 **Link** (STATUS). :meth:`NetDevice.set_link` flips LINK_UP in the config space and
 raises a configuration change notification (the driver re-reads ``status``, §5.1.4).
 
-**Reset** forgets the kept receive buffers (the session releases the chains) and the
-negotiated features; the link state and the counters survive.
+**Over vhost-user** (QEMU's ``-netdev vhost-user``) QEMU's own virtio-net model keeps
+the config space (the MAC of ``-device virtio-net-pci,mac=``, link status, MTU of
+``host_mtu=``); this device owns the rings, the data path and the features it offers
+(QEMU offers the guest its own features intersected with ours). When the driver
+negotiates MTU, QEMU sends ``NET_SET_MTU`` (protocol feature NET_MTU, offered by
+:mod:`vdev.vhost_user` because the device has :meth:`NetDevice.set_mtu`): the device's
+MTU follows. :meth:`set_link` cannot reach the driver there (no BACKEND_REQ): the
+guest sees QEMU's link state, while the device still drops frames without carrier.
+
+**Reset** forgets the kept receive buffers (the session releases the chains), the
+negotiated features and an MTU set by the front-end; the link state and the counters
+survive.
 
 Counters (:attr:`~vdev.Device.metrics`): ``tx_frames tx_bytes`` (valid frames from the
 driver and their bytes, header excluded), ``tx_gso_frames tx_csum_offloaded`` (of those,
@@ -92,7 +106,8 @@ with GSO / NEEDS_CSUM), ``tx_segments`` (segments cut in software), ``tx_csum_co
 tx_dropped_backend``; ``rx_frames rx_bytes`` (frames delivered to the driver, header
 excluded), ``rx_merged`` (frames that took more than one buffer), ``rx_gso_frames``,
 ``rx_segments``, ``rx_csum_completed``, ``rx_dropped_no_buffer rx_dropped_too_big
-rx_dropped_over_mtu rx_dropped_link_down rx_bad_frames rx_bad_buffers``, ``link_changes``.
+rx_dropped_over_mtu rx_dropped_link_down rx_bad_frames rx_bad_buffers``,
+``link_changes``.
 
 Backends
 --------
@@ -259,6 +274,9 @@ class NetDevice(Device):
         self.backend = backend
         self.mac = bytes(mac)
         self.mtu = mtu
+        self.configured_mtu = mtu
+        """The MTU given at construction (``mtu`` may follow the front-end's NET_SET_MTU
+        until the next reset)."""
         self.max_queue_size = queue_size
         self.link_up = True
         self.metrics.declare(*NET_COUNTERS)
@@ -270,6 +288,8 @@ class NetDevice(Device):
         self._host_csum = False
         self._host_tso4 = False
         self._mtu_negotiated = False
+        resume = getattr(backend, "resume_rx", None)
+        self._resume_rx: Callable[[], None] | None = resume if callable(resume) else None
         offloads = backend.offloads()
         self._backend_csum = "csum" in offloads
         self._backend_tso4 = "tso4" in offloads
@@ -309,6 +329,16 @@ class NetDevice(Device):
         self._mtu_negotiated = bool(features & bit(NetF.MTU))
         self._active = True
 
+    def set_mtu(self, mtu: int) -> None:
+        """The front-end says the driver uses ``mtu`` (vhost-user ``NET_SET_MTU``, sent
+        by QEMU when the driver negotiated VIRTIO_NET_F_MTU; QEMU's config space holds
+        that MTU): from now on the device applies it (§5.1.4.1 / §5.1.4.2). A reset
+        brings back the MTU the device was made with. ProtocolError BAD_VALUE outside
+        68..65535 (§5.1.4.1: the only MTUs a device may put in its config space)."""
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not MIN_MTU <= mtu <= MAX_MTU:
+            raise ProtocolError(ErrorCode.BAD_VALUE, f"MTU {mtu!r} not in {MIN_MTU}..{MAX_MTU}")
+        self.mtu = mtu
+
     def released(self, queue: int) -> None:
         """The session dropped the chains kept on ``queue``: forget the receive buffers."""
         if queue == RX_QUEUE:
@@ -320,6 +350,7 @@ class NetDevice(Device):
         self._active = False
         self._mrg = self._guest_csum = self._guest_tso4 = False
         self._host_csum = self._host_tso4 = self._mtu_negotiated = False
+        self.mtu = self.configured_mtu
         super().reset()
 
     def close(self) -> None:
@@ -472,7 +503,10 @@ class NetDevice(Device):
         if chain.readable_len or chain.writable_len < NET_HDR_SIZE:
             self.metrics.inc("rx_bad_buffers")
             return 0
-        self._rx.append(chain)
+        rx = self._rx
+        rx.append(chain)
+        if len(rx) == 1 and self._resume_rx is not None:
+            self._resume_rx()  # the first buffer after none: the backend reads again now
         return PENDING
 
     def _shape_rx(
@@ -583,8 +617,9 @@ class NetDevice(Device):
                     chain.write(0, frame[done : done + take])
                     lens.append(take)
                 done += take
-            for chain, used in zip(chains, lens, strict=True):
-                self.complete(RX_QUEUE, chain, used)
+            # all buffers of the frame appear in the used ring together: the driver
+            # reads num_buffers from the first and expects the rest to be there
+            self.complete_many(RX_QUEUE, list(zip(chains, lens, strict=True)))
             if count > 1:
                 m.inc("rx_merged")
         m.inc("rx_frames")

@@ -215,13 +215,17 @@ class SwitchBackend(NetBackend):
             return
         port = self._port
         for _ in range(self.rx_budget):
-            if not sink.rx_buffers_available():
+            # Back-pressure only once the switch has welcomed us: until then the next
+            # message is the welcome (a control message), which must not wait for the
+            # driver's receive buffers.
+            if self.link_up and not sink.rx_buffers_available():
                 self._count("switch_rx_paused")
                 self._gate.pause()
                 return
+            malformed = port.malformed
             msg = port.recv()
             if msg is None:
-                if port.readable():
+                if port.malformed != malformed:
                     self._count("switch_rx_malformed")  # a multi-part message, skipped
                     continue
                 return

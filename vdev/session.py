@@ -60,7 +60,9 @@ During a drain ``should_interrupt()`` (EVENT_IDX aware) is asked after every
 :data:`INTERRUPT_EVERY` chains and at the end of each round.
 
 Kept chains. ``device.complete(q, chain, n)`` pushes the used entry of a kept chain and
-releases its views. Inside the drain of ``q`` the drain's interrupt logic covers it;
+releases its views; ``device.complete_many(q, [(chain, n), ...])`` pushes several
+and publishes ``used.idx`` once, after the last (a multi-buffer frame appears whole).
+Inside the drain of ``q`` the drain's interrupt logic covers it;
 anywhere else (a watch callback, a timer, the drain of another ring, a control message)
 the ring is marked *owed* and ``should_interrupt()`` is asked once per owed ring right
 after that callback (or drain) returns — a callback that completes 30 chains costs at
@@ -115,7 +117,7 @@ from vdev.virtio.errors import (
 )
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import Chain, DeviceQueue, DeviceQueueStats
-from vdev.virtio.ring import RingLayout
+from vdev.virtio.ring import USED_ELEM, RingLayout
 
 __all__ = [
     "DeviceSession",
@@ -149,6 +151,35 @@ SESSION_COUNTERS = (
 )
 
 _QUEUE_STAT_FIELDS = tuple(f.name for f in fields(DeviceQueueStats) if f.name != "rule_violations")
+
+
+def _push_batch(dq: DeviceQueue, entries: Sequence[tuple[int, int]]) -> None:
+    """Write the used elements of ``entries`` (head, written) into ``dq``'s used ring,
+    then ``used.idx`` once (§2.7.8: the element before the index; here all of them
+    before the one index store, so the driver cannot see part of the batch).
+
+    ``len(entries)`` must not exceed the queue size (the chains are kept ones, at most
+    a queue size of them). Uses only ``dq``'s public state: its memory, layout and
+    ``used_idx``; the index moves in one 16-bit store (native little-endian u16, as
+    :class:`~vdev.virtio.queue.DeviceQueue` does)."""
+    size = dq.size
+    if len(entries) > size:
+        raise UsageError(f"{len(entries)} completions at once on a queue of {size}")
+    used = dq.memory.view(dq.layout.used, RingLayout.used_bytes(size))
+    try:
+        idx = dq.used_idx
+        for head, written in entries:
+            USED_ELEM.pack_into(used, 4 + 8 * (idx % size), head, written)
+            idx = (idx + 1) & 0xFFFF
+        dq.memory.barrier()  # the elements are stored before the index that shows them
+        words = used.cast("H")
+        try:
+            words[1] = idx
+        finally:
+            words.release()
+        dq.used_idx = idx
+    finally:
+        used.release()
 
 
 class SessionTransport(Protocol):
@@ -671,6 +702,53 @@ class DeviceSession:
         dq.push(chain.head, int(used_len))
         chain.release()
         self.counters["completions"] += 1
+        if self._draining is not ring:
+            self._owed[ring] = None
+
+    def complete_many(self, queue: int, completions: Sequence[tuple[Chain, int]]) -> None:
+        """:meth:`vdev.device.Device.complete_many`: push the used entries of several
+        kept chains and publish ``used.idx`` once, after the last of them (§2.7.8), so
+        the driver sees them all or none. Everything is checked before anything is
+        written: one bad entry raises :class:`UsageError` and changes nothing."""
+        ring = self._ring_arg(queue, "complete_many")
+        kept = ring.kept
+        try:
+            entries = list(completions)
+        except TypeError:
+            raise UsageError(
+                f"complete_many: {completions!r} is not a sequence of (chain, used_len)"
+            ) from None
+        seen: set[int] = set()
+        for entry in entries:
+            if not isinstance(entry, tuple) or len(entry) != 2:
+                raise UsageError(f"complete_many: {entry!r} is not a (chain, used_len) pair")
+            chain, used_len = entry
+            if not isinstance(chain, Chain) or chain not in kept or id(chain) in seen:
+                self.counters["stale_completions"] += 1
+                head = getattr(chain, "head", "?")
+                raise UsageError(
+                    f"complete_many: chain {head} is not kept on queue {queue} (already "
+                    f"completed, never kept, listed twice, or released when the ring stopped)"
+                )
+            seen.add(id(chain))
+            if (
+                not isinstance(used_len, int)
+                or isinstance(used_len, bool)
+                or not 0 <= used_len <= chain.writable_len
+            ):
+                raise UsageError(
+                    f"complete_many: used length {used_len!r} of chain {chain.head} is not "
+                    f"an int in 0..{chain.writable_len} (§2.7.8.2)"
+                )
+        if not entries:
+            return
+        dq = ring.dq
+        assert dq is not None, "a ring without a DeviceQueue keeps no chain"
+        _push_batch(dq, [(chain.head, int(n)) for chain, n in entries])
+        for chain, _ in entries:
+            del kept[chain]
+            chain.release()
+        self.counters["completions"] += len(entries)
         if self._draining is not ring:
             self._owed[ring] = None
 

@@ -62,12 +62,21 @@ counted as ``config_interrupts_unsupported``.
 Offered: features ``device.device_features() | RING_FEATURES | bit 30``; protocol
 features MQ (GET_QUEUE_NUM answers ``device.num_queues``), REPLY_ACK, CONFIG
 (GET_CONFIG/SET_CONFIG from ``device.config()`` / ``device.write_config()``; bytes past
-the device's config space read as zero) and RESET_DEVICE. Not offered: INFLIGHT_SHMFD,
-BACKEND_REQ, LOG_SHMFD, STATUS and the rest.
+the device's config space read as zero), RESET_DEVICE and, for a device with
+``set_mtu`` (:class:`MtuDevice`: virtio-net), NET_MTU: QEMU sends ``NET_SET_MTU`` when
+the driver negotiated VIRTIO_NET_F_MTU, and the device's MTU follows (an MTU the device
+refuses is nacked with REPLY_ACK). Not offered: INFLIGHT_SHMFD, BACKEND_REQ, LOG_SHMFD,
+STATUS, RARP and the rest.
+
+The back-end runs until :meth:`~VhostUserBackend.stop` (SIGTERM through :func:`serve`)
+or, when it was launched by :class:`hostops.DeviceProcess`, until that process dies
+(the parent-watch pipe; see :mod:`hostops.process`).
 
 Counters (:attr:`VhostUserBackend.counters`, logged when a connection ends):
 :data:`BACKEND_COUNTERS` (``connections messages protocol_errors nacks config_reads``,
-the session's counters, ``config_interrupts_unsupported``).
+the session's counters, ``config_interrupts_unsupported``); the device's own counters
+(``device.metrics``) are logged on the next line, ``connection N device counters: name
+value, ...``.
 """
 
 from __future__ import annotations
@@ -77,12 +86,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from hostops.barrier import full_barrier
 from hostops.errors import TransportError
 from hostops.eventfd import EventFd, NotAnEventFd
 from hostops.fdmem import MappedFd, MappingError
+from hostops.process import ParentWatch
 from hostops.unix import UnixConnection, UnixServer
 from vdev.device import RING_FEATURES, Device
 from vdev.session import SESSION_COUNTERS, DeviceSession, Ring
@@ -112,15 +122,40 @@ from vdev.virtio.vhost_user import (
     vring_file,
 )
 
-__all__ = ["VhostUserBackend", "OFFERED_PROTOCOL_FEATURES", "BACKEND_COUNTERS", "serve"]
+__all__ = [
+    "VhostUserBackend",
+    "OFFERED_PROTOCOL_FEATURES",
+    "BACKEND_COUNTERS",
+    "MtuDevice",
+    "offered_protocol_features",
+    "serve",
+]
 
-#: Protocol features the back-end offers.
+#: Protocol features the back-end offers for every device.
 OFFERED_PROTOCOL_FEATURES = (
     bit(ProtocolFeature.MQ)
     | bit(ProtocolFeature.REPLY_ACK)
     | bit(ProtocolFeature.CONFIG)
     | bit(ProtocolFeature.RESET_DEVICE)
 )
+
+
+@runtime_checkable
+class MtuDevice(Protocol):
+    """A device that takes the MTU from the front-end (``NET_SET_MTU``), e.g.
+    :class:`vdev.net.NetDevice`: for it the back-end also offers NET_MTU."""
+
+    def set_mtu(self, mtu: int) -> None:
+        """Apply ``mtu``; raise :class:`~vdev.virtio.errors.ProtocolError` to refuse."""
+        ...
+
+
+def offered_protocol_features(device: Device) -> int:
+    """The protocol features offered for ``device``: :data:`OFFERED_PROTOCOL_FEATURES`,
+    plus NET_MTU when the device has ``set_mtu`` (:class:`MtuDevice`)."""
+    extra = bit(ProtocolFeature.MTU) if isinstance(device, MtuDevice) else 0
+    return OFFERED_PROTOCOL_FEATURES | extra
+
 
 #: Counters of :attr:`VhostUserBackend.counters`.
 BACKEND_COUNTERS = (
@@ -177,8 +212,10 @@ class VhostUserBackend:
     :meth:`serve_forever` blocks until :meth:`stop` (thread- and signal-safe) and
     returns 0; the socket file is removed on the way out. ``budget`` bounds the chains
     served per ring per round; ``message_timeout`` bounds how long the rest of a
-    message may take once its first byte arrived. The rings, the loop and the device's
-    event sources are :attr:`session`'s.
+    message may take once its first byte arrived; ``watch_parent`` ends the loop when
+    the process that launched this one with :class:`hostops.DeviceProcess` dies (no
+    effect otherwise). The rings, the loop and the device's event sources are
+    :attr:`session`'s.
     """
 
     #: Seconds the poller sleeps at most when idle.
@@ -194,6 +231,7 @@ class VhostUserBackend:
         budget: int = 64,
         message_timeout: float = 5.0,
         log: Any = None,
+        watch_parent: bool = True,
     ) -> None:
         if device.num_queues < 1 or device.num_queues > 256:
             raise UsageError(f"{device!r}: vhost-user rings are numbered 0..255")
@@ -214,6 +252,9 @@ class VhostUserBackend:
         self.offered = (
             (device.device_features() & ~RING_FEATURES) | RING_FEATURES | bit(F_PROTOCOL_FEATURES)
         )
+        self.offered_protocol = offered_protocol_features(device)
+        self.watch_parent = watch_parent
+        self._parent: ParentWatch | None = None
         self._server: UnixServer | None = None
         self._conn: UnixConnection | None = None
         self._conn_no = 0
@@ -241,6 +282,7 @@ class VhostUserBackend:
             Req.SET_CONFIG: self._set_config,
             Req.RESET_DEVICE: self._reset_device,
             Req.GET_QUEUE_NUM: self._get_queue_num,
+            Req.NET_SET_MTU: self._net_set_mtu,
         }
         self._new_session_state()
 
@@ -289,10 +331,24 @@ class VhostUserBackend:
         self.session.open()
         self._server = UnixServer(self.socket_path)
         self.session.add_source(self._server, self._accept)
+        if self.watch_parent:
+            self._parent = ParentWatch.from_env()
+            if self._parent is not None:
+                self.session.add_source(self._parent, self._on_parent)
         self._log(
             f"listening on {self.socket_path} ({self.device.num_queues} queue(s), "
             f"features {self.offered:#x})"
         )
+        self._log(f"protocol features offered: {self.offered_protocol:#x}")
+
+    def _on_parent(self) -> None:
+        parent = self._parent
+        assert parent is not None
+        if parent.parent_gone():
+            self._log("parent process is gone: exiting")
+            self.stop("parent gone")
+        else:  # readable yet alive: never spin on it
+            self.session.remove_source(parent)
 
     def _on_kick(self, vring: _Vring, efd: EventFd) -> None:
         if vring.kick is not efd or efd.closed:  # replaced earlier in this round
@@ -333,6 +389,10 @@ class VhostUserBackend:
                 server.close()
             except Exception as e:
                 self._log(f"closing {type(server).__name__}: {e}")
+        parent, self._parent = self._parent, None
+        if parent is not None:
+            session.remove_source(parent)
+            parent.close()
         session.close()  # the waker, the device's watches, device.close()
 
     # ================================================================== messages
@@ -410,6 +470,8 @@ class VhostUserBackend:
         session.reset()  # clears the rings, then device.reset()
         summary = ", ".join(f"{k} {self.counters[k]}" for k in _SUMMARY)
         self._log(f"connection {self._conn_no} closed: {reason} (totals: {summary})")
+        device = ", ".join(f"{k} {v}" for k, v in self.device.metrics.snapshot().items())
+        self._log(f"connection {self._conn_no} device counters: {device or '-'}")
         if self._server is not None and not session.stopping:
             session.add_source(self._server, self._accept)
 
@@ -479,10 +541,10 @@ class VhostUserBackend:
         return None
 
     def _get_protocol_features(self, hdr: Header, payload: None, fds: list[int]) -> int:
-        return OFFERED_PROTOCOL_FEATURES
+        return self.offered_protocol
 
     def _set_protocol_features(self, hdr: Header, value: int, fds: list[int]) -> None:
-        extra = value & ~OFFERED_PROTOCOL_FEATURES
+        extra = value & ~self.offered_protocol
         if extra:
             raise ProtocolError(
                 ErrorCode.BAD_VALUE, f"protocol features {extra:#x} were never offered"
@@ -506,6 +568,18 @@ class VhostUserBackend:
 
     def _get_queue_num(self, hdr: Header, payload: None, fds: list[int]) -> int:
         return self.device.num_queues
+
+    def _net_set_mtu(self, hdr: Header, mtu: int, fds: list[int]) -> None:
+        # "VHOST_USER_NET_SET_MTU": only with the NET_MTU protocol feature negotiated,
+        # which is offered only for a device that takes an MTU
+        device = self.device
+        if not self.protocol_features & bit(ProtocolFeature.MTU) or not isinstance(
+            device, MtuDevice
+        ):
+            raise _Close("NET_SET_MTU without the NET_MTU protocol feature negotiated")
+        device.set_mtu(mtu)  # ProtocolError BAD_VALUE: a nack with REPLY_ACK
+        self._log(f"connection {self._conn_no}: NET_SET_MTU {mtu}", kind="mtu")
+        return None
 
     def _set_mem_table(self, hdr: Header, table: MemoryTable, fds: list[int]) -> None:
         umap = UserAddressMap(table.regions)  # BAD_VALUE: overlaps, overflow

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import kernel
+from tests.interop_require import skip_or_fail
 from vdev.virtio import BlkF, DeviceId, F
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -178,7 +179,7 @@ class Transport:
 
 def _skip_without_qsd(kind: str) -> None:
     if kind == "qsd" and not os.path.exists(QSD):
-        pytest.skip(f"{QSD} is not installed (Debian: qemu-system-common)")
+        skip_or_fail(f"{QSD} is not installed (Debian: qemu-system-common)")
 
 
 @pytest.fixture(params=["zmq", "qsd", "vdev-vu"])

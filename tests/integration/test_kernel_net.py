@@ -179,3 +179,26 @@ def test_region_is_sized_from_the_mtu() -> None:
     small = kernel.Net(mtu=1500).dma_bytes(256)
     big = kernel.Net(mtu=65535).dma_bytes(256)
     assert small < 4 << 20 < 16 << 20 < big
+
+
+def test_several_nics_and_a_disk_in_one_boot() -> None:
+    devices = [
+        kernel.Net(backend="loopback", ip="10.1.0.2/24"),
+        kernel.Blk.memory(1 << 20),
+        kernel.Net(backend="loopback", ip="10.2.0.2/24", mtu=9000),
+    ]
+    with kernel.boot(devices=devices) as k:
+        names = [d.name for d in k.devices]
+        assert names == ["eth0", "vda", "eth1"]
+        assert sorted(k.net.interfaces) == ["eth0", "eth1"]
+        eth0, eth1 = k.device("eth0"), k.device("eth1")
+        assert eth0.mac != eth1.mac and eth1.mtu == 9000
+        # each interface's own address goes through its own loopback device
+        assert len(k.sys.ping("10.1.0.2", count=2, timeout=2.0)) == 2
+        assert len(k.sys.ping("10.2.0.2", count=3, timeout=2.0)) == 3
+        assert eth0.tx_frames == 4 and eth1.tx_frames == 6  # requests + replies
+        fd = k.sys.open("/dev/vda", os.O_RDWR)
+        s = k.sys.socket()
+        assert fd != s  # one fd space for disks and sockets
+        k.sys.pwrite(fd, b"x" * 512, 0)
+        assert k.sys.pread(fd, 1, 0) == b"x"

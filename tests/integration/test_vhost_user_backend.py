@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop_require import require
 from vdev.virtio import (
     SECTOR_SIZE,
     BlkStatus,
@@ -535,8 +536,8 @@ def test_reset_device_then_renegotiate(backend: Backend, frontends: list[FrontEn
 QEMU = shutil.which("qemu-system-x86_64")
 
 
-@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 def test_qemu_completes_the_vhost_user_handshake(backend: Backend):
+    require(QEMU is not None, "qemu-system-x86_64 is not installed (Debian: qemu-system-x86)")
     qemu = subprocess.Popen(
         [
             QEMU,  # type: ignore[list-item]

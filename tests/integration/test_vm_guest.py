@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from hostops.rundir import RuntimeDir
+from tests.interop_require import skip_or_fail
 from tools.initramfs import CpioWriter
 from tools.vm import (
     Backend,
@@ -54,14 +55,14 @@ def backend(request: pytest.FixtureRequest) -> str:
     """The backend kind; skips with the reason when it or the guest cannot run."""
     why = _missing(request.param)
     if why is not None:
-        pytest.skip(why)
+        skip_or_fail(why)
     return str(request.param)
 
 
 def _e2fsck() -> str:
     path = shutil.which("e2fsck", path=os.environ.get("PATH", "") + ":/sbin:/usr/sbin")
     if path is None:
-        pytest.skip("e2fsck not found: install the Debian package e2fsprogs")
+        skip_or_fail("e2fsck not found: install the Debian package e2fsprogs")
     return path
 
 
@@ -88,7 +89,7 @@ def test_our_cpio_is_read_by_busybox_cpio(tmp_path: Path) -> None:
     try:
         bb = str(find_busybox())
     except MissingPrerequisite as e:
-        pytest.skip(str(e))
+        skip_or_fail(str(e))
     archive = tmp_path / "a.cpio"
     payload = random.Random(1).randbytes(1001)  # not a multiple of 4: data padding
     with open(archive, "wb") as f:
@@ -199,7 +200,7 @@ def test_ext4_made_on_the_host_is_used_and_clean(backend: str, tmp_path: Path) -
     e2fsck = _e2fsck()
     mkfs = shutil.which("mkfs.ext4", path=os.environ.get("PATH", "") + ":/sbin:/usr/sbin")
     if mkfs is None:
-        pytest.skip("mkfs.ext4 not found: install the Debian package e2fsprogs")
+        skip_or_fail("mkfs.ext4 not found: install the Debian package e2fsprogs")
     img = _image(tmp_path, 32 << 20)
     subprocess.run([mkfs, "-q", "-F", str(img)], check=True)
     cmd = """
@@ -266,7 +267,7 @@ def test_reconnect_survives_backend_restart_under_idle_guest(backend: str, tmp_p
 def test_vlab_counters_show_the_guests_features_and_requests(tmp_path: Path) -> None:
     why = _missing("vlab")
     if why is not None:
-        pytest.skip(why)
+        skip_or_fail(why)
     img = _image(tmp_path, 8 << 20)
     rd = RuntimeDir.create()
     be = Backend("vlab", str(img), os.path.join(rd.path, "vhost.sock"), str(tmp_path / "be.log"))
@@ -298,7 +299,7 @@ def _any_backend() -> str:
     for kind in ("qsd", "vlab"):
         if _missing(kind) is None:
             return kind
-    pytest.skip(_missing("qsd") or "no backend")
+    skip_or_fail(_missing("qsd") or "no backend")
 
 
 def test_hanging_guest_is_killed_after_the_timeout(tmp_path: Path) -> None:

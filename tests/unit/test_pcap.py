@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.interop_require import skip_or_fail
 from vdev.net import BackendOptionError, NetDevice
 from vdev.net_pcap import PcapBackend, check_pcap
 from vdev.virtio import Chain, NetF, bit
@@ -261,7 +262,7 @@ def test_recorded_frames_have_complete_checksums(tmp_path: Path) -> None:
 def test_tshark_reads_a_recorded_file(tmp_path: Path) -> None:
     tshark = shutil.which("tshark")
     if tshark is None:
-        pytest.skip("tshark is not installed (apt-get install tshark)")
+        skip_or_fail("tshark is not installed (apt-get install tshark)")
     path = tmp_path / "rec.pcap"
     lengths = record_through_device(path)
     out = subprocess.run(

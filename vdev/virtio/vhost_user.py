@@ -286,6 +286,7 @@ PAYLOAD_KIND: dict[Req, str] = {
     Req.SET_PROTOCOL_FEATURES: "u64",
     Req.GET_QUEUE_NUM: "none",
     Req.SET_VRING_ENABLE: "state",
+    Req.NET_SET_MTU: "u64",
     Req.GET_CONFIG: "config",
     Req.SET_CONFIG: "config",
     Req.RESET_DEVICE: "none",
