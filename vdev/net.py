@@ -80,7 +80,7 @@ the next frame, ``num_buffers`` is 1. No buffer (or not enough for a merged fram
 the frame is dropped (``rx_dropped_no_buffer``) and ``receive`` returns False. Nothing
 ever waits and nothing grows: the only queue is the driver's own buffers (at most the
 queue size). A backend that ran out of buffers and stopped reading (back-pressure) is
-told when the driver posts one again (its ``resume_rx()``, if it has one). With the
+told when the driver posts one again (its ``resume_rx()``). With the
 link down a received frame is dropped (``rx_dropped_link_down``).
 
 **Link** (STATUS). :meth:`NetDevice.set_link` flips LINK_UP in the config space and
@@ -288,8 +288,7 @@ class NetDevice(Device):
         self._host_csum = False
         self._host_tso4 = False
         self._mtu_negotiated = False
-        resume = getattr(backend, "resume_rx", None)
-        self._resume_rx: Callable[[], None] | None = resume if callable(resume) else None
+        self._resume_rx: Callable[[], None] = backend.resume_rx
         offloads = backend.offloads()
         self._backend_csum = "csum" in offloads
         self._backend_tso4 = "tso4" in offloads
@@ -505,7 +504,7 @@ class NetDevice(Device):
             return 0
         rx = self._rx
         rx.append(chain)
-        if len(rx) == 1 and self._resume_rx is not None:
+        if len(rx) == 1:
             self._resume_rx()  # the first buffer after none: the backend reads again now
         return PENDING
 

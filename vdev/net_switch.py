@@ -168,21 +168,16 @@ class SwitchBackend(NetBackend):
         self._gate.resume()
 
     # ------------------------------------------------------------------ internals
-    def _count(self, name: str, n: int = 1) -> None:
-        self.counters[name] += n
-        if self.sink is not None:
-            self.sink.count(name, n)
-
     def _hello(self) -> None:
         msg = encode_hello(name=self.port_name, mac=self.mac, accepts=self.accepts, pid=os.getpid())
         if self._port.send(msg):
-            self._count("switch_registrations")
+            self.count("switch_registrations")
 
     def _set_link(self, up: bool) -> None:
         if up == self.link_up:
             return
         self.link_up = up
-        self._count("switch_link_changes")
+        self.count("switch_link_changes")
         if self.sink is not None:
             self.sink.set_link(up)
 
@@ -200,13 +195,13 @@ class SwitchBackend(NetBackend):
         """Send one frame to the switch; False (counted) without link or when the
         queue is full. Never blocks."""
         if not self.link_up:
-            self._count("switch_tx_no_link")
+            self.count("switch_tx_no_link")
             return False
         if not self._port.send((KIND_FRAME, hdr.pack(), frame)):
-            self._count("switch_tx_dropped")
+            self.count("switch_tx_dropped")
             return False
-        self._count("switch_tx_frames")
-        self._count("switch_tx_bytes", len(frame))
+        self.count("switch_tx_frames")
+        self.count("switch_tx_bytes", len(frame))
         return True
 
     def _on_readable(self) -> None:
@@ -219,28 +214,28 @@ class SwitchBackend(NetBackend):
             # message is the welcome (a control message), which must not wait for the
             # driver's receive buffers.
             if self.link_up and not sink.rx_buffers_available():
-                self._count("switch_rx_paused")
+                self.count("switch_rx_paused")
                 self._gate.pause()
                 return
             malformed = port.malformed
             msg = port.recv()
             if msg is None:
                 if port.malformed != malformed:
-                    self._count("switch_rx_malformed")  # a multi-part message, skipped
+                    self.count("switch_rx_malformed")  # a multi-part message, skipped
                     continue
                 return
             buf = msg.buffer
             kind = buf[0] if len(buf) else -1
             if kind == _K_FRAME:
                 if len(buf) < _FRAME_AT:
-                    self._count("switch_rx_malformed")
+                    self.count("switch_rx_malformed")
                     continue
                 frame = buf[_FRAME_AT:]
                 if sink.receive(NetHdr.unpack(buf, 1), frame):
-                    self._count("switch_rx_frames")
-                    self._count("switch_rx_bytes", len(frame))
+                    self.count("switch_rx_frames")
+                    self.count("switch_rx_bytes", len(frame))
                 else:
-                    self._count("switch_rx_dropped")
+                    self.count("switch_rx_dropped")
             elif kind == _K_WELCOME:
                 self._on_welcome(bytes(buf[1:]))
             elif kind == _K_REGISTER:
@@ -248,19 +243,19 @@ class SwitchBackend(NetBackend):
                 self._set_link(False)
                 self._hello()
             elif kind == _K_ERROR:
-                self._count("switch_refused")
+                self.count("switch_refused")
                 self.last_error = bytes(buf[1:]).decode(errors="replace")
                 print(f"switch port: refused by the switch: {self.last_error}", file=sys.stderr)
                 self._set_link(False)
             else:
-                self._count("switch_rx_malformed")
+                self.count("switch_rx_malformed")
 
     def _on_welcome(self, payload: bytes) -> None:
         try:
             body = msgpack.unpackb(payload, raw=False)
             number = int(body["port"])
         except Exception:
-            self._count("switch_rx_malformed")
+            self.count("switch_rx_malformed")
             return
         self.port_number = number
         self._set_link(True)

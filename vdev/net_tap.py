@@ -115,7 +115,7 @@ class TapBackend(NetBackend):
                 flags |= TUN_F_TSO4
         if flags != self.tap.offload_flags:
             self.tap.set_offload(flags)
-            self._count("tap_offload_changes")
+            self.count("tap_offload_changes")
         self.rx_offloads = frozenset(
             n for n, f in (("csum", TUN_F_CSUM), ("tso4", TUN_F_TSO4)) if flags & f
         )
@@ -142,24 +142,19 @@ class TapBackend(NetBackend):
         looks again a couple of milliseconds after it ran out)."""
         self._gate.resume()
 
-    def _count(self, name: str, n: int = 1) -> None:
-        self.counters[name] += n
-        if self.sink is not None:
-            self.sink.count(name, n)
-
     def send(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
         """Write one frame to Linux; False (counted ``tap_tx_errors``) if refused."""
         n = len(frame)
         if n < ETH_HLEN or n > MAX_FRAME:
-            self._count("tap_tx_errors")
+            self.count("tap_tx_errors")
             return False
         try:
             self.tap.write([hdr.pack(), frame])
         except OSError:
-            self._count("tap_tx_errors")
+            self.count("tap_tx_errors")
             return False
-        self._count("tap_tx_frames")
-        self._count("tap_tx_bytes", n)
+        self.count("tap_tx_frames")
+        self.count("tap_tx_bytes", n)
         return True
 
     def _on_readable(self) -> None:
@@ -171,7 +166,7 @@ class TapBackend(NetBackend):
         view = self._view
         for _ in range(self.rx_budget):
             if not sink.rx_buffers_available():
-                self._count("tap_rx_paused")
+                self.count("tap_rx_paused")
                 self._gate.pause()
                 return
             try:
@@ -182,17 +177,17 @@ class TapBackend(NetBackend):
             if n is None:
                 return
             if n < NET_HDR_SIZE + ETH_HLEN:
-                self._count("tap_rx_runts")
+                self.count("tap_rx_runts")
                 continue
             # Linux writes the first 10 bytes of a 12-byte header (tun_put_user skips
             # num_buffers): whatever a previous read left there is meaningless.
             self._buf[10:12] = b"\x01\x00"
             frame = view[NET_HDR_SIZE:n]
             if sink.receive(NetHdr.unpack(view), frame):
-                self._count("tap_rx_frames")
-                self._count("tap_rx_bytes", n - NET_HDR_SIZE)
+                self.count("tap_rx_frames")
+                self.count("tap_rx_bytes", n - NET_HDR_SIZE)
             else:
-                self._count("tap_rx_dropped")
+                self.count("tap_rx_dropped")
 
     def close(self) -> None:
         """Stop watching and close the TAP (the interface disappears)."""

@@ -76,6 +76,19 @@ class NetBackend:
 
     def __init__(self) -> None:
         self.sink: FrameSink | None = None
+        #: The backend's own counters (also added to the device's, see :meth:`count`).
+        self.counters: dict[str, int] = {}
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the backend counter ``name`` and to the device's counter of
+        the same name (GET_METRICS)."""
+        self.counters[name] = self.counters.get(name, 0) + n
+        if self.sink is not None:
+            self.sink.count(name, n)
+
+    def resume_rx(self) -> None:
+        """The driver posted a receive buffer after having none: a backend that stopped
+        reading for lack of buffers reads again now. The default does nothing."""
 
     def offloads(self) -> frozenset[str]:
         """What this backend accepts as-is: ``"csum"`` (NEEDS_CSUM frames) and/or
