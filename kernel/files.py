@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The fd table of :class:`kernel.syscalls.Syscalls` maps numbers to :class:`File`
-objects. A kind of file (a block device node, a UDP socket, later a TCP socket or a
+objects. A kind of file (a block device node, a UDP socket, a TCP socket, later a
 custom device node) is a subclass that implements the operations it supports; every
 other operation fails as Linux fails it (``EINVAL``/``ESPIPE``/``ENOTSOCK`` ...), so
 adding a kind of file adds a class, never a branch in ``Syscalls``.
@@ -515,6 +515,46 @@ class SocketFile(File):
     def recvfrom(self, n: int, flags: int = 0) -> tuple[bytes, tuple[str, int]]:
         """Receive up to ``n`` bytes and the sender's address."""
         raise _not_supported("recvfrom")
+
+    def listen(self, backlog: int) -> None:
+        """Accept connections (stream sockets)."""
+        raise _not_supported("listen")
+
+    def accept(self) -> tuple[SocketFile, tuple[str, int]]:
+        """The next connection and its peer's address (stream sockets)."""
+        raise _not_supported("accept")
+
+    def shutdown(self, how: int) -> None:
+        """Shut down reading (SHUT_RD), writing (SHUT_WR) or both (SHUT_RDWR)."""
+        raise _not_supported("shutdown")
+
+    def connect_ex(self, addr: tuple[str, int]) -> int:
+        """``connect`` that returns the errno (0: connected) instead of raising."""
+        try:
+            self.connect(addr)
+        except OSError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        """Send all of ``data`` with repeated :meth:`send` calls."""
+        mv = memoryview(data).cast("B")
+        off = 0
+        while off < mv.nbytes:  # bounded: each send returns >= 1 or raises
+            n = self.send(mv[off:], flags)
+            if n <= 0:
+                raise io_error(errno.EIO, "send made no progress")
+            off += n
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive into ``buffer`` (at most ``nbytes``; 0: its size); the count."""
+        mv = memoryview(buffer).cast("B")
+        n = mv.nbytes if nbytes == 0 else nbytes
+        if n > mv.nbytes:
+            raise ValueError("buffer too small for requested bytes")
+        data = self.recv(n, flags)
+        mv[: len(data)] = data
+        return len(data)
 
     def getsockname(self) -> tuple[str, int]:
         """The local address."""

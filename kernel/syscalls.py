@@ -35,6 +35,12 @@ socket answers, see the stack) comes from the file. Argument types are checked a
 :mod:`os`/:mod:`socket` functions check them (``TypeError``, ``ValueError``,
 ``OverflowError``): those are bugs in the caller, not conditions of the system.
 
+Stream sockets add ``listen``, ``accept`` (installs the new connection at the lowest
+free fd and returns ``(fd, peer)``), ``shutdown(fd, how)`` (``shutdown()`` without
+arguments is the kernel's own: close everything), ``sendall``, ``recv_into`` and
+``connect_ex``; each is a :class:`kernel.files.SocketFile` method (EOPNOTSUPP where a
+kind of socket lacks it).
+
 ``poll(fds, timeout_s)`` is poll(2) over the table: every file reports its readiness
 (:meth:`File.poll`) and wakes the :class:`kernel.files.Waiter` s registered with it
 when that may have changed. ``poll`` registers one waiter with every file, then checks,
@@ -213,9 +219,17 @@ class Syscalls:
         else:
             f.wake()  # a poller of this fd now sees POLLNVAL
 
-    def shutdown(self) -> None:
-        """Close every fd and release every file; later calls fail (EBADF; ``open`` and
-        ``socket``: ENODEV)."""
+    def shutdown(self, fd: int | None = None, how: int | None = None) -> None:
+        """``shutdown(fd, how)``: the socket call -- shut down reading (SHUT_RD),
+        writing (SHUT_WR) or both (SHUT_RDWR) of the socket ``fd``.
+
+        ``shutdown()`` without arguments: the kernel's own -- close every fd and release
+        every file; later calls fail (EBADF; ``open`` and ``socket``: ENODEV)."""
+        if fd is not None or how is not None:
+            if how is None:
+                raise TypeError("shutdown(fd, how) needs both arguments")
+            self._sock(_int_arg("fd", fd)).shutdown(_int_arg("how", how))
+            return
         with self._lock:
             self._down = True
             files = list({id(f): f for f in self._table.values()}.values())
@@ -349,6 +363,29 @@ class Syscalls:
         """Receive up to ``n`` bytes."""
         s = self._sock(fd)
         return s.recv(check_buffersize(n, "recv"), _flags(flags))
+
+    def listen(self, fd: int, backlog: int = 128) -> None:
+        """Listen for connections on a stream socket (``backlog``: queue bound)."""
+        self._sock(fd).listen(_int_arg("backlog", backlog))
+
+    def accept(self, fd: int) -> tuple[int, Any]:
+        """The next connection of a listening socket: ``(new_fd, peer_address)``."""
+        conn, addr = self._sock(fd).accept()
+        return self._install(conn, conn.path), addr
+
+    def connect_ex(self, fd: int, addr: Any) -> int:
+        """``connect`` returning the errno (0 on success; EINPROGRESS non-blocking)."""
+        return self._sock(fd).connect_ex(addr)
+
+    def sendall(self, fd: int, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        """Send all of ``data`` (blocking per the socket's timeout)."""
+        s = self._sock(fd)
+        s.sendall(byte_view(data), _flags(flags))
+
+    def recv_into(self, fd: int, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive into a writable buffer (at most ``nbytes``, 0: its size)."""
+        s = self._sock(fd)
+        return s.recv_into(buffer, check_buffersize(nbytes, "recv_into"), _flags(flags))
 
     def getsockname(self, fd: int) -> Any:
         """The socket's local address."""

@@ -1,4 +1,4 @@
-"""The kernel's network stack: IPv4 over Ethernet links, with ARP, ICMP and UDP sockets.
+"""The kernel's network stack: IPv4 over Ethernet links, with ARP, ICMP, UDP and TCP sockets.
 
 Theory of operation
 -------------------
@@ -6,8 +6,10 @@ See :mod:`kernel.net.stack` for the layers and how a frame travels; each layer h
 module: :mod:`~kernel.net.link` (what a driver gives the stack), :mod:`~kernel.net.ether`,
 :mod:`~kernel.net.arp`, :mod:`~kernel.net.ipv4` (header, fragmentation, reassembly),
 :mod:`~kernel.net.route`, :mod:`~kernel.net.icmp`, :mod:`~kernel.net.udp` (protocol and
-:class:`UdpSocket`). Tunables are :class:`StackConfig`; timers come from the kernel's one
-:class:`hostops.timers.TimerHeap`.
+:class:`UdpSocket`), :mod:`~kernel.net.tcp` (connections and :class:`TcpSocket`, with
+:mod:`~kernel.net.tcp_wire` for the header and :mod:`~kernel.net.tcp_seq` for sequence
+arithmetic; its tunables are a :class:`TcpConfig`, ``stack.tcp.config``). Tunables are
+:class:`StackConfig`; timers come from the kernel's one :class:`hostops.timers.TimerHeap`.
 
 Example (two stacks joined by any pair of links)::
 
@@ -28,6 +30,7 @@ from .link import NO_OFFLOAD, PLAIN_RX, Link, Receiver, RxInfo, TxOffload
 from .protocol import IPv4Packet, NetError, ProtocolHandler
 from .route import Route
 from .stack import STAT_NAMES, Stack
+from .tcp import TcpConfig, TcpSocket
 from .udp import MAX_UDP_PAYLOAD, UdpSocket
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "Route",
     "ArpEntry",
     "UdpSocket",
+    "TcpSocket",
+    "TcpConfig",
     "MAX_UDP_PAYLOAD",
     "IPv4Packet",
     "NetError",

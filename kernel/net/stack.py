@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 Layers as in a textbook (and as in lwIP or smoltcp)::
 
-    sockets            UdpSocket (kernel.files.SocketFile)     stack.socket()
-    transports         ICMP 1, UDP 17 (TCP 6 later)            register_protocol()
+    sockets            UdpSocket, TcpSocket (SocketFile)       stack.socket()
+    transports         ICMP 1, TCP 6, UDP 17                   register_protocol()
     IPv4               routes, TTL, checksum, fragments, reassembly
     ARP / Ethernet II  one ARP table per interface
     interface          a Link from a driver (MAC, MTU, offloads, carrier)
@@ -33,6 +33,10 @@ packet larger than the MTU is fragmented. A transport may leave its checksum par
 (``csum_offset``): if the packet goes out whole on a link with ``tx_csum`` the link gets a
 :class:`~kernel.net.link.TxOffload` (csum_start = Ethernet + IP header, csum_offset),
 otherwise the checksum is completed in software first (a fragmented packet always).
+A TCP packet is never fragmented: one larger than the MTU must come with ``gso_size``
+(the MSS) and goes to a link with ``tso4`` and ``tx_csum`` as one super-frame
+(:class:`~kernel.net.link.TxOffload` ``gso_size``/``hdr_len``); without them
+:meth:`Stack.send_ip` refuses it with EMSGSIZE (TCP then sends MSS-sized segments).
 
 *Errors* of :meth:`send_ip` are ``OSError`` for the caller (ENETUNREACH, ENETDOWN,
 EHOSTUNREACH, EMSGSIZE, ENOBUFS, EIO). What the stack sends on its own (ARP, echo
@@ -64,10 +68,12 @@ from vdev.virtio.packet import complete_checksum_into
 from ..errors import io_error
 from ..files import (
     AF_INET,
+    IPPROTO_TCP,
     IPPROTO_UDP,
     SOCK_CLOEXEC,
     SOCK_DGRAM,
     SOCK_NONBLOCK,
+    SOCK_STREAM,
     SOCK_TYPE_MASK,
     SocketFile,
     socket_protocol,
@@ -100,6 +106,7 @@ from .ipv4 import (
 from .link import NO_OFFLOAD, Link, RxInfo, TxOffload
 from .protocol import IPv4Packet, NetError, ProtocolHandler
 from .route import Route, RouteTable
+from .tcp import TCP_STAT_NAMES, TcpProtocol
 from .udp import UdpProtocol
 
 __all__ = ["Stack", "STAT_NAMES"]
@@ -175,6 +182,8 @@ STAT_NAMES = (
     "udp_rcvbuf_dropped",
     "udp_errors_delivered",
     "udp_errors_ignored",
+    # TCP
+    *TCP_STAT_NAMES,
 )
 
 Deferred = Callable[[], None]
@@ -187,6 +196,7 @@ class _OutPacket:
     header: bytearray
     l4: bytearray
     csum_offset: int
+    gso_size: int = 0
 
     def complete_checksum(self) -> None:
         """Finish a partial transport checksum in software (once)."""
@@ -226,12 +236,15 @@ class Stack:
         self._reasm = Reassembler(self)
         self._ip_id = int.from_bytes(os.urandom(2), "big")
         self._closed = False
-        #: The ICMP and UDP protocol handlers.
+        #: The ICMP, UDP and TCP protocol handlers.
         self.icmp = IcmpProtocol(self)
         self.udp = UdpProtocol(self)
+        self.tcp = TcpProtocol(self)
         self.register_protocol(1, self.icmp)
         self.register_protocol(IPPROTO_UDP, self.udp)
+        self.register_protocol(IPPROTO_TCP, self.tcp)
         self.register_socket(AF_INET, SOCK_DGRAM, IPPROTO_UDP, self.udp.socket)
+        self.register_socket(AF_INET, SOCK_STREAM, IPPROTO_TCP, self.tcp.socket)
 
     # ------------------------------------------------------------------ counters
     def count(self, name: str, n: int = 1) -> None:
@@ -443,14 +456,17 @@ class Stack:
         tos: int = 0,
         df: bool = False,
         route: Route | None = None,
+        gso_size: int = 0,
     ) -> None:
         """Send ``l4`` to ``dst`` as IP protocol ``proto`` (see the module docstring).
 
         ``csum_offset`` >= 0: the transport checksum at that offset of ``l4`` holds the
         pseudo-header sum and is to be completed (by the link or here). ``l4`` may be
         modified. Raises ``OSError``: ENETUNREACH, ENETDOWN, EMSGSIZE (more than 65535
-        bytes, or larger than the MTU with ``df``), EHOSTUNREACH (a failed ARP
-        resolution is held), ENOBUFS/EIO from the link."""
+        bytes, or larger than the MTU with ``df``, or a TCP packet larger than the MTU
+        that the link cannot segment), EHOSTUNREACH (a failed ARP resolution is held),
+        ENOBUFS/EIO from the link. ``gso_size`` > 0 (TCP only): the packet may exceed
+        the MTU and is to be cut by the link into segments of that many payload bytes."""
         if self._closed:
             raise io_error(errno.ENETDOWN, "the network stack is closed")
         if route is None:
@@ -465,7 +481,7 @@ class Stack:
         header = build_header(
             src, dst, proto, len(l4), ident, ttl or self.config.ttl, tos, IP_DF if df else 0
         )
-        item = _OutPacket(header, l4, csum_offset)
+        item = _OutPacket(header, l4, csum_offset, gso_size if proto == IPPROTO_TCP else 0)
         self.count("ip_tx_packets")
         hairpin = getattr(iface.link, "hairpin", False)
         if dst in self._local and not (hairpin and dst == iface.address):
@@ -476,6 +492,9 @@ class Stack:
             raise io_error(errno.ENETDOWN, f"{iface.name} has no carrier")
         if df and len(header) + len(l4) > iface.mtu:
             raise io_error(errno.EMSGSIZE, f"larger than {iface.name}'s MTU {iface.mtu} with DF")
+        if proto == IPPROTO_TCP and len(header) + len(l4) > iface.mtu:
+            if not (item.gso_size > 0 and csum_offset >= 0 and iface.tso4 and iface.tx_csum):
+                raise io_error(errno.EMSGSIZE, f"TCP segment above {iface.name}'s MTU")
         bcast = dst in self._bcast
         if hairpin and dst == iface.address:
             mac = iface.mac  # the link hands the frame straight back to us
@@ -519,6 +538,20 @@ class Stack:
                 else:
                     item.complete_checksum()
             self._tx(iface, b"".join((eth, item.header, item.l4)), offload)
+            return
+        if item.gso_size > 0 and item.csum_offset >= 0 and iface.tso4 and iface.tx_csum:
+            hl = ETH_HLEN + len(item.header)
+            tcp_hlen = (item.l4[12] >> 4) * 4  # RFC 9293 §3.1 Data Offset (our header)
+            offload = TxOffload(
+                csum_start=hl,
+                csum_offset=item.csum_offset,
+                gso_size=item.gso_size,
+                hdr_len=hl + tcp_hlen,
+            )
+            self._tx(iface, b"".join((eth, item.header, item.l4)), offload)
+            return
+        if item.gso_size > 0:  # the link lost TSO while the packet waited: never fragment
+            self.count("tx_errors")
             return
         item.complete_checksum()  # a checksum offload cannot span fragments
         for frag in fragment(item.header, item.l4, iface.mtu):

@@ -31,7 +31,7 @@ from kernel.files import (
     SOCK_DGRAM,
     SOCK_NONBLOCK,
     SOCK_RAW,
-    SOCK_STREAM,
+    SOCK_SEQPACKET,
     SOL_IP,
     SOL_SOCKET,
 )
@@ -438,7 +438,7 @@ def test_socket_kinds() -> None:
         st = lan.stacks[0]
         for args, code in (
             ((AF_INET6, SOCK_DGRAM, 0), errno.EAFNOSUPPORT),
-            ((AF_INET, SOCK_STREAM, 0), errno.ESOCKTNOSUPPORT),
+            ((AF_INET, SOCK_SEQPACKET, 0), errno.ESOCKTNOSUPPORT),
             ((AF_INET, SOCK_RAW, 0), errno.ESOCKTNOSUPPORT),
             ((AF_INET, SOCK_DGRAM, IPPROTO_TCP), errno.EPROTONOSUPPORT),
             ((AF_INET, 0x40000 | SOCK_DGRAM, 0), errno.EINVAL),
