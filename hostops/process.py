@@ -35,6 +35,8 @@ import sys
 from collections.abc import Mapping
 from typing import IO
 
+from hostops.trace import child_environment
+
 __all__ = [
     "PARENT_FD_ENV",
     "DeviceProcess",
@@ -97,12 +99,14 @@ class DeviceProcess:
         """Start ``argv`` as a device process called ``name``.
 
         ``env`` entries are added to (and override) the inherited environment;
-        ``VLAB_PARENT_FD`` is always set. Output is appended to ``log_path`` if given,
-        otherwise it goes to this process's stderr.
+        ``VLAB_PARENT_FD`` is always set, and so is the trace destination when this
+        process traces (:func:`hostops.trace.child_environment`). Output is appended to
+        ``log_path`` if given, otherwise it goes to this process's stderr.
         """
         if not argv:
             raise ValueError("argv must not be empty")
         child_env = dict(os.environ)
+        child_env.update(child_environment(name))
         if env is not None:
             child_env.update(env)
         watch_r, watch_w = os.pipe()  # both close-on-exec; pass_fds re-enables watch_r

@@ -19,11 +19,18 @@ KeyboardInterrupt), SIGTERM (``hostops.signals.on_terminate``) and interpreter e
 (``register_atexit``). A SIGKILL of the user's process leaves nothing either: shm names
 are unlinked right after SET_MEM_TABLE, the device processes notice their parent's
 death, and the next :func:`boot` sweeps the runtime directory.
+
+Tracing: ``boot(trace=PATH)`` (or a :class:`hostops.trace.TraceSink`, or the
+environment variable ``VLAB_TRACE=PATH`` when ``trace`` is not given) gives every
+transport a :class:`~vdev.virtio.trace.Tracer` before its queues exist, and the device
+processes started by this boot write to the same file (their environment says where).
+The kernel's buffered events are flushed at shutdown (and at interpreter exit).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +40,10 @@ from hostops.shm import sweep_stale_segments
 from hostops.signals import on_terminate, register_atexit
 from hostops.sync import Event, Lock, is_main_thread, start_thread
 from hostops.timers import TimerHeap
+from hostops.trace import TraceSink, clock_ns, open_sink, set_child_destination, sink_from_env
 from vdev.virtio import RingLayout
 from vdev.virtio.net import format_mac
+from vdev.virtio.trace import Tracer
 
 from .blk import BlockDevice
 from .bus import VirtioBus, VirtioDriver, default_bus
@@ -204,6 +213,8 @@ class Kernel:
         #: The network stack (interfaces eth0, eth1, ... of the booted NICs).
         self.net = Stack(timers=self.timers)
         self.sys = Syscalls(self._block_devices, net=self.net)
+        #: The trace sink (None when the kernel is not traced).
+        self.trace_sink: TraceSink | None = None
 
     def _block_devices(self) -> dict[str, BlockDevice]:
         return {d.name: d.block for d in self.devices if d.block is not None}
@@ -274,6 +285,8 @@ class Kernel:
             self.timers.close()
         except Exception:
             log.exception("stopping the timers failed")
+        if self.trace_sink is not None:
+            self.trace_sink.flush()
         for undo in self._uninstall:
             try:
                 undo()
@@ -297,6 +310,7 @@ def boot(
     *,
     region_size: int | None = None,
     bus: VirtioBus | None = None,
+    trace: str | os.PathLike[str] | TraceSink | None = None,
 ) -> Kernel:
     """Start a kernel with the given devices (``kernel.Blk(...)``, ...).
 
@@ -304,7 +318,9 @@ def boot(
     default: the rings plus 8 MiB). ``bus`` is the driver table (default: the one the
     built-in drivers and :func:`kernel.register_driver` use). Raises
     :class:`~kernel.errors.DeviceProbeError` if a device cannot be brought up (nothing
-    is left running then).
+    is left running then). ``trace`` (a path, or a :class:`hostops.trace.TraceSink`;
+    default: the file ``VLAB_TRACE`` names, if set) traces every queue of every device,
+    in this process and in the device processes (``docs/trace-format.md``).
     """
     specs = list(devices)
     for s in specs:
@@ -313,9 +329,23 @@ def boot(
     if region_size is not None and (not isinstance(region_size, int) or region_size <= 0):
         raise ValueError(f"region_size must be a positive int, got {region_size!r}")
     bus = bus or default_bus
+    sink: TraceSink | None
+    if trace is None:
+        sink = sink_from_env()
+    elif isinstance(trace, TraceSink):
+        sink = trace
+    else:
+        sink = open_sink(os.fspath(trace))
+    tracer = None
+    if sink is not None:
+        tracer = Tracer(
+            sink.write, clock_ns, pid=os.getpid(), kpid=os.getpid(), dev=None, side="driver"
+        )
     sweep_stale_segments()
     sweep_stale_rundirs()
     k = Kernel(RuntimeDir.create())
+    k.trace_sink = sink
+    old_dest = set_child_destination(sink.path if sink is not None else None)
     try:
         k._install_handlers()
         counters: dict[str, int] = {}
@@ -331,6 +361,8 @@ def boot(
                 k.rundir,
                 region_size=region_size,
             )
+            if tracer is not None:
+                t.tracer = tracer.bind(t.name)
             k._transports.append(t)
             t.launch()
         for t in k._transports:
@@ -355,4 +387,6 @@ def boot(
     except BaseException:
         k.shutdown()
         raise
+    finally:
+        set_child_destination(old_dest)
     return k

@@ -53,6 +53,19 @@ driver's software queue dispatches into the room just freed). Index 0xFFFF
 (``CONFIG_CHANGE``) runs the config-change hooks (a transport may check the device
 status first).
 
+Tracing
+-------
+With a :class:`~vdev.virtio.trace.Tracer` set on the transport before its queues are
+set up (``kernel.boot(trace=...)``), each :class:`KernelQueue` swaps in traced copies
+of :meth:`KernelQueue.add` and :meth:`KernelQueue.publish` (instance attributes
+shadowing the methods: an untraced queue pays nothing), and :meth:`service_queue`
+takes its traced copy after one test per batch. Events: ``add`` (head, every
+descriptor, the decoded request), ``publish`` (old/new avail.idx), ``kick`` (sent or
+suppressed, with the avail_event / NO_NOTIFY that decided it), ``irq_recv``, ``reap``
+(length, latency since the add, the decoded answer), ``config`` and ``fail``. A
+chain's ``seq`` is its avail-ring slot counted from the queue's creation (the device
+counts the same from its side).
+
 Failure
 -------
 When the device dies, sets DEVICE_NEEDS_RESET, or breaks the ring rules
@@ -89,6 +102,13 @@ from vdev.virtio import (
     feature_names,
 )
 from vdev.virtio.control import CONFIG_CHANGE
+from vdev.virtio.trace import (
+    Tracer,
+    decode_blk_request,
+    decode_blk_status,
+    decode_net_hdr,
+    summarize_frame,
+)
 
 from .errors import DeviceProbeError, io_error
 from .specs import DeviceSpec
@@ -201,6 +221,126 @@ class KernelQueue:
         #: leave publishing to ``refill`` (which runs right after the batch).
         self.completing = False
         self.on_failed: Callable[[OSError], None] | None = None
+        #: The queue's tracer (None: not traced); see :meth:`enable_trace`.
+        self.tracer: Tracer | None = None
+        self._tseq = 0  # chains added so far (the next chain's seq)
+        self._tpub = 0  # seq at the last publish
+        self._tkind = ""  # payload decoder: "blk", "net-rx", "net-tx" or ""
+        self._tflight: dict[int, tuple[int, int, int, int, int]] = {}
+
+    # ------------------------------------------------------------------ tracing
+    def enable_trace(self, tracer: Tracer, payload: str = "") -> None:
+        """Trace this queue from now on (call before the first :meth:`add`):
+        :meth:`add` and :meth:`publish` become their traced copies. ``payload`` names
+        the decoder of the chains' contents (``"blk"``, ``"net-rx"``, ``"net-tx"``)."""
+        self.tracer = tracer
+        self._tkind = payload
+        self.add = self._add_traced  # type: ignore[method-assign]
+        self.publish = self._publish_traced  # type: ignore[method-assign]
+
+    def _read(self, addr: int, n: int) -> bytes:
+        mem = self.transport.memory
+        if mem is None or n <= 0:
+            return b""
+        try:
+            return bytes(mem.view(addr, n))
+        except Exception:  # an address the driver itself wrote: only for the trace
+            return b""
+
+    def _add_traced(
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+        token: Completion,
+        *,
+        indirect_table: int | None = None,
+    ) -> int:
+        head = self.dq.add(readable, writable, token, indirect_table=indirect_table)
+        tracer = self.tracer
+        assert tracer is not None
+        seq = self._tseq
+        self._tseq = seq + 1
+        count = len(readable) + len(writable)
+        descs: list[list[int]] = []
+        for i, (a, ln) in enumerate(readable, 1):
+            descs.append([a, ln, 1 if i < count else 0])  # VRING_DESC_F_NEXT
+        for i, (a, ln) in enumerate(writable, len(readable) + 1):
+            descs.append([a, ln, (1 if i < count else 0) | 2])  # | VRING_DESC_F_WRITE
+        payload: dict[str, Any] | None = None
+        status_addr = rx_addr = 0
+        kind = self._tkind
+        if kind == "blk" and readable:
+            a, ln = readable[0]
+            wlen = sum(n for _, n in writable)
+            rlen = sum(n for _, n in readable)
+            hdr = self._read(a, min(ln, 16))
+            out = len(readable) > 1 and hdr[:1] == b"\x01"
+            data_len = (rlen - ln) if out else max(0, wlen - 1)
+            seg = self._read(readable[1][0], 16) if len(readable) > 1 and not out else b""
+            payload = {"blk": decode_blk_request(hdr, data_len, seg)}
+            if writable:
+                status_addr = writable[-1][0] + writable[-1][1] - 1
+        elif kind == "net-tx" and readable:
+            a, ln = readable[0]
+            data = self._read(a, min(ln, 12 + 128))
+            payload = {"net": decode_net_hdr(data[:12]), "frame": summarize_frame(data[12:])}
+        elif kind == "net-rx" and writable:
+            rx_addr = writable[0][0]
+        now = tracer.clock()
+        self._tflight[id(token)] = (seq, head, now, status_addr, rx_addr)
+        tracer.emit(
+            "add",
+            self.index,
+            seq,
+            head,
+            descs=descs,
+            indirect=indirect_table,
+            payload=payload,
+        )
+        return head
+
+    def _publish_traced(self) -> bool:
+        tracer = self.tracer
+        assert tracer is not None
+        dq = self.dq
+        old_seq, new_seq = self._tpub, self._tseq
+        need = dq.kick_prepare()
+        if new_seq == old_seq:
+            return need
+        self._tpub = new_seq
+        tracer.emit(
+            "publish",
+            self.index,
+            old=old_seq & 0xFFFF,
+            new=new_seq & 0xFFFF,
+            count=new_seq - old_seq,
+            first_seq=old_seq,
+        )
+        words = self._read(self.layout.used, 4) + self._read(
+            self.layout.used + 4 + 8 * self.size, 2
+        )
+        if dq.event_idx:
+            # §2.7.10: notify iff new - event - 1 < new - old (mod 2**16)
+            event = int.from_bytes(words[4:6], "little") if len(words) >= 6 else None
+            tracer.emit(
+                "kick",
+                self.index,
+                sent=need,
+                old=old_seq & 0xFFFF,
+                new=new_seq & 0xFFFF,
+                event=event,
+            )
+        else:
+            flags = int.from_bytes(words[0:2], "little") if len(words) >= 2 else 0
+            tracer.emit(
+                "kick",
+                self.index,
+                sent=need,
+                old=old_seq & 0xFFFF,
+                new=new_seq & 0xFFFF,
+                no_notify=bool(flags & 1),
+            )
+        return need
 
     @property
     def stats(self) -> DriverQueueStats:
@@ -288,6 +428,8 @@ class VirtioTransport:
         self._queue_cap = 0
         self._config_hooks: list[Callable[[], None]] = []
         self._release_hooks: list[Callable[[], None]] = []
+        #: Set before :meth:`setup_queue` to trace this device (``kernel.boot(trace=)``).
+        self.tracer: Tracer | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -438,10 +580,20 @@ class VirtioTransport:
         )
         kick = self._setup_vring(index, layout)
         q = KernelQueue(self, index, dq, kick)
+        if self.tracer is not None:
+            q.enable_trace(self.tracer, self._payload_kind(index))
         while len(self.queues) <= index:
             self.queues.append(None)  # type: ignore[arg-type]
         self.queues[index] = q
         return q
+
+    def _payload_kind(self, index: int) -> str:
+        did = self.device_id
+        if did == 2:  # virtio-blk (§5.2)
+            return "blk"
+        if did == 1:  # virtio-net (§5.1): receiveq1 = 0, transmitq1 = 1
+            return "net-rx" if index == 0 else "net-tx" if index == 1 else ""
+        return ""
 
     def driver_ok(self) -> None:
         """Step 6: start the interrupt thread, then let the device go."""
@@ -496,6 +648,8 @@ class VirtioTransport:
         nq = len(self.queues)
         for i in sorted(set(indices)):
             if i == CONFIG_CHANGE:
+                if self.tracer is not None:
+                    self.tracer.emit("config")
                 self._config_changed()
             elif 0 <= i < nq and self.queues[i] is not None:
                 self.service_queue(self.queues[i], interrupt=True)
@@ -506,6 +660,8 @@ class VirtioTransport:
         """Reap queue ``q`` (disable → reap → re-enable → re-check), then run the
         completions and the queue's ``refill`` hook outside the lock. Returns how many
         requests completed. Runs on the interrupt thread (or by a poller)."""
+        if q.tracer is not None:  # the one test per batch that tracing costs
+            return self._service_queue_traced(q, interrupt)
         dq = q.dq
         batch: list[tuple[Any, int]] = []
         with q.lock:
@@ -527,6 +683,9 @@ class VirtioTransport:
             elif batch:
                 dq.note_polled(len(batch))
             broken = dq.broken
+        return self._finish_batch(q, batch, broken)
+
+    def _finish_batch(self, q: KernelQueue, batch: list[tuple[Any, int]], broken: object) -> int:
         # While completions run, submissions (typically the callbacks resubmitting) only
         # add chains; refill() publishes them all at once afterwards: one kick decision
         # per batch instead of one per request.
@@ -555,6 +714,57 @@ class VirtioTransport:
             except Exception:
                 log.exception("%s: queue refill failed", self.name)
         return len(batch)
+
+    def _service_queue_traced(self, q: KernelQueue, interrupt: bool) -> int:
+        """:meth:`service_queue` with ``irq_recv`` and one ``reap`` event per entry
+        (the same reaping, the same order; the payload is read before the completion
+        callback frees its buffer)."""
+        tracer = q.tracer
+        assert tracer is not None
+        dq = q.dq
+        batch: list[tuple[Any, int]] = []
+        with q.lock:
+            if self.failed is not None:
+                return 0
+            try:
+                dq.disable_interrupts()
+                for _ in range(dq.size + 1):  # bounded as in service_queue
+                    batch += dq.get_used()
+                    if dq.broken is not None or not dq.enable_interrupts():
+                        break
+            except DeviceSpecError:
+                pass
+            if interrupt:
+                dq.note_interrupt(len(batch))
+            elif batch:
+                dq.note_polled(len(batch))
+            broken = dq.broken
+            if interrupt:
+                tracer.emit("irq_recv", q.index, reaped=len(batch))
+            flight = q._tflight
+            kind = q._tkind
+            now = tracer.clock()
+            for token, used_len in batch:
+                rec = flight.pop(id(token), None)
+                if rec is None:
+                    tracer.emit("reap", q.index, len=used_len)
+                    continue
+                seq, head, t_add, status_addr, rx_addr = rec
+                payload: dict[str, Any] | None = None
+                if kind == "blk" and status_addr:
+                    payload = {"status": decode_blk_status(q._read(status_addr, 1))}
+                elif kind == "net-rx" and rx_addr and used_len:
+                    data = q._read(rx_addr, min(used_len, 12 + 128))
+                    payload = {
+                        "net": decode_net_hdr(data[:12]),
+                        "frame": summarize_frame(data[12:]),
+                    }
+                tracer.emit(
+                    "reap", q.index, seq, head, len=used_len, lat_ns=now - t_add, payload=payload
+                )
+            if broken is not None:
+                tracer.emit("ring_broken", q.index, why=str(broken))
+        return self._finish_batch(q, batch, broken)
 
     def _config_changed(self) -> None:
         """A CONFIG_CHANGE interrupt: run the drivers' hooks (transports that have a
@@ -596,6 +806,8 @@ class VirtioTransport:
                 return
             self.failed = error
         self._failed_event.set()
+        if self.tracer is not None:
+            self.tracer.emit("fail", error=str(error))
         for q in self.queues:
             if q is None:
                 continue

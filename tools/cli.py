@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--size", type=_size, default=64 << 20, help="size of the temporary image (default 64M)"
     )
+    d.add_argument(
+        "--trace",
+        action="store_true",
+        help="print the live virtqueue trace of the demo's traffic (one line per event)",
+    )
 
     b = sub.add_parser("bench", help="benchmarks: the virtio path beside the native baseline")
     b.add_argument(
@@ -146,6 +151,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --net: 'off' turns off checksum and TSO offloads of the guest's NIC "
         "(QEMU's csum, guest_csum, host_tso4, guest_tso4; default on)",
     )
+    r = sub.add_parser(
+        "run",
+        help="run an unmodified Python program on a kernel of its own: its AF_INET "
+        "sockets, select and selectors use the kernel's network stack",
+    )
+    r.add_argument(
+        "--net",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a NIC: kernel.Net keyword arguments as key=value,... "
+        "(e.g. backend=switch,switch=EP,ip=10.0.0.2/24); repeatable",
+    )
+    r.add_argument(
+        "--blk",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a disk: kernel.Blk keyword arguments as key=value,... "
+        "(e.g. path=disk.img,readonly=true); repeatable",
+    )
+    r.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- python PROGRAM ARGS",
+        help="python [-u] (PROGRAM | -m MODULE | -c CODE) ARGS...",
+    )
+    t = sub.add_parser(
+        "trace",
+        help="run a program with virtqueue tracing on (VLAB_TRACE), or turn a trace "
+        "into text (--input)",
+    )
+    t.add_argument("-o", "--output", help="write the trace here (default: stdout)")
+    t.add_argument(
+        "--format",
+        choices=["text", "jsonl"],
+        default="text",
+        help="text: one aligned line per event with decoded payloads; jsonl: the "
+        "JSON Lines of docs/trace-format.md (default text)",
+    )
+    t.add_argument("-i", "--input", help="convert this JSONL trace to text instead of running")
+    t.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="-- PROGRAM ARGS",
+        help="the program to trace, e.g. -- python my_program.py",
+    )
     return p
 
 
@@ -156,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from tools import demo
 
-            return demo.run(image=args.image, write=args.write, size=args.size)
+            return demo.run(image=args.image, write=args.write, size=args.size, trace=args.trace)
         if args.command == "bench":
             if args.target == "net":
                 from tools import bench_net
@@ -194,6 +246,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ip=args.ip,
                 net_offload=args.net_offload == "on",
             )
+        if args.command == "trace":
+            from tools import trace
+
+            return trace.main(args.input, args.output, args.format, list(args.program))
+        if args.command == "run":
+            from tools import run
+
+            words = list(args.program)
+            if words and words[0] == "--":
+                words.pop(0)
+            return run.run(args.net, args.blk, words)
         raise CliError(f"unknown command {args.command!r}", 2)
     except CliError as e:
         print(f"vlab: error: {e}", file=sys.stderr)

@@ -8,6 +8,10 @@ the image from the host side. On the NIC it does a UDP round trip between two
 ``k.sys`` sockets and pings the interface's own address — with the loopback backend
 both really cross the device (ARP, IP, ICMP and UDP frames on the rings). It prints the
 negotiated features and the per-queue and per-device counters of both.
+
+With ``--trace`` (``run(trace=True)``) the kernel is booted with tracing on to a file in
+the demo's temporary directory, and a :class:`tools.trace.LiveTail` prints every event
+of every queue, of the kernel and of both device processes, while the demo runs.
 """
 
 from __future__ import annotations
@@ -56,8 +60,11 @@ def _check_image(path: str, write: bool) -> int:
     return st.st_size
 
 
-def run(image: str | None = None, write: bool = False, size: int = 64 << 20) -> int:
-    """Run the demo; returns the exit status (0 when every check passed)."""
+def run(
+    image: str | None = None, write: bool = False, size: int = 64 << 20, trace: bool = False
+) -> int:
+    """Run the demo; returns the exit status (0 when every check passed). ``trace``
+    prints the live virtqueue trace of the demo's traffic."""
     if write and image is None:
         raise CliError("--write only makes sense with --image", 2)
     with tempfile.TemporaryDirectory(prefix="vlab-demo-") as tmp:
@@ -70,10 +77,13 @@ def run(image: str | None = None, write: bool = False, size: int = 64 << 20) -> 
             path = image
             size = _check_image(path, write)
             writable = write
-        return _demo(path, size, writable, temporary=image is None)
+        trace_path = os.path.join(tmp, "trace.jsonl") if trace else None
+        return _demo(path, size, writable, temporary=image is None, trace_path=trace_path)
 
 
-def _demo(path: str, size: int, writable: bool, temporary: bool) -> int:
+def _demo(
+    path: str, size: int, writable: bool, temporary: bool, trace_path: str | None = None
+) -> int:
     span = min(size - size % 512, 4 << 20)
     offsets = list(range(0, span, CHUNK))
     print(
@@ -81,9 +91,19 @@ def _demo(path: str, size: int, writable: bool, temporary: bool) -> int:
         f"{'' if writable else ' [read-only]'}"
     )
     saved: list[bytes] = []  # the user's bytes while the pattern is on their image
+    tail = None
+    if trace_path is not None:
+        from tools.trace import LiveTail
+
+        os.close(os.open(trace_path, os.O_WRONLY | os.O_CREAT, 0o600))
+        tail = LiveTail(trace_path, lambda line: print(f"trace {line}", flush=True))
+        tail.start()
     try:
-        return _run_kernel(path, span, offsets, writable, temporary, saved)
+        return _run_kernel(path, span, offsets, writable, temporary, saved, trace_path)
     finally:
+        if tail is not None:
+            tail.stop()  # the devices have exited: everything is in the file
+            print(f"trace: {tail.events} events")
         if saved:  # the device path failed before restoring: put them back from the host
             with open(path, "r+b") as f:
                 f.write(saved[0])
@@ -92,10 +112,16 @@ def _demo(path: str, size: int, writable: bool, temporary: bool) -> int:
 
 
 def _run_kernel(
-    path: str, span: int, offsets: list[int], writable: bool, temporary: bool, saved: list[bytes]
+    path: str,
+    span: int,
+    offsets: list[int],
+    writable: bool,
+    temporary: bool,
+    saved: list[bytes],
+    trace_path: str | None = None,
 ) -> int:
     devices = [kernel.Blk(path, readonly=not writable), kernel.Net(backend="loopback", ip=DEMO_IP)]
-    with kernel.boot(devices=devices) as k:
+    with kernel.boot(devices=devices, trace=trace_path) as k:
         dev = k.devices[0]
         print(f"device /dev/{dev.name}: device id {dev.device_id}, process {dev.pid}")
         fd = k.sys.open(f"/dev/{dev.name}", os.O_RDWR if writable else os.O_RDONLY)

@@ -47,6 +47,11 @@ queue (the chains the device keeps are released first), unmaps the region and ca
 Kick listeners, call doorbells and the device's watches are transport and stay open
 until the process exits.
 
+Tracing: with ``VLAB_TRACE`` set the session traces the data path
+(:meth:`vdev.session.DeviceSession.trace_from_env`) and :meth:`DeviceRuntime.handle_control`
+takes its traced copy: a ``ctl`` event per request (type, fields, reply or error) and a
+``status`` event when the status byte changes (``docs/trace-format.md``).
+
 Metrics (``GET_METRICS``): ``device`` holds the runtime's counters (below) merged with
 ``device.metrics``; ``queues[i]`` holds :meth:`vdev.session.DeviceSession.ring_metrics`
 (:class:`~vdev.virtio.queue.DeviceQueueStats` cumulative across resets,
@@ -57,6 +62,7 @@ and ``rule:<RULE>`` per spec rule the driver broke).
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from dataclasses import dataclass
 from functools import partial
@@ -86,7 +92,7 @@ from vdev.virtio.memory import FlatMemory
 from vdev.virtio.ring import RingLayout
 from vdev.virtio.status import describe_status, next_status
 
-__all__ = ["DeviceRuntime", "serve", "RUNTIME_COUNTERS"]
+__all__ = ["trace_fields", "DeviceRuntime", "serve", "RUNTIME_COUNTERS"]
 
 #: The runtime's device-level counters, reported under ``GET_METRICS["device"]``: the
 #: session's (:data:`vdev.session.SESSION_COUNTERS`: kicks, chains, interrupts, kept and
@@ -164,6 +170,8 @@ class DeviceRuntime:
             log_file=log,
         )
         self.session.idle_timeout = self.idle_timeout
+        self.session.trace_from_env(sys.argv)
+        self.tracer = self.session.tracer
         self.counters = self.session.counters
         self.rings = self.session.rings
         self.offered = (device.device_features() & ~RING_FEATURES) | RING_FEATURES
@@ -305,6 +313,7 @@ class DeviceRuntime:
         session.close()  # the waker, the device's watches, device.close()
         if self.exit_reason:
             self._log(f"exiting: {self.exit_reason}")
+        session.trace_exit(self.exit_reason or "closed")
 
     # ================================================================== logging
     def _log(self, message: str, kind: str | None = None) -> None:
@@ -316,6 +325,8 @@ class DeviceRuntime:
         """Serve one control request (its bytes) and return the reply's bytes. Never
         raises for bad input: every problem becomes an error reply."""
         self.counters["control_requests"] += 1
+        if self.tracer is not None:
+            return self._handle_control_traced(payload)
         type_ = "request"
         try:
             req = decode_request(payload)
@@ -327,6 +338,43 @@ class DeviceRuntime:
         except Exception as e:  # a bug in the device or the runtime: report, go on
             self._log(f"{type_}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
             return self._error(type_, ErrorCode.DEVICE_ERROR, f"{type(e).__name__}: {e}")
+
+    def _handle_control_traced(self, payload: bytes) -> bytes:
+        """:meth:`handle_control` recording a ``ctl`` event (type, fields, reply or
+        error) and ``status`` events when the status byte changes."""
+        tracer = self.tracer
+        assert tracer is not None
+        type_ = "request"
+        fields: dict[str, Any] = {}
+        old_status = int(self.status)
+        try:
+            req = decode_request(payload)
+            type_ = req.type
+            fields = trace_fields(req.fields)
+            result = self._handlers[req.type](req)
+            reply = encode_reply(**result)
+            tracer.emit(
+                "ctl", fields.get("index"), type=type_, fields=fields, reply=trace_fields(result)
+            )
+        except ProtocolError as e:
+            reply = self._error(type_, e.code, e.message)
+            tracer.emit(
+                "ctl",
+                fields.get("index"),
+                type=type_,
+                fields=fields,
+                error=f"{e.code}: {e.message}",
+            )
+        except Exception as e:  # a bug in the device or the runtime: report, go on
+            self._log(f"{type_}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            reply = self._error(type_, ErrorCode.DEVICE_ERROR, f"{type(e).__name__}: {e}")
+            tracer.emit(
+                "ctl", fields.get("index"), type=type_, fields=fields, error=f"DEVICE_ERROR: {e}"
+            )
+        new_status = int(self.status)
+        if new_status != old_status:
+            tracer.emit("status", old=old_status, new=new_status, names=describe_status(new_status))
+        return reply
 
     def _error(self, type_: str, code: str, message: str) -> bytes:
         self.counters["control_errors"] += 1
@@ -704,12 +752,28 @@ class DeviceRuntime:
         if bell is None:
             self.counters["config_interrupts_dropped"] += 1
             self._log("config change: no call doorbell to ring yet", kind="config")
+            if self.tracer is not None:
+                self.tracer.emit("config", sent=False)
             return
         self.counters["config_interrupts"] += 1
+        if self.tracer is not None:
+            self.tracer.emit("config", sent=True)
         try:
             bell.ring(CONFIG_CHANGE)
         except TransportError as e:
             self._log(f"call doorbell (config change): {e}", kind="call")
+
+
+def trace_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a control message as a trace records them: bytes become their
+    length (config space, memory tables stay small), nested values are kept."""
+    out: dict[str, Any] = {}
+    for k, v in fields.items():
+        if isinstance(v, bytes | bytearray | memoryview):
+            out[k] = f"<{len(v)} bytes>"
+        else:
+            out[k] = v
+    return out
 
 
 def serve(device: Device, control_endpoint: str, **kwargs: Any) -> int:

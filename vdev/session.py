@@ -90,12 +90,24 @@ Counters (:attr:`DeviceSession.counters`, shared with the transport, plain ints)
 
 The log is one line per event on the transport's log file, at most
 :data:`MAX_LOG_PER_KIND` lines of each kind, so a hostile driver cannot fill the disk.
+
+Tracing. With :attr:`DeviceSession.tracer` set (a :class:`~vdev.virtio.trace.Tracer`,
+from ``VLAB_TRACE``), a round serves each ring with :meth:`DeviceSession._drain_traced`,
+a copy of the drain that records ``pop`` (seq, head, every descriptor), ``bad_chain``,
+``push`` (seq, head, length) and ``irq`` (sent or suppressed, with the used_event /
+NO_INTERRUPT that decided it); the choice costs one test per round, so an untraced
+device pays nothing per chain. ``complete``/``complete_many`` record the ``push`` of
+kept chains; ``kick_recv`` records each kick. A chain's ``seq`` is its avail-ring
+position, ``last_avail`` extended past 16 bits by the ring's own wrap counter
+(:class:`~vdev.virtio.trace.SeqCounter`), the same number the driver gave it. The
+session calls :attr:`DeviceSession.trace_flush` whenever the loop is about to sleep.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -104,6 +116,7 @@ from typing import IO, Any, NoReturn, Protocol
 
 from hostops.clock import monotonic
 from hostops.poll import FdSource, Pollable, Poller, Waker
+from hostops.trace import DEVICE_ENV, KERNEL_ENV, TraceSink, clock_ns, sink_from_env
 from vdev.device import PENDING, Device, TimerHandle, _source_key
 from vdev.virtio.constants import F, bit
 from vdev.virtio.control import ErrorCode
@@ -118,6 +131,7 @@ from vdev.virtio.errors import (
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import Chain, DeviceQueue, DeviceQueueStats
 from vdev.virtio.ring import USED_ELEM, RingLayout
+from vdev.virtio.trace import SeqCounter, Tracer
 
 __all__ = [
     "DeviceSession",
@@ -220,6 +234,9 @@ class Ring:
     handler_errors: int = 0
     chains_released: int = 0
     retired: dict[str, int] = field(default_factory=dict)  # stats of dropped DeviceQueues
+    tseq: SeqCounter = field(default_factory=SeqCounter)  # traced: avail position, extended
+    tsig: int = 0  # traced: used.idx at the last interrupt decision
+    tkept: dict[Chain, int] = field(default_factory=dict)  # traced: seq of each kept chain
 
     @property
     def running(self) -> bool:
@@ -277,7 +294,45 @@ class DeviceSession:
         self.waker: Waker | None = None
         self.stopping = False
         self._closed = False
+        #: The tracer (None: not traced; set before the rings start).
+        self.tracer: Tracer | None = None
+        #: Called when the loop is about to sleep (flushes the trace sink).
+        self.trace_flush: Callable[[], None] | None = None
         device._attach(self)
+
+    # ================================================================== tracing
+    def trace_from_env(self, argv: Sequence[str] = ()) -> TraceSink | None:
+        """Trace this device if ``VLAB_TRACE`` names a file: set :attr:`tracer` (named
+        by ``VLAB_TRACE_DEVICE``, else the device's name; the kernel's pid from
+        ``VLAB_TRACE_KERNEL``) and :attr:`trace_flush`, and record the process start
+        (``argv``). Returns the sink, or None. A file that cannot be opened is logged
+        and the device runs untraced."""
+        try:
+            sink = sink_from_env()
+        except OSError as e:
+            self.log(f"trace file: {e}: running untraced")
+            return None
+        if sink is None:
+            return None
+        kpid_text = os.environ.get(KERNEL_ENV, "")
+        self.tracer = Tracer(
+            sink.write,
+            clock_ns,
+            pid=os.getpid(),
+            kpid=int(kpid_text) if kpid_text.isdigit() else None,
+            dev=os.environ.get(DEVICE_ENV) or self.device.name,
+            side="device",
+        )
+        self.trace_flush = sink.flush
+        self.tracer.emit("proc", event="start", argv=list(argv), queues=len(self.rings))
+        return sink
+
+    def trace_exit(self, reason: str) -> None:
+        """Record the process's exit (``reason``) and flush the trace."""
+        if self.tracer is not None:
+            self.tracer.emit("proc", event="exit", reason=reason, counters=dict(self.counters))
+        if self.trace_flush is not None:
+            self.trace_flush()
 
     # ================================================================== logging
     def log(self, message: str, kind: str | None = None) -> None:
@@ -351,6 +406,8 @@ class DeviceSession:
                 timeout = self._timer_timeout()
             else:
                 timeout = self.idle_timeout
+        if timeout and self.trace_flush is not None:
+            self.trace_flush()  # about to sleep: nothing traced waits behind us
         sources = self._sources
         for obj in poller.poll(timeout):
             if self.stopping:
@@ -444,6 +501,7 @@ class DeviceSession:
         except (AddressError, UsageError) as e:
             raise ProtocolError(ErrorCode.BAD_ADDRESS, f"queue {ring.index}: {e}") from None
         ring.broken = False
+        ring.tsig = ring.dq.used_idx
         return ring.dq
 
     def stop_ring(self, ring: Ring) -> None:
@@ -473,10 +531,12 @@ class DeviceSession:
         ring.base = 0
         ring.enabled = False
         ring.broken = False
+        ring.tseq = SeqCounter()
 
     def _release(self, ring: Ring) -> None:
         chains = list(ring.kept)
         ring.kept.clear()
+        ring.tkept.clear()
         for chain in chains:
             chain.release()
         n = len(chains)
@@ -511,6 +571,8 @@ class DeviceSession:
             return False
         ring = self.rings[index]
         ring.kicks += 1
+        if self.tracer is not None:
+            self.tracer.emit("kick_recv", index)
         if ring.dq is not None and not ring.broken:
             self._pending[index] = None
         return True
@@ -527,6 +589,8 @@ class DeviceSession:
         ring.broken = True
         ring.ring_errors += 1
         self.counters["ring_errors"] += 1
+        if self.tracer is not None:
+            self.tracer.emit("ring_broken", ring.index, why=why)
         self._pending.pop(ring.index, None)
         self.transport.ring_broken(ring, why)
 
@@ -540,6 +604,7 @@ class DeviceSession:
         """One round over the pending rings: at most ``budget`` chains each."""
         pending = self._pending
         rings = self.rings
+        drain = self._drain if self.tracer is None else self._drain_traced
         for index in list(pending):
             if self.stopping:
                 return
@@ -549,7 +614,7 @@ class DeviceSession:
                 pending.pop(index, None)
                 continue
             try:
-                more = self._drain(ring, dq)
+                more = drain(ring, dq)
             except RingError as e:
                 self.ring_broken(ring, str(e))
                 more = False
@@ -618,6 +683,114 @@ class DeviceSession:
             self._draining = None
             counters["chains"] += chains
 
+    def _drain_traced(self, ring: Ring, dq: DeviceQueue) -> bool:
+        """:meth:`_drain` recording ``pop``/``bad_chain``/``push``/``irq`` events (the
+        same decisions in the same order: tracing must not change behaviour)."""
+        tracer = self.tracer
+        assert tracer is not None
+        emit = tracer.emit
+        counters = self.counters
+        index = ring.index
+        kept = ring.kept
+        tseq = ring.tseq
+        pop = dq.pop
+        push = dq.push
+        handle = self.device.handle
+        budget = self.budget
+        handled = chains = 0
+        self._draining = ring
+        try:
+            while True:
+                dq.disable_notifications()
+                while True:
+                    if handled >= budget:
+                        self._interrupt_traced(ring, dq)
+                        return True
+                    seq = tseq.extend(dq.last_avail)
+                    try:
+                        chain = pop()
+                    except ChainError as e:
+                        handled += 1
+                        counters["bad_chains"] += 1
+                        self.log(f"queue {index}: bad chain: {e}", "chain")
+                        emit("bad_chain", index, seq, e.head, error=str(e))
+                        push(e.head, 0)
+                        emit("push", index, seq, e.head, len=0)
+                        continue
+                    if chain is None:
+                        break
+                    handled += 1
+                    chains += 1
+                    emit(
+                        "pop",
+                        index,
+                        seq,
+                        chain.head,
+                        descs=[
+                            [sg.addr, sg.length, 2 if sg.writable else 0, sg.indirect]
+                            for sg in chain.segments
+                        ],
+                        rlen=chain.readable_len,
+                        wlen=chain.writable_len,
+                    )
+                    try:
+                        written = handle(index, chain)
+                    except Exception as e:
+                        self._handler_error(
+                            ring, f"{type(e).__name__}: {e}", traceback.format_exc()
+                        )
+                        written = 0
+                    if type(written) is not int or not 0 <= written <= chain.writable_len:
+                        if written is PENDING:
+                            if len(kept) >= dq.size:
+                                self._overkept(ring, chain)
+                            kept[chain] = None
+                            ring.tkept[chain] = seq
+                            counters["chains_kept"] += 1
+                            emit("keep", index, seq, chain.head)
+                            continue
+                        written = self._check_written(ring, chain, written)
+                    push(chain.head, written)
+                    emit("push", index, seq, chain.head, len=written)
+                    del chain
+                    if not chains % INTERRUPT_EVERY:
+                        self._interrupt_traced(ring, dq)
+                self._interrupt_traced(ring, dq)
+                if not dq.enable_notifications():
+                    return False
+        finally:
+            self._draining = None
+            counters["chains"] += chains
+
+    def _interrupt_traced(self, ring: Ring, dq: DeviceQueue) -> None:
+        """:meth:`_interrupt` recording the decision and what decided it."""
+        tracer = self.tracer
+        assert tracer is not None
+        old = ring.tsig
+        new = dq.used_idx
+        sent = dq.should_interrupt()
+        if new == old:
+            return  # no decision was taken (nothing pushed since the last one)
+        ring.tsig = new
+        # the avail ring's flags (word 0) and used_event (word 2 + size), §2.7.6 / §2.7.10
+        try:
+            words = dq.memory.view(dq.layout.avail, RingLayout.avail_bytes(dq.size))
+            flags = int.from_bytes(words[0:2], "little")
+            off = 4 + 2 * dq.size
+            event = int.from_bytes(words[off : off + 2], "little")
+            words.release()
+        except (AddressError, ValueError):
+            flags = event = 0
+        if dq.event_idx:
+            tracer.emit("irq", ring.index, sent=sent, old=old, new=new, event=event)
+        else:
+            tracer.emit(
+                "irq", ring.index, sent=sent, old=old, new=new, no_interrupt=bool(flags & 1)
+            )
+        if sent:
+            self.counters["interrupts"] += 1
+            self._notify(ring)
+
     def _overkept(self, ring: Ring, chain: Chain) -> NoReturn:
         """A correct driver has at most a queue size of chains in flight (§2.7.6): more
         kept chains means it made a head available again while the device held it."""
@@ -636,10 +809,11 @@ class DeviceSession:
     def _flush(self) -> None:
         """One interrupt decision per ring completed outside its own drain."""
         owed, self._owed = self._owed, {}
+        decide = self._interrupt if self.tracer is None else self._interrupt_traced
         for ring in owed:
             dq = ring.dq
             if dq is not None:
-                self._interrupt(ring, dq)
+                decide(ring, dq)
 
     def _check_written(self, ring: Ring, chain: Chain, written: object) -> int:
         if isinstance(written, int) and not isinstance(written, bool):
@@ -700,6 +874,9 @@ class DeviceSession:
         assert dq is not None, "a ring without a DeviceQueue keeps no chain"
         del kept[chain]
         dq.push(chain.head, int(used_len))
+        if self.tracer is not None:
+            seq = ring.tkept.pop(chain, None)
+            self.tracer.emit("push", queue, seq, chain.head, len=int(used_len))
         chain.release()
         self.counters["completions"] += 1
         if self._draining is not ring:
@@ -745,6 +922,10 @@ class DeviceSession:
         dq = ring.dq
         assert dq is not None, "a ring without a DeviceQueue keeps no chain"
         _push_batch(dq, [(chain.head, int(n)) for chain, n in entries])
+        if self.tracer is not None:
+            for chain, n in entries:
+                seq = ring.tkept.pop(chain, None)
+                self.tracer.emit("push", queue, seq, chain.head, len=int(n), batch=len(entries))
         for chain, _ in entries:
             del kept[chain]
             chain.release()

@@ -68,6 +68,11 @@ the driver negotiated VIRTIO_NET_F_MTU, and the device's MTU follows (an MTU the
 refuses is nacked with REPLY_ACK). Not offered: INFLIGHT_SHMFD, BACKEND_REQ, LOG_SHMFD,
 STATUS, RARP and the rest.
 
+Tracing: with ``VLAB_TRACE`` set the session traces the data path
+(:meth:`vdev.session.DeviceSession.trace_from_env`), and every message becomes a ``ctl``
+event (request name, payload fields, number of fds, reply or error) — see
+``docs/trace-format.md``.
+
 The back-end runs until :meth:`~VhostUserBackend.stop` (SIGTERM through :func:`serve`)
 or, when it was launched by :class:`hostops.DeviceProcess`, until that process dies
 (the parent-watch pipe; see :mod:`hostops.process`).
@@ -81,7 +86,9 @@ value, ...``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -247,6 +254,8 @@ class VhostUserBackend:
             log_file=log,
         )
         self.session.idle_timeout = self.idle_timeout
+        self.session.trace_from_env(sys.argv)
+        self.tracer = self.session.tracer
         self.counters = self.session.counters
         self.rings = self.session.rings
         self.offered = (
@@ -394,6 +403,7 @@ class VhostUserBackend:
             session.remove_source(parent)
             parent.close()
         session.close()  # the waker, the device's watches, device.close()
+        session.trace_exit(self.exit_reason or "closed")
 
     # ================================================================== messages
     def _serve_message(self) -> None:
@@ -436,15 +446,32 @@ class VhostUserBackend:
     ) -> None:
         has_reply = req in REPLY_KIND
         acks = hdr.need_reply and bool(self.protocol_features & bit(ProtocolFeature.REPLY_ACK))
+        tracer = self.tracer
         try:
             result = handler(hdr, payload, fds)
         except ProtocolError as e:
+            if tracer is not None:
+                tracer.emit(
+                    "ctl",
+                    type=req.name,
+                    fields=_trace_payload(payload),
+                    fds=len(fds),
+                    error=f"{e.code}: {e.message}",
+                )
             if e.code == ErrorCode.BAD_ADDRESS or not acks or has_reply:
                 raise _Close(f"{req.name}: {e.message}") from None
             self.counters["nacks"] += 1
             self._log(f"{req.name} refused: {e.message}", kind="nack")
             self._send(encode(req, 1, reply=True))
             return
+        if tracer is not None:
+            tracer.emit(
+                "ctl",
+                type=req.name,
+                fields=_trace_payload(payload),
+                fds=len(fds),
+                reply=_trace_payload(result) if has_reply else None,
+            )
         if has_reply:
             self._send(encode(req, result, reply=True))
         elif acks:
@@ -812,6 +839,22 @@ class VhostUserBackend:
                 "config change not announced: vhost-user needs the back-end request "
                 "channel (BACKEND_REQ), which is not offered"
             )
+
+
+def _trace_payload(payload: object) -> Any:
+    """A vhost-user payload as a trace records it: a dataclass as its fields, bytes as
+    their length, numbers as they are."""
+    if payload is None or isinstance(payload, int | str):
+        return payload
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return f"<{len(payload)} bytes>"
+    if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+        return {
+            f.name: _trace_payload(getattr(payload, f.name)) for f in dataclasses.fields(payload)
+        }
+    if isinstance(payload, list | tuple):
+        return [_trace_payload(x) for x in payload[:16]]
+    return str(payload)[:200]
 
 
 def _signal(efd: EventFd | None) -> None:
