@@ -1,4 +1,5 @@
-"""``vlab bench net``: UDP_STREAM between two kernels on the switch, beside native UDP.
+"""``vlab bench net``: UDP_STREAM (and, with ``tcp=True``, TCP_STREAM) between two kernels
+on the switch, beside native Python sockets over Linux loopback.
 
 What one row measures (netperf's UDP_STREAM): one application sends datagrams of the
 row's payload size as fast as it can for S seconds; the goodput is what the *receiving*
@@ -18,6 +19,20 @@ Kicks and interrupts per packet come from kernel A's transmit queue and kernel B
 receive queue counters. A sender that finds the ring full waits for room (it never
 counts a datagram that was not handed to the device).
 
+TCP_STREAM rows (``run_net(tcp=True)``, ``vlab bench net --tcp``), in netperf's style:
+one connection per row, the sender writes messages of the row's size (``sendall``) for
+S seconds, the goodput is the payload the *receiving* application read (from its first
+read to the end of the send window). Both kernels use MTU 1500, a real Ethernet's:
+``tcp-1024``, ``tcp-16384`` and ``tcp-65536`` run with HOST_TSO4/GUEST_TSO4 negotiated,
+so the sender hands super-frames of up to 64 KiB to its device and they cross the
+switch whole (as Linux loopback's GSO hands 64 KiB packets through its stack);
+``tcp-65536-notso`` sends from a second kernel booted with ``offload=False``, so every
+segment is at most one MSS and carries its own checksum. Native: a Python TCP
+connection over 127.0.0.1 between this process and a peer process, same message size.
+Kicks and interrupts per packet count *frames on the ring*: a TSO super-frame is one.
+The ``stages`` table of the TCP rows gives the CPU time each process spent per MiB
+received.
+
 This is a benchmark, not a test: it prints numbers and never judges them.
 """
 
@@ -34,10 +49,20 @@ from typing import Any
 from tools.errors import CliError
 from tools.table import render_table
 
-__all__ = ["NetRow", "SIZES", "run_net"]
+__all__ = ["NetRow", "SIZES", "TCP_ROWS", "run_net"]
 
 #: Payload sizes of the rows (bytes).
 SIZES = (64, 256, 1024, 4096, 16384, 65507)
+#: The TCP_STREAM rows: (name, message size, offloads on the sending kernel).
+TCP_ROWS = (
+    ("tcp-1024", 1024, True),
+    ("tcp-16384", 16384, True),
+    ("tcp-65536", 65536, True),
+    ("tcp-65536-notso", 65536, False),
+)
+#: The kernels' MTU in the TCP rows: a real Ethernet's, so TSO is what makes segments big.
+TCP_MTU = 1500
+TCP_PORT = 9001
 #: Both kernels' MTU: as Linux loopback, big enough that no row fragments.
 BENCH_MTU = 65535
 _ENOBUFS = 105
@@ -167,6 +192,102 @@ def _peer_virtio(switch: str) -> None:
         t.join(2)
 
 
+def _tcp_reader(recv_into: Any, box: list[_Counter]) -> None:
+    """Read one connection to its end, counting into ``box[0]`` (``recv_into(buf)`` is
+    the reading call: Python's socket or k.sys)."""
+    buf = bytearray(1 << 20)
+    while True:
+        try:
+            n = recv_into(buf)
+        except (OSError, TimeoutError):
+            return
+        if not n:
+            return
+        box[0].add(n)
+
+
+def _peer_native_tcp() -> None:
+    """Accept TCP connections on 127.0.0.1 (port printed first) and read each to its
+    end; rows via :func:`_serve_rows`."""
+    import socket
+    import threading
+
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(8)
+    box = [_Counter()]
+
+    def acceptor() -> None:
+        while True:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+
+            def read(c: socket.socket = c) -> None:
+                with c:
+                    _tcp_reader(c.recv_into, box)
+
+            threading.Thread(target=read, daemon=True).start()
+
+    threading.Thread(target=acceptor, daemon=True).start()
+    print(json.dumps({"port": ls.getsockname()[1]}), flush=True)
+    _serve_rows(box)
+    ls.close()
+
+
+def _peer_virtio_tcp(switch: str) -> None:
+    """Boot kernel B on the switch (MTU 1500, offloads on), accept TCP on
+    :data:`TCP_PORT` and read each connection to its end; rows via :func:`_serve_rows`
+    (the report adds kernel B's receive-queue interrupts and frames)."""
+    import threading
+
+    import kernel
+    from kernel.files import SOCK_STREAM
+
+    spec = kernel.Net(backend="switch", switch=switch, ip="10.0.0.2/24", mtu=TCP_MTU)
+    with kernel.boot(devices=[spec]) as k:
+        lfd = k.sys.socket(type=SOCK_STREAM)
+        k.sys.bind(lfd, ("0.0.0.0", TCP_PORT))
+        k.sys.listen(lfd, 8)
+        k.sys.settimeout(lfd, 0.2)
+        box = [_Counter()]
+        stop = threading.Event()
+
+        def acceptor() -> None:
+            while not stop.is_set():
+                try:
+                    c, _ = k.sys.accept(lfd)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+
+                def read(c: int = c) -> None:
+                    try:
+                        _tcp_reader(lambda b: k.sys.recv_into(c, b), box)
+                    finally:
+                        k.sys.close(c)
+
+                threading.Thread(target=read, daemon=True).start()
+
+        t = threading.Thread(target=acceptor, daemon=True)
+        t.start()
+        dev = k.devices[0]
+
+        def extra() -> dict[str, Any]:
+            return {
+                "interrupts": dev.queues[0].stats.interrupts,
+                "rx_frames": dev.rx_frames,
+                "device_pid": dev.pid,
+            }
+
+        print(json.dumps({"port": TCP_PORT}), flush=True)
+        _serve_rows(box, extra)
+        stop.set()
+        t.join(2)
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (0.0 if it is gone)."""
     try:
@@ -187,8 +308,15 @@ class _Stages:
         self.start = [_cpu_seconds(p) for p in pids]
 
     def per_packet_us(self, packets: int) -> list[float]:
+        """CPU µs each process spent per packet since the start (``packets`` received)."""
         now = [_cpu_seconds(p) for p in self.pids]
         return [(b - a) * 1e6 / max(1, packets) for a, b in zip(self.start, now, strict=True)]
+
+    def per_mib_ms(self, nbytes: int) -> list[float]:
+        """CPU ms each process spent per MiB received since the start."""
+        now = [_cpu_seconds(p) for p in self.pids]
+        mib = max(1, nbytes) / (1 << 20)
+        return [(b - a) * 1e3 / mib for a, b in zip(self.start, now, strict=True)]
 
 
 class _Peer:
@@ -287,16 +415,114 @@ def _virtio_row(
     return _mbit(report), kicks / frames, irqs / rx, stages.per_packet_us(report["packets"])
 
 
+def _native_tcp_row(peer: _Peer, size: int, seconds: float) -> float:
+    import socket
+
+    s = socket.create_connection(("127.0.0.1", peer.hello["port"]))
+    payload = os.urandom(size)
+    peer.call("start")
+    end = time.perf_counter() + seconds
+    sendall = s.sendall
+    while time.perf_counter() < end:
+        for _ in range(8):
+            sendall(payload)
+    report = peer.call("stop")
+    s.close()
+    return _mbit(report)
+
+
+def _virtio_tcp_row(
+    k: Any, peer: _Peer, name: str, size: int, seconds: float, stage_pids: list[int]
+) -> tuple[float, float, float, list[float]]:
+    from kernel.files import SOCK_STREAM
+
+    fd = k.sys.socket(type=SOCK_STREAM)
+    try:
+        k.sys.settimeout(fd, 30)
+        k.sys.connect(fd, ("10.0.0.2", peer.hello["port"]))
+        payload = os.urandom(size)
+        dev = k.devices[0]
+        txq = dev.queues[1].stats
+        before = peer.call("start")
+        stages = _Stages([*stage_pids, before["device_pid"], peer.proc.pid])
+        kicks0 = txq.kicks_sent
+        sent0 = dev.tx_frames
+        end = time.perf_counter() + seconds
+        sendall = k.sys.sendall
+        try:
+            while time.perf_counter() < end:
+                for _ in range(8):
+                    sendall(fd, payload)
+        except OSError as e:
+            raise CliError(f"{name}: send failed: {e}") from None
+        kicks = txq.kicks_sent - kicks0
+        frames = max(1, dev.tx_frames - sent0)
+        report = peer.call("stop")
+    finally:
+        k.sys.close(fd)
+    irqs = report["interrupts"] - before["interrupts"]
+    rx = max(1, report["rx_frames"] - before["rx_frames"])
+    return _mbit(report), kicks / frames, irqs / rx, stages.per_mib_ms(report["bytes"])
+
+
+def _run_tcp(
+    rows_wanted: list[tuple[str, int, bool]], seconds: float, switch_ep: str, sw_pid: int
+) -> tuple[list[NetRow], list[list[Any]]]:
+    import kernel
+
+    rows: list[NetRow] = []
+    stage_rows: list[list[Any]] = []
+    vpeer = _Peer("virtio-tcp", switch_ep)
+    npeer = _Peer("native-tcp")
+    try:
+        kernels: dict[bool, Any] = {}
+        try:
+            for name, size, offload in rows_wanted:
+                if offload not in kernels:
+                    ip = "10.0.0.1/24" if offload else "10.0.0.3/24"
+                    spec = kernel.Net(
+                        backend="switch", switch=switch_ep, ip=ip, mtu=TCP_MTU, offload=offload
+                    )
+                    kernels[offload] = kernel.boot(devices=[spec])
+                k = kernels[offload]
+                pids = [os.getpid(), k.devices[0].pid or 0, sw_pid]
+                v, kpp, ipp, cpu = _virtio_tcp_row(k, vpeer, name, size, seconds, pids)
+                n = _native_tcp_row(npeer, size, seconds)
+                rows.append(
+                    NetRow(
+                        name=name,
+                        unit="Mbit/s",
+                        virtio=round(v, 1),
+                        native=round(n, 1),
+                        ratio=round(v / n, 4) if n else 0.0,
+                        kicks_per_packet=round(kpp, 4),
+                        interrupts_per_packet=round(ipp, 4),
+                    )
+                )
+                stage_rows.append([name, *(round(ms, 1) for ms in cpu)])
+        finally:
+            for k in kernels.values():
+                k.shutdown()
+    finally:
+        vpeer.close()
+        npeer.close()
+    return rows, stage_rows
+
+
 def run_net(
     seconds: float = 1.0,
     as_json: bool = False,
     plot: str | None = None,
     only: list[str] | None = None,
     stages_table: bool = False,
+    tcp: bool = False,
 ) -> int:
-    """Run the UDP_STREAM rows and print them (with ``stages_table``, also the CPU time
-    each process on the virtio path spent per received packet); returns the exit
-    status."""
+    """Run the UDP_STREAM rows -- or, with ``tcp``, the TCP_STREAM rows
+    (:data:`TCP_ROWS`) -- and print them (with ``stages_table``, also the CPU time each
+    process on the virtio path spent per received packet, or per MiB for TCP); returns
+    the exit status."""
+    if tcp:
+        return _run_net_tcp(seconds, as_json, plot, only, stages_table)
     names = [f"udp-{n}" for n in SIZES]
     if only:
         unknown = sorted(set(only) - set(names))
@@ -326,7 +552,7 @@ def run_net(
             try:
                 fd = k.sys.socket(2, 2)
                 k.sys.connect(fd, ("10.0.0.2", vpeer.hello["port"]))
-                pids = [os.getpid(), k.devices[0].pid, sw.pid]
+                pids = [os.getpid(), k.devices[0].pid or 0, sw.pid]
                 for size in sizes:
                     row, cpu = _row(k, fd, vpeer, npeer, size, seconds, pids)
                     rows.append(row)
@@ -342,6 +568,47 @@ def run_net(
     if stages_table and not as_json:
         print()
         print("CPU time per received packet, by process on the virtio path (µs):")
+        print(render_table(["workload", *_Stages.NAMES], stage_rows))
+    if plot:
+        _plot(rows, plot)
+    return 0
+
+
+def _run_net_tcp(
+    seconds: float,
+    as_json: bool,
+    plot: str | None,
+    only: list[str] | None,
+    stages_table: bool,
+) -> int:
+    names = [r[0] for r in TCP_ROWS]
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise CliError(f"unknown row(s) {unknown}; rows are {names}", 2)
+    wanted = [r for r in TCP_ROWS if not only or r[0] in only]
+    if plot:
+        _check_plot_target(plot)
+    from hostops.process import DeviceProcess, python_argv
+    from hostops.rundir import RuntimeDir
+
+    rundir = RuntimeDir.create()
+    switch_ep = rundir.endpoint("bench-switch")
+    sw = DeviceProcess.launch(
+        python_argv("vdev", "switch", "--listen", switch_ep),
+        name="switch",
+        log_path=os.path.join(rundir.path, "switch.log"),
+    )
+    try:
+        rows, stage_rows = _run_tcp(wanted, seconds, switch_ep, sw.pid)
+    finally:
+        sw.stop()
+        sw.close()
+        rundir.cleanup()
+    _print(rows, as_json)
+    if stages_table and not as_json:
+        print()
+        print("CPU time per MiB received, by process on the virtio path (ms):")
         print(render_table(["workload", *_Stages.NAMES], stage_rows))
     if plot:
         _plot(rows, plot)
@@ -409,15 +676,22 @@ def _plot(rows: list[NetRow], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise CliError("--plot needs matplotlib (pip install 'virtio-lab[bench]')") from None
-    sizes = [int(r.name.split("-")[1]) for r in rows]
+    proto = "TCP" if rows and rows[0].name.startswith("tcp-") else "UDP"
+    main = [r for r in rows if not r.name.endswith("-notso")]
+    extra = [r for r in rows if r.name.endswith("-notso")]
+    sizes = [int(r.name.split("-")[1]) for r in main]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(sizes, [r.native for r in rows], "o-", label="native Python UDP (Linux loopback)")
-    ax.plot(sizes, [r.virtio for r in rows], "s-", label="virtio-lab (two kernels, switch)")
+    ax.plot(sizes, [r.native for r in main], "o-", label=f"native Python {proto} (Linux loopback)")
+    label = "virtio-lab (two kernels, switch" + (", TSO)" if proto == "TCP" else ")")
+    ax.plot(sizes, [r.virtio for r in main], "s-", label=label)
+    for r in extra:
+        size = int(r.name.split("-")[1])
+        ax.plot([size], [r.virtio], "x", markersize=9, label="virtio-lab without TSO")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("UDP payload (bytes)")
+    ax.set_xlabel("UDP payload (bytes)" if proto == "UDP" else "TCP message size (bytes)")
     ax.set_ylabel("received goodput (Mbit/s)")
-    ax.set_title("UDP_STREAM, 2 processes, same run")
+    ax.set_title(f"{proto}_STREAM, 2 processes, same run")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -431,10 +705,17 @@ def _plot(rows: list[NetRow], path: str) -> None:
 def _peer_main(argv: list[str]) -> int:
     if argv[:1] == ["native"]:
         _peer_native()
-    elif argv[:1] == ["virtio"]:
+    elif argv[:1] == ["virtio"] and len(argv) == 2:
         _peer_virtio(argv[1])
+    elif argv[:1] == ["native-tcp"]:
+        _peer_native_tcp()
+    elif argv[:1] == ["virtio-tcp"] and len(argv) == 2:
+        _peer_virtio_tcp(argv[1])
     else:
-        print("usage: python -m tools.bench_net peer native|virtio ...", file=sys.stderr)
+        print(
+            "usage: python -m tools.bench_net peer native|native-tcp|virtio EP|virtio-tcp EP",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this row (repeatable)",
     )
     b.add_argument(
+        "--tcp",
+        action="store_true",
+        help="net: TCP_STREAM rows (tcp-1024, tcp-16384, tcp-65536 with TSO, "
+        "tcp-65536-notso) instead of UDP_STREAM",
+    )
+    b.add_argument(
         "--stages",
         action="store_true",
         help="net: also print the CPU time per packet of each process on the virtio path",
@@ -221,11 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     plot=args.plot,
                     only=args.only,
                     stages_table=args.stages,
+                    tcp=args.tcp,
                 )
             from tools import bench
 
-            if args.plot:
-                raise CliError("bench blk: --plot is for bench net", 2)
+            if args.plot or args.tcp or args.stages:
+                raise CliError("bench blk: --plot, --tcp and --stages are for bench net", 2)
             return bench.run_blk(
                 image=args.image, seconds=args.seconds, as_json=args.json, only=args.only
             )

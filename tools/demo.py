@@ -28,6 +28,8 @@ from tools.table import render_table
 __all__ = ["run", "pattern"]
 
 CHUNK = 64 << 10
+#: Bytes the demo sends over its TCP connection.
+TCP_BYTES = 1 << 20
 #: The demo NIC's address (a private subnet that only this kernel uses).
 DEMO_IP = "10.0.0.2/24"
 THREADS = 8
@@ -179,7 +181,8 @@ def _run_kernel(
 
 
 def _net(k: kernel.Kernel, nic: kernel.VirtioDevice) -> bool:
-    """A UDP round trip and a ping over the loopback NIC; True if both worked."""
+    """A UDP round trip, a ping and a TCP transfer over the loopback NIC; True if all
+    worked."""
     addr = DEMO_IP.split("/")[0]
     print(f"interface {nic.name}: {addr}, MAC {nic.mac}, MTU {nic.mtu}, process {nic.pid}")
     server = k.sys.socket()
@@ -198,6 +201,7 @@ def _net(k: kernel.Kernel, nic: kernel.VirtioDevice) -> bool:
         rtts = k.sys.ping(addr, count=3, timeout=2.0)
         ms = ", ".join(f"{r * 1000:.2f} ms" for r in rtts)
         ok &= _report(f"ping {addr}: {len(rtts)} replies ({ms})", len(rtts) == 3)
+        ok &= _tcp(k, addr)
     except OSError as e:
         ok &= _report(f"network round trip: {e}", False)
     finally:
@@ -206,9 +210,53 @@ def _net(k: kernel.Kernel, nic: kernel.VirtioDevice) -> bool:
     _counters(nic)
     print(f"frames: tx {nic.tx_frames}, rx {nic.rx_frames}, bad {nic.rx_bad_frames}")
     st = k.net.stats
-    shown = ("arp_requests_sent", "arp_replies_sent", "icmp_echo_replied", "udp_tx_datagrams")
+    shown = (
+        "icmp_echo_replied",
+        "udp_tx_datagrams",
+        "tcp_segments_out",
+        "tcp_gso_segments",
+        "tcp_retransmits",
+    )
     print("stack: " + ", ".join(f"{n}={st[n]}" for n in shown))
     return ok
+
+
+def _tcp(k: kernel.Kernel, addr: str) -> bool:
+    """A TCP connection over the same NIC: the client sends TCP_BYTES, the server (a
+    thread) answers with the SHA-256 of what it got; True if it matches."""
+    data = os.urandom(TCP_BYTES)
+    listener = k.sys.socket(2, 1)  # AF_INET, SOCK_STREAM
+    client = k.sys.socket(2, 1)
+    try:
+        k.sys.bind(listener, (addr, 8080))
+        k.sys.listen(listener, 1)
+        k.sys.settimeout(listener, 10.0)
+
+        def serve() -> bytes:
+            conn, _ = k.sys.accept(listener)
+            try:
+                k.sys.settimeout(conn, 10.0)
+                h = hashlib.sha256()
+                while chunk := k.sys.recv(conn, 65536):
+                    h.update(chunk)
+                k.sys.sendall(conn, h.digest())
+                return h.digest()
+            finally:
+                k.sys.close(conn)
+
+        with ThreadPoolExecutor(1) as pool:
+            server = pool.submit(serve)
+            k.sys.settimeout(client, 10.0)
+            k.sys.connect(client, (addr, 8080))
+            k.sys.sendall(client, data)
+            k.sys.shutdown(client, 1)  # SHUT_WR: the server sees the end of the data
+            digest = k.sys.recv(client, 64)
+            server.result(timeout=10.0)
+    finally:
+        k.sys.close(client)
+        k.sys.close(listener)
+    good = digest == hashlib.sha256(data).digest()
+    return _report(f"TCP {TCP_BYTES >> 10} KiB to {addr}:8080, SHA-256 echoed back", good)
 
 
 def _counters(dev: kernel.VirtioDevice) -> None:

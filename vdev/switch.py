@@ -2,6 +2,7 @@
 
     python -m vdev.switch --listen ipc:///path/sw.sock [--age SECONDS] [--max-macs N]
                           [--max-ports N] [--hwm N] [--tap IFNAME]
+                          [--impair loss=P,dup=P,reorder=P,seed=N]
 
 (:func:`main` is also what a ``python -m vdev switch`` sub-command calls.)
 
@@ -70,6 +71,14 @@ polling.
 a frame for a full port is dropped and counted), a cap on message size, the MAC table
 cap, at most ``--max-ports`` ports, at most 64 deferred stats requests, and bounded
 work per wake-up (``budget`` messages).
+
+*Impairment* (``--impair``, for testing transports over a bad path, as netem does):
+every frame the switch would forward or flood is, by one seeded draw
+(:class:`Impairment`), *lost* (not forwarded), *duplicated* (forwarded twice) or
+*reordered* (held back and forwarded right after the next frame, or after
+``REORDER_HOLD_S`` if no frame follows), with the probabilities given; each outcome is
+counted (``impaired_lost``, ``impaired_dup``, ``impaired_reordered`` in the switch's
+counters). Off by default.
 
 *Life cycle*: SIGTERM or SIGINT → the loop ends, the socket file is removed, the final
 statistics are printed as one JSON line on stdout, exit 0. (SIGTERM stops the loop
@@ -140,6 +149,13 @@ __all__ = [
     "EventLoop",
     "RxGate",
     "TimerHandle",
+    "Impairment",
+    "parse_impairment",
+    "PASS",
+    "LOSE",
+    "DUP",
+    "REORDER",
+    "REORDER_HOLD_S",
     "SwitchServer",
     "SwitchClient",
     "main",
@@ -224,6 +240,9 @@ class SwitchCounters:
     ports_removed: int = 0
     ports_refused: int = 0  # hellos refused (bad, or max_ports reached)
     unwatched_ports: int = 0  # ports whose process could not be watched (pidfd)
+    impaired_lost: int = 0  # --impair: frames not forwarded on purpose
+    impaired_dup: int = 0  # --impair: frames forwarded twice
+    impaired_reordered: int = 0  # --impair: frames forwarded after the next one
 
 
 @dataclass(slots=True)
@@ -537,6 +556,77 @@ class SwitchCore:
         ]
         macs = [[format_mac(m), port, round(age, 3)] for m, port, age in t.entries()]
         return {"switch": sw, "ports": ports, "macs": macs}
+
+
+# --------------------------------------------------------------------- impairment
+#: Longest a frame held back for reordering waits for a frame to overtake it.
+REORDER_HOLD_S = 0.005
+
+#: The fates :meth:`Impairment.draw` gives a frame.
+PASS = 0
+LOSE = 1
+DUP = 2
+REORDER = 3
+
+
+class Impairment:
+    """What happens to each frame on a deliberately bad path (``--impair``): one
+    seeded draw per frame decides :data:`LOSE`, :data:`DUP`, :data:`REORDER` or
+    :data:`PASS`, with probabilities ``loss``, ``dup`` and ``reorder`` (their sum at
+    most 1). The same seed and the same sequence of frames give the same decisions."""
+
+    def __init__(
+        self, *, loss: float = 0.0, dup: float = 0.0, reorder: float = 0.0, seed: int = 0
+    ) -> None:
+        for name, p in (("loss", loss), ("dup", dup), ("reorder", reorder)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be a probability in 0..1, not {p!r}")
+        if loss + dup + reorder > 1.0:
+            raise ValueError("loss + dup + reorder must not exceed 1")
+        import random
+
+        self.loss = loss
+        self.dup = dup
+        self.reorder = reorder
+        self.seed = seed
+        self._random = random.Random(seed).random
+        self._lose_below = loss
+        self._dup_below = loss + dup
+        self._reorder_below = loss + dup + reorder
+
+    def draw(self) -> int:
+        """The fate of the next frame."""
+        x = self._random()
+        if x < self._lose_below:
+            return LOSE
+        if x < self._dup_below:
+            return DUP
+        if x < self._reorder_below:
+            return REORDER
+        return PASS
+
+    def describe(self) -> dict[str, float | int]:
+        """The settings, as plain data (for the statistics)."""
+        return {"loss": self.loss, "dup": self.dup, "reorder": self.reorder, "seed": self.seed}
+
+
+def parse_impairment(text: str) -> Impairment:
+    """``loss=P,dup=P,reorder=P,seed=N`` (any subset, any order) → :class:`Impairment`;
+    ValueError with a precise message otherwise."""
+    kw: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.strip().partition("=")
+        if not sep or key not in ("loss", "dup", "reorder", "seed"):
+            raise ValueError(f"expected loss=P,dup=P,reorder=P,seed=N, got {item!r}")
+        if key in kw:
+            raise ValueError(f"{key} given twice")
+        try:
+            kw[key] = int(value) if key == "seed" else float(value)
+        except ValueError:
+            raise ValueError(f"{key}: not a number: {value!r}") from None
+        if key != "seed" and kw[key] != kw[key]:
+            raise ValueError(f"{key}: not a number: {value!r}")
+    return Impairment(**kw)
 
 
 def _valid_accepts(accepts: frozenset[str]) -> frozenset[str]:
@@ -905,8 +995,12 @@ class SwitchServer:
         tap: str | None = None,
         budget: int = 256,
         log: Any = None,
+        impair: Impairment | None = None,
     ) -> None:
         self.core = SwitchCore(age_s=age_s, max_macs=max_macs, max_ports=max_ports)
+        self.impair = impair
+        self._held: tuple[tuple[int, ...], bool, NetHdr | None, Part, Any] | None = None
+        self._held_timer: TimerHandle | None = None
         self.endpoint = endpoint
         self.budget = max(1, budget)
         self.loop = EventLoop()
@@ -959,6 +1053,10 @@ class SwitchServer:
     def close(self) -> None:
         """Close the hub (removing its socket file), the TAP and every watch.
         Idempotent."""
+        self._held = None
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
         for number in list(self._links):
             self._drop_link(number)
         for w in self._pid_watches.values():
@@ -1045,7 +1143,45 @@ class SwitchServer:
                 return
         outs, flooded = core.decide(number, frame)
         if outs:
+            if self.impair is None:
+                self._deliver(outs, flooded, hdr, msg, frame)
+            else:
+                self._impaired(outs, flooded, hdr, msg, frame)
+
+    def _impaired(
+        self,
+        outs: tuple[int, ...],
+        flooded: bool,
+        hdr: NetHdr | None,
+        msg: Part,
+        frame: bytes | memoryview,
+    ) -> None:
+        """:meth:`_deliver` through the :class:`Impairment` (see the module doc)."""
+        assert self.impair is not None
+        c = self.core.counters
+        fate = self.impair.draw()
+        if fate == LOSE:
+            c.impaired_lost += 1
+            return
+        if fate == REORDER and self._held is None:
+            c.impaired_reordered += 1
+            self._held = (outs, flooded, hdr, msg, frame)
+            self._held_timer = self.loop.call_later(REORDER_HOLD_S, self._release_held)
+            return
+        self._deliver(outs, flooded, hdr, msg, frame)
+        if fate == DUP:
+            c.impaired_dup += 1
             self._deliver(outs, flooded, hdr, msg, frame)
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """Forward the frame held back for reordering, if any."""
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        held, self._held = self._held, None
+        if held is not None:
+            self._deliver(*held)
 
     def _deliver(
         self,
@@ -1144,7 +1280,11 @@ class SwitchServer:
         assert hub is not None
         # one copy out of the backend's reusable read buffer, shared by every send
         msg = hub.part(b"".join((KIND_FRAME, hdr.pack(), frame)))
-        self._deliver(outs, flooded, hdr if offloaded else None, msg, msg.buffer[_FRAME_AT:])
+        args = (outs, flooded, hdr if offloaded else None, msg, msg.buffer[_FRAME_AT:])
+        if self.impair is None:
+            self._deliver(*args)
+        else:
+            self._impaired(*args)
         return True
 
     # ------------------------------------------------------------------ ports
@@ -1280,6 +1420,7 @@ class SwitchServer:
         """The core's statistics plus the TAP backend's counters."""
         st = self.core.stats()
         st["tap"] = dict(self.tap_counters)
+        st["impair"] = self.impair.describe() if self.impair is not None else None
         st["switch"]["callback_errors"] = self.loop.callback_errors
         if self._hub is not None:  # messages of more than one part, dropped by the hub
             st["switch"]["malformed"] += self._hub.malformed
@@ -1437,6 +1578,13 @@ def _ifname(text: str) -> str:
     return text
 
 
+def _impairment(text: str) -> Impairment:
+    try:
+        return parse_impairment(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The command line."""
     p = _Parser(prog=prog, description="Run the virtio-lab L2 learning switch.")
@@ -1481,6 +1629,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         metavar="IFNAME",
         help="also switch to the Linux TAP interface IFNAME (root)",
     )
+    p.add_argument(
+        "--impair",
+        type=_impairment,
+        metavar="loss=P,dup=P,reorder=P,seed=N",
+        help="lose, duplicate and reorder forwarded frames with these probabilities "
+        "(seeded; for tests)",
+    )
     return p
 
 
@@ -1501,6 +1656,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             max_ports=args.max_ports,
             hwm=args.hwm,
             tap=args.tap,
+            impair=args.impair,
         )
     except TapError as e:
         if debug:

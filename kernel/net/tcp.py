@@ -16,7 +16,10 @@ tables. Receive processing, timers and socket calls take it, change state, and c
 the segments to send in a list; the segments go to IP after the lock is released,
 through one transmit queue drained by whichever thread got there first (a thread that
 finds the queue being drained only appends), so a synchronous link (loopback, a test
-hub) that re-enters the stack never recurses without bound.
+hub) that re-enters the stack never recurses without bound. A link whose transmit ring
+is full (ENOBUFS) does not lose the segment: it stays at the head of the queue (counted
+``tcp_tx_requeued``) and the queue is drained again by the next segment to send or by a
+timer ``TX_RETRY_S`` later, as a qdisc would hold it.
 
 *Receive* (RFC 9293 §3.10.7): checksum (unless the link vouched), header and options
 (:mod:`kernel.net.tcp_wire`), demultiplexing to a connection or a listener, then the
@@ -177,6 +180,7 @@ TCP_STAT_NAMES = (
     "tcp_resets",
     "tcp_gso_segments",
     "tcp_tx_errors",
+    "tcp_tx_requeued",
     "tcp_delayed_acks",
     "tcp_keepalive_probes",
     "tcp_paws_rejected",
@@ -202,6 +206,8 @@ _CAN_SEND = frozenset({ESTABLISHED, CLOSE_WAIT})
 
 _MIN_BUF = 4096
 _MAX_BUF = 16 * 1024 * 1024
+#: How soon segments held back by a full transmit ring are tried again (seconds).
+TX_RETRY_S = 0.001
 _MAX_TSO = 65535 - 20 - 60  # IP total length minus the largest IP and TCP headers
 
 
@@ -281,6 +287,7 @@ class TcpProtocol:
         self._txq: deque[_Out] = deque()
         self._txlock = Lock()
         self._draining = False
+        self._retry: TimerHandle | None = None
         self._challenge_window = 0
         self._challenge_count = 0
         self._closed = False
@@ -362,9 +369,9 @@ class TcpProtocol:
     # ------------------------------------------------------------------ output
     def _emit(self, out: list[_Out]) -> None:
         """Send collected segments (no TCP lock held); see "Locking"."""
-        if not out:
-            return
         with self._txlock:
+            if not out and not self._txq:
+                return
             self._txq.extend(out)
             if self._draining:
                 return
@@ -376,6 +383,9 @@ class TcpProtocol:
                     self._draining = False
                     return
                 o = self._txq.popleft()
+            # send_ip may complete the checksum in place: keep the pseudo-header sum
+            # for a segment that has to be sent again (ENOBUFS below)
+            csum = o.seg[TCP_CSUM_OFFSET : TCP_CSUM_OFFSET + 2]
             try:
                 st.send_ip(
                     o.dst,
@@ -389,10 +399,32 @@ class TcpProtocol:
                 st.count("tcp_segments_out")
                 if o.gso_size:
                     st.count("tcp_gso_segments")
-            except OSError:
+            except OSError as e:
+                if e.errno == errno.ENOBUFS and not self._closed:
+                    # the transmit ring is full: like a qdisc, keep the segment (and
+                    # those after it, in order) and try again when the ring has
+                    # drained a little -- a local drop would cost a retransmission
+                    o.seg[TCP_CSUM_OFFSET : TCP_CSUM_OFFSET + 2] = csum
+                    with self._txlock:
+                        self._txq.appendleft(o)
+                        self._draining = False
+                        arm = self._retry is None
+                        if arm:
+                            self._retry = st.timers.call_later(TX_RETRY_S, self._tx_retry)
+                    st.count("tcp_tx_requeued")
+                    return
                 st.count("tcp_tx_errors")  # a lost segment: retransmission repairs it
             except Exception:
                 st.count("tcp_tx_errors")
+
+    def _tx_retry(self) -> None:
+        """Timer: send what a full transmit ring held back."""
+        with self._txlock:
+            self._retry = None
+            if self._closed:
+                self._txq.clear()
+                return
+        self._emit([])
 
     def _raw(
         self,
@@ -512,6 +544,11 @@ class TcpProtocol:
             socks = list(self._sockets) + list(self._conns.values())
             for s in socks:
                 s._cancel_timers()
+        with self._txlock:
+            self._txq.clear()
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
         for s in socks:
             if not s.closed:
                 s.closed = True

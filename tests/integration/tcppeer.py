@@ -14,20 +14,84 @@ It then reads commands, one JSON object per line, answering each with one line:
 * ``{"op": "connect_many", "addr": A, "port": P, "n": N, "size": S}``: opens N
   connections to ``A:P`` at once, sends S pattern bytes on each, half-closes, reads the
   echo back; answers ``{"ok": count of intact echoes, "errors": [...]}``;
-* ``{"op": "stats"}``: ``{"stack": k.net.stats, "link": the NIC's counters}``;
+* ``{"op": "stats"}``: ``{"stack": k.net.stats, "link": the NIC's counters, "pid":
+  this process, "device_pid": the NIC's device process}``;
 * ``{"op": "quit"}`` (or end of input): shuts down and exits 0.
+
+Imported by the tests, it also provides :class:`TcpPeer` (this script as a child
+process) and :func:`pattern`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import kernel
 from kernel.files import SHUT_WR, SOCK_STREAM
+
+__all__ = ["TcpPeer", "pattern", "main"]
+
+SCRIPT = Path(__file__).resolve()
+
+
+class TcpPeer:
+    """This script as a child process: ``TcpPeer(**spec)`` boots its kernel with
+    ``kernel.Net(**spec)`` and returns once it is ready; :meth:`call` sends one command
+    and returns its answer; :meth:`close` quits it (kills it if it does not)."""
+
+    def __init__(self, **spec: Any) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        hello = self._line()
+        if not hello.get("ready"):
+            self.close()
+            raise RuntimeError(f"tcppeer did not start: {hello}")
+
+    def _line(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tcppeer exited with {self.proc.poll()}")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        """Send one command (see the module doc) and return the answer."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        """Quit the peer (SIGKILL if it does not end within 20 s); idempotent."""
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.close()
+                self.proc.wait(20)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        else:
+            self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
 
 
 def pattern(n: int, seed: int) -> bytes:
@@ -105,6 +169,7 @@ def _client(k: kernel.Kernel, addr: str, port: int, size: int, seed: int, res: l
 
 
 def main() -> int:
+    """Run the peer (see the module doc); 0 after ``quit``."""
     spec = kernel.Net(**json.loads(sys.argv[1]))
     with kernel.boot(devices=[spec]) as k:
         stop = threading.Event()
@@ -139,7 +204,12 @@ def main() -> int:
                     "errors": [r for r in res if r is not True],
                 }
             elif op == "stats":
-                out = {"stack": k.net.stats, "link": dict(k.devices[0].link.counters)}
+                out = {
+                    "stack": k.net.stats,
+                    "link": dict(k.devices[0].link.counters),
+                    "pid": os.getpid(),
+                    "device_pid": k.devices[0].pid,
+                }
             else:
                 out = {"error": f"unknown op {op!r}"}
             print(json.dumps(out), flush=True)

@@ -204,6 +204,7 @@ def test_demo_on_a_temporary_image(tmp_path):
     assert dc["flushes"] >= 1, run
     # the NIC: a UDP round trip and three pings crossed the loopback device
     assert "[ok] UDP 10.0.0.2:" in run.out and "[ok] ping 10.0.0.2: 3 replies" in run.out, run
+    assert "[ok] TCP 1024 KiB to 10.0.0.2:8080, SHA-256 echoed back" in run.out, run
     assert "MRG_RXBUF" in _features(run.out, "eth0")
     nc = _device_counters(run.out, 1)
     assert nc["tx_frames"] == nc["rx_frames"] >= 8, nc  # 2 UDP + 3 echo requests + replies

@@ -1,15 +1,20 @@
 """TCP between two kernels in two processes on the real switch (real device processes,
 shared memory, ZeroMQ): 50 MiB over one connection (sha256 equal both ends, with TSO),
-50 connections at once each way, half-close, and RST from a closed port."""
+50 connections at once each way, half-close, RST from a closed port, and a peer that
+vanishes (SIGKILL) mid-transfer."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
+import os
 import random
-import subprocess
-import sys
+import select
+import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +22,7 @@ from typing import Any
 
 import pytest
 from netpeer import Switch
-from tcppeer import pattern
+from tcppeer import TcpPeer, pattern
 
 import kernel
 from hostops.rundir import RuntimeDir
@@ -26,47 +31,7 @@ from kernel.files import SHUT_WR, SOCK_STREAM
 
 pytestmark = pytest.mark.integration
 
-TCPPEER = Path(__file__).resolve().parent / "tcppeer.py"
 PEER_IP = "10.0.0.2"
-
-
-class TcpPeer:
-    """``tcppeer.py`` as a child process."""
-
-    def __init__(self, **spec: Any) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(TCPPEER), json.dumps(spec)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self._line().get("ready")
-
-    def _line(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, f"tcppeer exited with {self.proc.poll()}"
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def call(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        return self._line()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write('{"op": "quit"}\n')
-                self.proc.stdin.close()
-                self.proc.wait(20)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +181,93 @@ def test_without_offloads_the_stack_segments(switch: Switch, peer: TcpPeer) -> N
         assert (digest, int(count)) == (hashlib.sha256(data).hexdigest(), len(data))
         assert link.counters["tx_gso_frames"] == 0
         assert k3.net.stats["tcp_gso_segments"] == 0
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    """Wait (on a pidfd, no polling) until process ``pid`` has exited."""
+    try:
+        pfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        ready, _, _ = select.select([pfd], [], [], timeout_s)
+        assert ready, f"process {pid} still there after {timeout_s} s"
+    finally:
+        os.close(pfd)
+
+
+def _remove_leftovers_of(*pids: int) -> None:
+    """A SIGKILLed kernel leaves its shm segments and runtime directory behind (nobody
+    ran its clean-up): remove exactly those of ``pids``, as a later run's sweep would."""
+    for name in os.listdir("/dev/shm"):
+        if any(name.startswith(f"vlab-{p}-") for p in pids):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join("/dev/shm", name))
+    base = Path(f"/tmp/vlab-{os.getuid()}")
+    for p in pids:
+        for d in base.glob(f"{p}-*") if base.is_dir() else ():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_vanishing_peer_times_out(switch: Switch) -> None:
+    """SIGKILL the receiving kernel's process and its device mid-transfer: the sender's
+    retransmissions go unanswered and, after the configured limit, sendall fails with
+    ETIMEDOUT (RFC 9293 §3.8.3 / RFC 1122 §4.2.3.5: R2 reached, the connection closes)."""
+    victim = TcpPeer(backend="switch", switch=switch.endpoint, ip="10.0.0.4/24")
+    pids: tuple[int, int] = (0, 0)
+    try:
+        info = victim.call(op="stats")
+        pids = (info["pid"], info["device_pid"])
+        spec = kernel.Net(backend="switch", switch=switch.endpoint, ip="10.0.0.5/24")
+        with kernel.boot(devices=[spec]) as k5:
+            k5.net.tcp.config = dataclasses.replace(
+                k5.net.tcp.config, rto_initial_s=0.2, rto_min_s=0.05, rto_max_s=0.2, max_retries=4
+            )
+            fd = k5.sys.socket(type=SOCK_STREAM)
+            k5.sys.settimeout(fd, 30)
+            k5.sys.connect(fd, ("10.0.0.4", 5001))
+            # 4 MiB through a 1 MiB send buffer: when sendall returns, >= 3 MiB were
+            # acknowledged, so the transfer is under way
+            k5.sys.sendall(fd, pattern(4 << 20, 1))
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            victim.proc.wait(10)
+            _wait_gone(pids[1], 10)
+            before = k5.net.stats
+            with pytest.raises(TimeoutError) as ei:  # ETIMEDOUT is TimeoutError's errno
+                k5.sys.sendall(fd, pattern(8 << 20, 2))
+            assert ei.value.errno == errno.ETIMEDOUT
+            after = k5.net.stats
+            assert after["tcp_timeouts"] - before["tcp_timeouts"] >= 4
+            assert after["tcp_retransmits"] > before["tcp_retransmits"]
+            assert not [c for c in k5.net.tcp.connections() if c[2] == ("10.0.0.4", 5001)]
+            k5.sys.close(fd)
+    finally:
+        victim.close()
+        if pids[0]:
+            _remove_leftovers_of(*pids)
+
+
+def test_bench_tcp_rows_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``run_net(tcp=True)`` (``vlab bench net --tcp``): TCP_STREAM rows with the UDP
+    rows' JSON shape, with and without TSO, and the plot is a PNG."""
+    from tools.bench_net import run_net
+
+    png = tmp_path / "tcp.png"
+    only = ["tcp-65536", "tcp-65536-notso"]
+    assert run_net(seconds=0.2, as_json=True, only=only, plot=str(png), tcp=True) == 0
+    rows = json.loads(capsys.readouterr().out.splitlines()[-1])["rows"]
+    assert [r["name"] for r in rows] == only
+    for r in rows:
+        assert set(r) == {
+            "name",
+            "unit",
+            "virtio",
+            "native",
+            "ratio",
+            "kicks_per_packet",
+            "interrupts_per_packet",
+        }
+        assert r["unit"] == "Mbit/s" and r["virtio"] > 0 and r["native"] > 0, r
+        assert 0 <= r["kicks_per_packet"] <= 1 and r["interrupts_per_packet"] >= 0, r
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
