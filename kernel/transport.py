@@ -97,6 +97,7 @@ from vdev.virtio import (
     DriverQueueStats,
     F,
     FlatMemory,
+    NetF,
     RingLayout,
     bit,
     feature_names,
@@ -226,6 +227,7 @@ class KernelQueue:
         self._tseq = 0  # chains added so far (the next chain's seq)
         self._tpub = 0  # seq at the last publish
         self._tkind = ""  # payload decoder: "blk", "net-rx", "net-tx" or ""
+        self._tmerge_left = 0  # net-rx: further buffers of the packet being reaped
         self._tflight: dict[int, tuple[int, int, int, int, int]] = {}
 
     # ------------------------------------------------------------------ tracing
@@ -753,12 +755,17 @@ class VirtioTransport:
                 payload: dict[str, Any] | None = None
                 if kind == "blk" and status_addr:
                     payload = {"status": decode_blk_status(q._read(status_addr, 1))}
+                elif kind == "net-rx" and q._tmerge_left:
+                    # a further buffer of a merged packet (MRG_RXBUF): no header of its own
+                    q._tmerge_left -= 1
+                    payload = {"cont": True}
                 elif kind == "net-rx" and rx_addr and used_len:
                     data = q._read(rx_addr, min(used_len, 12 + 128))
-                    payload = {
-                        "net": decode_net_hdr(data[:12]),
-                        "frame": summarize_frame(data[12:]),
-                    }
+                    hdr = decode_net_hdr(data[:12])
+                    payload = {"net": hdr, "frame": summarize_frame(data[12:])}
+                    nbufs = hdr.get("num_buffers", 1)
+                    if self.has_feature(NetF.MRG_RXBUF) and isinstance(nbufs, int) and nbufs > 1:
+                        q._tmerge_left = min(nbufs, q.size) - 1
                 tracer.emit(
                     "reap", q.index, seq, head, len=used_len, lat_ns=now - t_add, payload=payload
                 )

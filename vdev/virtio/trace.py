@@ -428,6 +428,8 @@ def format_payload(payload: Any) -> str:
             parts.append(f"blk {blk.get('type')} sector {blk.get('sector')} x{blk.get('sectors')}")
     if "status" in payload:
         parts.append(f"status {payload['status']}")
+    if payload.get("cont"):
+        parts.append("(continues the packet above: MRG_RXBUF)")
     hdr = payload.get("net")
     if isinstance(hdr, dict) and "error" not in hdr:
         bits = [",".join(hdr.get("flags") or []) or "-"]
