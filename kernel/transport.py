@@ -104,6 +104,7 @@ from vdev.virtio import (
 )
 from vdev.virtio.control import CONFIG_CHANGE
 from vdev.virtio.trace import (
+    FRAME_CAP,
     Tracer,
     decode_blk_request,
     decode_blk_status,
@@ -269,6 +270,7 @@ class KernelQueue:
         for i, (a, ln) in enumerate(writable, len(readable) + 1):
             descs.append([a, ln, (1 if i < count else 0) | 2])  # | VRING_DESC_F_WRITE
         payload: dict[str, Any] | None = None
+        extra: dict[str, Any] = {}
         status_addr = rx_addr = 0
         kind = self._tkind
         if kind == "blk" and readable:
@@ -283,13 +285,25 @@ class KernelQueue:
             if writable:
                 status_addr = writable[-1][0] + writable[-1][1] - 1
         elif kind == "net-tx" and readable:
-            a, ln = readable[0]
-            data = self._read(a, min(ln, 12 + 128))
-            payload = {"net": decode_net_hdr(data[:12]), "frame": summarize_frame(data[12:])}
+            # the frame may be spread over several readable buffers: gather up to the cap
+            parts: list[bytes] = []
+            want = 12 + FRAME_CAP
+            for a, ln in readable[: self.size]:
+                if want <= 0:
+                    break
+                part = self._read(a, min(ln, want))
+                parts.append(part)
+                want -= len(part)
+            data = b"".join(parts)
+            frame = data[12:]
+            payload = {"net": decode_net_hdr(data[:12]), "frame": summarize_frame(frame)}
+            extra["frame_hex"] = frame.hex()
+            extra["frame_len"] = max(0, sum(n for _, n in readable) - 12)
         elif kind == "net-rx" and writable:
             rx_addr = writable[0][0]
         now = tracer.clock()
         self._tflight[id(token)] = (seq, head, now, status_addr, rx_addr)
+        rec = self.dq._inflight[head]  # the chain just written: its descriptor ids
         tracer.emit(
             "add",
             self.index,
@@ -297,7 +311,9 @@ class KernelQueue:
             head,
             descs=descs,
             indirect=indirect_table,
+            ids=list(rec.descs) if rec is not None else None,
             payload=payload,
+            **extra,
         )
         return head
 
@@ -753,21 +769,34 @@ class VirtioTransport:
                     continue
                 seq, head, t_add, status_addr, rx_addr = rec
                 payload: dict[str, Any] | None = None
+                extra: dict[str, Any] = {}
                 if kind == "blk" and status_addr:
                     payload = {"status": decode_blk_status(q._read(status_addr, 1))}
                 elif kind == "net-rx" and q._tmerge_left:
                     # a further buffer of a merged packet (MRG_RXBUF): no header of its own
                     q._tmerge_left -= 1
                     payload = {"cont": True}
+                    if rx_addr and used_len:
+                        extra["frame_hex"] = q._read(rx_addr, min(used_len, FRAME_CAP)).hex()
+                        extra["frame_len"] = used_len
                 elif kind == "net-rx" and rx_addr and used_len:
-                    data = q._read(rx_addr, min(used_len, 12 + 128))
+                    data = q._read(rx_addr, min(used_len, 12 + FRAME_CAP))
                     hdr = decode_net_hdr(data[:12])
                     payload = {"net": hdr, "frame": summarize_frame(data[12:])}
+                    extra["frame_hex"] = data[12:].hex()
+                    extra["frame_len"] = max(0, used_len - 12)
                     nbufs = hdr.get("num_buffers", 1)
                     if self.has_feature(NetF.MRG_RXBUF) and isinstance(nbufs, int) and nbufs > 1:
                         q._tmerge_left = min(nbufs, q.size) - 1
                 tracer.emit(
-                    "reap", q.index, seq, head, len=used_len, lat_ns=now - t_add, payload=payload
+                    "reap",
+                    q.index,
+                    seq,
+                    head,
+                    len=used_len,
+                    lat_ns=now - t_add,
+                    payload=payload,
+                    **extra,
                 )
             if broken is not None:
                 tracer.emit("ring_broken", q.index, why=str(broken))

@@ -192,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", help="write the trace here (default: stdout)")
     t.add_argument(
         "--format",
-        choices=["text", "jsonl"],
+        choices=["text", "jsonl", "perfetto", "pcapng"],
         default="text",
         help="text: one aligned line per event with decoded payloads; jsonl: the "
-        "JSON Lines of docs/trace-format.md (default text)",
+        "JSON Lines of docs/trace-format.md; perfetto: Trace Event JSON for "
+        "ui.perfetto.dev; pcapng: the virtio-net frames (default text). Also: "
+        "'vlab trace convert|stats|ring --help'",
     )
     t.add_argument("-i", "--input", help="convert this JSONL trace to text instead of running")
     t.add_argument(
@@ -207,10 +209,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The ``vlab trace`` subcommands that work on a trace file.
+TRACE_TOOLS = ("convert", "stats", "ring")
+
+
+def build_trace_tools_parser() -> argparse.ArgumentParser:
+    """The parser of ``vlab trace convert|stats|ring`` (kept apart from ``vlab trace
+    -- PROGRAM``, whose program words must not be taken for a subcommand)."""
+    p = _Parser(prog="vlab trace", description="work on a JSONL virtqueue trace")
+    sub = p.add_subparsers(dest="tool", required=True, parser_class=_Parser)
+    c = sub.add_parser("convert", help="convert a trace to text, jsonl, perfetto or pcapng")
+    c.add_argument("input", help="the JSONL trace")
+    c.add_argument("-o", "--output", help="write here (default: stdout)")
+    c.add_argument("--format", choices=["text", "jsonl", "perfetto", "pcapng"], default="text")
+    st = sub.add_parser("stats", help="per-queue latency, kicks, interrupts, occupancy")
+    st.add_argument("input", help="the JSONL trace")
+    st.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    r = sub.add_parser("ring", help="draw a queue's rings as they were at an event")
+    r.add_argument("input", help="the JSONL trace")
+    r.add_argument("--queue", required=True, help="DEV:INDEX, e.g. vda:0")
+    r.add_argument(
+        "--at", type=int, help="the queue's N-th event (1-based, time order; default the last)"
+    )
+    r.add_argument("--html", metavar="PATH", help="write a self-contained HTML page with a slider")
+    r.add_argument(
+        "--follow", action="store_true", help="redraw as the file grows (Ctrl-C to stop)"
+    )
+    return p
+
+
+def _trace_tools(argv: Sequence[str]) -> int:
+    from tools import trace
+
+    args = build_trace_tools_parser().parse_args(argv)
+    if args.tool == "convert":
+        return trace.convert_main(args.input, args.output, args.format)
+    if args.tool == "stats":
+        return trace.stats_main(args.input, args.json)
+    return trace.ring_main(args.input, args.queue, args.at, args.html, args.follow)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vlab`` console script; returns the exit status."""
     try:
-        args = build_parser().parse_args(argv)
+        words = list(sys.argv[1:] if argv is None else argv)
+        if len(words) >= 2 and words[0] == "trace" and words[1] in TRACE_TOOLS:
+            return _trace_tools(words[1:])
+        args = build_parser().parse_args(words)
         if args.command == "demo":
             from tools import demo
 

@@ -15,6 +15,14 @@ number when it was killed); a killed program still leaves whole lines only.
 line (not JSON, a header key missing, a truncated last line) ends it with one line on
 stderr naming the file and the line number.
 
+``vlab trace convert IN -o OUT --format text|jsonl|perfetto|pcapng``, ``vlab trace
+stats IN`` and ``vlab trace ring IN --queue vda:0 [--at N] [--html PATH] [--follow]``
+load the whole trace (:func:`load_trace`, the same one-line errors), sort it by time
+and hand it to :mod:`vdev.virtio.trace_formats`. ``--format perfetto|pcapng`` with a
+program (``vlab trace -o OUT --format pcapng -- PROGRAM``) records JSONL to a temporary
+file while the program runs and converts it when it ends. ``ring --follow`` re-reads
+the file every :data:`FOLLOW_S` seconds and redraws when it grew.
+
 :class:`LiveTail` reads the file's new whole lines every :data:`POLL_S` seconds on a
 helper thread and keeps a reorder window (:data:`WINDOW_NS`): processes flush in
 batches, so an event is printed once nothing older can still arrive, in time order.
@@ -22,6 +30,7 @@ batches, so an event is printed once nothing older can still arrive, in time ord
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -33,9 +42,40 @@ from hostops.process import describe_returncode
 from hostops.sync import Event, Lock, start_thread
 from hostops.trace import TRACE_ENV
 from tools.errors import CliError
-from vdev.virtio.trace import TraceFormatError, decode_line, format_text
+from vdev.virtio.trace import TraceFormatError, decode_line, encode, format_text
+from vdev.virtio.trace_formats import (
+    RingState,
+    format_stats,
+    queue_stats,
+    render_ring,
+    ring_html,
+    ring_steps,
+    sort_events,
+    to_pcapng,
+    to_perfetto,
+)
 
-__all__ = ["LiveTail", "main", "run_trace", "convert", "POLL_S", "WINDOW_NS", "MAX_LINE"]
+__all__ = [
+    "LiveTail",
+    "main",
+    "run_trace",
+    "convert",
+    "load_trace",
+    "render",
+    "convert_main",
+    "stats_main",
+    "ring_main",
+    "FORMATS",
+    "POLL_S",
+    "FOLLOW_S",
+    "WINDOW_NS",
+    "MAX_LINE",
+]
+
+#: The output formats of ``vlab trace`` and ``vlab trace convert``.
+FORMATS = ("text", "jsonl", "perfetto", "pcapng")
+#: How often ``vlab trace ring --follow`` looks at the file.
+FOLLOW_S = 0.5
 
 #: How often a LiveTail looks for new lines.
 POLL_S = 0.05
@@ -169,6 +209,135 @@ def convert(path: str, out: IO[str]) -> int:
     return len(events)
 
 
+def load_trace(path: str) -> list[dict[str, Any]]:
+    """Every event of trace ``path`` in time order. A bad line, a missing or unreadable
+    file raise :class:`CliError` naming the file (and the line)."""
+    events: list[dict[str, Any]] = []
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if len(raw) > MAX_LINE:
+                    raise CliError(f"{path}: line {number}: longer than {MAX_LINE} bytes")
+                if not raw.strip():
+                    continue
+                try:
+                    events.append(decode_line(raw))
+                except TraceFormatError as e:
+                    raise CliError(f"{path}: line {number}: {e}") from None
+    except FileNotFoundError:
+        raise CliError(f"trace file not found: {path}") from None
+    except IsADirectoryError:
+        raise CliError(f"trace file is a directory: {path}") from None
+    except PermissionError:
+        raise CliError(f"no permission to read {path}") from None
+    return sort_events(events)
+
+
+def render(events: list[dict[str, Any]], fmt: str) -> bytes:
+    """Time-ordered ``events`` in format ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "pcapng":
+        return to_pcapng(events)
+    if fmt == "perfetto":
+        return json.dumps(to_perfetto(events), separators=(",", ":")).encode() + b"\n"
+    if fmt == "jsonl":
+        return "".join(encode(ev) for ev in events).encode()
+    if fmt == "text":
+        t0 = events[0]["ts"] if events else 0
+        return "".join(format_text(ev, t0) + "\n" for ev in events).encode()
+    raise CliError(f"trace: unknown format {fmt!r}", 2)
+
+
+def _write_bytes(output: str | None, data: bytes) -> None:
+    if output is None:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    try:
+        with open(output, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise CliError(f"cannot write {output}: {e.strerror}") from None
+
+
+def convert_main(input_path: str, output: str | None, fmt: str) -> int:
+    """``vlab trace convert``: write trace ``input_path`` as ``fmt``."""
+    if fmt == "pcapng" and output is None and sys.stdout.isatty():
+        raise CliError("trace convert: pcapng is binary; give -o FILE", 2)
+    _write_bytes(output, render(load_trace(input_path), fmt))
+    return 0
+
+
+def stats_main(input_path: str, as_json: bool = False) -> int:
+    """``vlab trace stats``: per-queue numbers of trace ``input_path``."""
+    stats = queue_stats(load_trace(input_path))
+    if as_json:
+        print(json.dumps(stats, indent=2))
+    else:
+        sys.stdout.write(format_stats(stats) or "no queue events in the trace\n")
+    return 0
+
+
+def _parse_queue(text: str) -> tuple[str, int]:
+    dev, _, idx = text.rpartition(":")
+    if not dev or not idx.isdigit():
+        raise CliError(f"trace ring: --queue wants DEV:INDEX (e.g. vda:0), not {text!r}", 2)
+    return dev, int(idx)
+
+
+def _ring_text(steps: list[tuple[dict[str, Any], list[Any]]], queue: str, at: int | None) -> str:
+    n = len(steps)
+    k = n if at is None else at
+    if not 1 <= k <= n:
+        raise CliError(f"trace ring: --at {at}: {queue} has events 1..{n}", 2)
+    state = RingState()
+    for _, ops in steps[:k]:
+        state.apply(ops)
+    t0 = steps[0][0]["ts"]
+    title = f"{queue} after event {k}/{n}: {format_text(steps[k - 1][0], t0).strip()}"
+    return render_ring(state, title)
+
+
+def ring_main(input_path: str, queue: str, at: int | None, html: str | None, follow: bool) -> int:
+    """``vlab trace ring``: queue ``queue``'s rings at its ``at``-th event as text, or
+    an HTML page with a slider (``html``), or redrawn as the file grows (``follow``)."""
+    dev, q = _parse_queue(queue)
+
+    def steps_now() -> list[tuple[dict[str, Any], list[Any]]]:
+        steps = ring_steps(load_trace(input_path), dev, q)
+        if not steps:
+            raise CliError(f"trace ring: no events of queue {queue} in {input_path}")
+        return steps
+
+    if html is not None:
+        if follow:
+            raise CliError("trace ring: --html writes one page; do not also --follow", 2)
+        _write_bytes(html, ring_html(steps_now(), queue).encode())
+        return 0
+    if not follow:
+        sys.stdout.write(_ring_text(steps_now(), queue, at))
+        return 0
+    stop = Event()
+    size = -1
+    try:
+        while True:
+            try:
+                now = os.stat(input_path).st_size
+            except FileNotFoundError:
+                now = 0
+            if now != size:
+                size = now
+                try:
+                    text = _ring_text(steps_now(), queue, None)
+                except CliError as e:
+                    text = f"({e})\n"
+                sys.stdout.write("\x1b[2J\x1b[H" + text if sys.stdout.isatty() else text)
+                sys.stdout.flush()
+            stop.wait(FOLLOW_S)
+    except KeyboardInterrupt:
+        return 0
+
+
 def _open_output(output: str | None) -> tuple[IO[str], bool]:
     if output is None:
         return sys.stdout, False
@@ -220,10 +389,20 @@ def run_trace(program: Sequence[str], output: str | None = None, fmt: str = "tex
         words.pop(0)
     if not words:
         raise CliError("trace: give the program to run after '--' (or --input FILE)", 2)
-    if fmt not in ("text", "jsonl"):
+    if fmt not in FORMATS:
         raise CliError(f"trace: unknown format {fmt!r}", 2)
     env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="vlab-trace-") as tmp:
+        if fmt in ("perfetto", "pcapng"):
+            if fmt == "pcapng" and output is None and sys.stdout.isatty():
+                raise CliError("trace: pcapng is binary; give -o FILE", 2)
+            path = os.path.join(tmp, "trace.jsonl")
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+            env[TRACE_ENV] = path
+            code = _wait(_spawn(words, env))
+            _report_end(words, code)
+            _write_bytes(output, render(load_trace(path), fmt))
+            return _shell_status(code)
         if fmt == "jsonl" and output is not None:
             try:
                 fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -273,7 +452,7 @@ def main(input_path: str | None, output: str | None, fmt: str, program: list[str
         if words:
             raise CliError("trace: --input converts a trace; do not also give a program", 2)
         if fmt != "text":
-            raise CliError("trace: --input converts to text only (the input is JSONL)", 2)
+            return convert_main(input_path, output, fmt)
         out, close = _open_output(output)
         try:
             convert(input_path, out)

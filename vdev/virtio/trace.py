@@ -25,7 +25,10 @@ key      meaning
 ``head`` the chain's head descriptor id, or ``null``
 ======== ==================================================================
 
-then the kind's own fields (``docs/trace-format.md`` lists them). ``seq`` correlates a
+then the kind's own fields (``docs/trace-format.md`` lists them; fields added later,
+such as ``add``'s ``ids`` and the net frames' ``frame_hex`` / ``frame_len``, keep
+version 1: readers ignore keys they do not know). :mod:`vdev.virtio.trace_formats`
+turns a trace into Perfetto JSON, pcapng, statistics and ring views. ``seq`` correlates a
 request across processes: the driver assigns it when it adds the chain (the avail
 slot it writes, counted from the queue's creation) and the device when it pops it
 (its ``last_avail``, extended past 16 bits with its own wrap counter,
@@ -53,6 +56,7 @@ from typing import Any
 
 __all__ = [
     "SCHEMA_VERSION",
+    "FRAME_CAP",
     "KINDS",
     "HEADER_KEYS",
     "TraceFormatError",
@@ -73,9 +77,14 @@ __all__ = [
 #: (adding keys or kinds does not bump it: readers ignore what they do not know).
 SCHEMA_VERSION = 1
 
+#: The most frame bytes a net ``add`` / ``reap`` carries in ``frame_hex`` (the whole
+#: frame up to 64 KiB, so a TSO super-frame fits; ``frame_len`` is the real length).
+FRAME_CAP = 65536
+
 #: Every event kind and what it records (see docs/trace-format.md for the fields).
 KINDS: dict[str, str] = {
-    "add": "driver added a chain: seq, head, descs [[addr, len, flags]...], indirect, payload",
+    "add": "driver added a chain: seq, head, descs [[addr, len, flags]...], indirect, ids, "
+    "payload (net tx: frame_hex, frame_len)",
     "publish": "driver published avail.idx: old, new (u16), count",
     "kick": "driver kick decision: sent, old, new, event (avail_event) or no_notify",
     "kick_recv": "device received a kick for the queue",
@@ -85,7 +94,8 @@ KINDS: dict[str, str] = {
     "push": "device pushed a used entry: seq, head, len",
     "irq": "device interrupt decision: sent, old, new, event (used_event) or no_interrupt",
     "irq_recv": "driver took an interrupt for the queue: reaped",
-    "reap": "driver reaped a used entry: seq, head, len, lat_ns (since add), payload",
+    "reap": "driver reaped a used entry: seq, head, len, lat_ns (since add), payload "
+    "(net rx: frame_hex, frame_len)",
     "ctl": "control message: type, fields, reply or error",
     "status": "device status byte changed: old, new, names",
     "config": "configuration-change interrupt (sent by the device / taken by the driver)",
@@ -412,7 +422,7 @@ def summarize_frame(frame: bytes) -> str:
 
 # --------------------------------------------------------------------------- text
 
-_TEXT_SKIP = set(HEADER_KEYS) | {"payload", "descs"}
+_TEXT_SKIP = set(HEADER_KEYS) | {"payload", "descs", "frame_hex", "ids"}
 
 
 def format_payload(payload: Any) -> str:
