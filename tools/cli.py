@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--verbose", action="store_true", help="echo the guest console to stderr")
     v.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="the back-ends append their virtqueue trace (JSON Lines) to FILE: the "
+        "device-side half of every request the guest's drivers make",
+    )
+    v.add_argument(
         "--net",
         nargs="?",
         const="auto",
@@ -297,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 net=args.net,
                 ip=args.ip,
                 net_offload=args.net_offload == "on",
+                trace=args.trace,
             )
         if args.command == "trace":
             from tools import trace

@@ -1538,8 +1538,13 @@ def run(
     net: str | None = None,
     ip: str | None = None,
     net_offload: bool = True,
+    trace: str | None = None,
 ) -> int:
     """``vlab vm``: the CLI entry; returns the exit status (the guest command's status).
+
+    ``trace``: the back-end processes (disk and network) append their virtqueue trace
+    to this file (JSON Lines, ``docs/trace-format.md``): the device-side half of every
+    request the guest's own drivers make.
 
     ``net``: attach the guest to the switch at this ``ipc://`` endpoint, or ``"auto"``
     to start a switch for the guest (stopped when it ends); ``ip`` and ``net_offload``
@@ -1561,6 +1566,13 @@ def run(
                 attach = GuestNet(switch=None if net == "auto" else net, ip=ip, offload=net_offload)
             except VmError as e:
                 raise CliError(f"vm: {e}", 2) from None
+        if trace is not None:
+            parent = os.path.dirname(os.path.abspath(trace))
+            if not os.path.isdir(parent):
+                raise CliError(f"vm: --trace: directory {parent} does not exist", 2)
+            from hostops.trace import set_child_destination  # lazily, as DeviceProcess
+
+            set_child_destination(trace)
         with tempfile.TemporaryDirectory(prefix="vlab-vm-") as tmp:
             if image is None and attach is None:
                 image = os.path.join(tmp, "disk.img")

@@ -502,6 +502,10 @@ class DeviceSession:
             raise ProtocolError(ErrorCode.BAD_ADDRESS, f"queue {ring.index}: {e}") from None
         ring.broken = False
         ring.tsig = ring.dq.used_idx
+        if ring.base != ring.tseq.low:
+            # the driver restarted the ring elsewhere (a vhost-user front-end after a
+            # reconnect, SET_VRING_BASE): count on from there, not from a wrap
+            ring.tseq = SeqCounter(ring.base)
         return ring.dq
 
     def stop_ring(self, ring: Ring) -> None:

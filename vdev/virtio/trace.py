@@ -194,6 +194,11 @@ class SeqCounter:
         self._hi = 0
         self._low = start & 0xFFFF
 
+    @property
+    def low(self) -> int:
+        """The last 16-bit index fed (the start value before any)."""
+        return self._low
+
     def extend(self, low: int) -> int:
         """The free-running value of 16-bit index ``low``."""
         if low < self._low:
