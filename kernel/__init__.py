@@ -13,6 +13,7 @@ doorbells and a vhost-user-like control channel. The layers, top down:
 ``kernel.blk``       the block layer (async ``submit``, split, software queue)
                      and the virtio-blk driver
 ``kernel.bus``       the virtio bus: drivers registered by device id, probing
+``kernel.drivers``   drivers beyond disk and NIC (virtio-rng: ``/dev/hwrng``)
 ``kernel.transport`` one device: shared region, queues, the interrupt thread,
                      failure handling; two ways to talk to it:
                      ``transport_zmq`` (our device process: ZeroMQ control
@@ -29,6 +30,11 @@ vhost-user net back-end (``python -m vdev net --backend switch --switch EP
 ip="10.0.0.2/24")``: the kernel then acts as QEMU does, and everything above the
 transport is the same.
 
+Any device ``python -m vdev`` runs is ``kernel.Custom("KIND" or "pkg.module:Class",
+**options)`` (options become ``--key value`` flags); the driver that binds is chosen by
+the device id the device reports (``kernel.register_driver``, ``vlab.drivers`` entry
+points). Transports beyond ZeroMQ and vhost-user: ``kernel.register_transport``.
+
 Example::
 
     import os, kernel
@@ -43,14 +49,15 @@ from __future__ import annotations
 
 from .blk import BlkDriver, BlockDevice
 from .bus import VirtioBus, VirtioDriver, default_bus, register_driver
-from .core import Kernel, RingView, VirtioDevice, boot
+from .core import Kernel, RingView, VirtioDevice, boot, register_transport
+from .drivers import RngDriver
 from .errors import (
     DeviceControlError,
     DeviceGoneError,
     DeviceProbeError,
     KernelError,
 )
-from .specs import Blk, DeviceSpec, Net, VhostUserBlk, VhostUserNet
+from .specs import Blk, Custom, DeviceSpec, Net, VhostUserBlk, VhostUserNet
 from .syscalls import Syscalls
 from .transport import KernelQueue, VirtioTransport
 from .transport_vhost_user import VhostUserTransport
@@ -67,6 +74,9 @@ __all__ = [
     "VhostUserBlk",
     "Net",
     "VhostUserNet",
+    "Custom",
+    "RngDriver",
+    "register_transport",
     "NetDriver",
     "NetLink",
     "VirtioBus",

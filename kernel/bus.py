@@ -10,9 +10,24 @@ shared memory, instantiates the driver and calls its :meth:`VirtioDriver.probe` 
 config space, set up queues, build the block device ...), then sets DRIVER_OK.
 
 The built-in drivers register themselves on :data:`default_bus` when their module is
-imported (``kernel.blk`` for DeviceId.BLOCK); a user's own driver does exactly the
-same with :func:`register_driver` (``replace=True`` to take over an id that already has
-a driver) or on a private :class:`VirtioBus` passed to ``kernel.boot(bus=...)``.
+imported (``kernel.blk`` for DeviceId.BLOCK, ``kernel.virtio_net`` for NET,
+``kernel.drivers.rng`` for ENTROPY; ``import kernel`` imports them all); a user's own
+driver does exactly the same with :func:`register_driver` (``replace=True`` to take over
+an id that already has a driver) or on a private :class:`VirtioBus` passed to
+``kernel.boot(bus=...)``.
+
+Driver plugins: a package declares drivers in the ``vlab.drivers`` entry-point group
+(:data:`DRIVER_ENTRY_POINT_GROUP`), each either a module (imported: it registers its
+drivers itself) or a ``module:Class`` :class:`VirtioDriver` subclass (registered for
+its ``device_id``)::
+
+    [project.entry-points."vlab.drivers"]
+    kv = "mypkg.kv_driver:KvDriver"
+
+The entry points are read once, the first time :data:`default_bus` meets a device id
+no registered driver claims (so a built-in or explicitly registered driver always wins,
+and a kernel without such devices never imports a plugin). A plugin that does not
+import is logged and skipped: it cannot stop a boot whose devices do not need it.
 
 Anything that goes wrong during a probe becomes a :class:`DeviceProbeError` naming the
 device, saying what failed, with the tail of the device's log.
@@ -20,6 +35,9 @@ device, saying what failed, with the tail of the device's log.
 
 from __future__ import annotations
 
+import importlib
+import logging
+from importlib import metadata
 from typing import Any, ClassVar
 
 from hostops.sync import Lock
@@ -28,7 +46,18 @@ from vdev.virtio import DeviceId, F, VirtioError, bit
 from .errors import DeviceControlError, DeviceGoneError, DeviceProbeError
 from .transport import VirtioTransport
 
-__all__ = ["VirtioDriver", "VirtioBus", "default_bus", "register_driver"]
+__all__ = [
+    "VirtioDriver",
+    "VirtioBus",
+    "default_bus",
+    "register_driver",
+    "DRIVER_ENTRY_POINT_GROUP",
+]
+
+log = logging.getLogger(__name__)
+
+#: The entry-point group of driver plugins.
+DRIVER_ENTRY_POINT_GROUP = "vlab.drivers"
 
 
 class VirtioDriver:
@@ -75,11 +104,19 @@ class VirtioDriver:
 
 
 class VirtioBus:
-    """A table of drivers by device id, and the probe sequence that binds them."""
+    """A table of drivers by device id, and the probe sequence that binds them.
 
-    def __init__(self) -> None:
+    With ``plugins`` the ``vlab.drivers`` entry points are loaded the first time a
+    device id has no driver (:data:`default_bus` does this; a private bus does not).
+    """
+
+    def __init__(self, *, plugins: bool = False) -> None:
         self._drivers: dict[int, type[VirtioDriver]] = {}
         self._lock = Lock()
+        self._plugins = plugins
+        self._plugins_loaded = False
+        #: ``module-or-class: error`` of each plugin that failed to load.
+        self.plugin_errors: list[str] = []
 
     def register_driver(
         self, device_id: int, driver_cls: type[VirtioDriver], *, replace: bool = False
@@ -103,7 +140,41 @@ class VirtioBus:
             self._drivers.pop(int(device_id), None)
 
     def driver_for(self, device_id: int) -> type[VirtioDriver] | None:
-        """The driver class registered for ``device_id``, or None."""
+        """The driver class registered for ``device_id``, or None (after loading the
+        driver plugins once, on a bus that has them)."""
+        with self._lock:
+            cls = self._drivers.get(int(device_id))
+            load = cls is None and self._plugins and not self._plugins_loaded
+            self._plugins_loaded = self._plugins_loaded or load
+        if load:
+            self.load_plugins()
+            with self._lock:
+                cls = self._drivers.get(int(device_id))
+        return cls
+
+    def load_plugins(self) -> None:
+        """Load every ``vlab.drivers`` entry point: a module is imported (it registers
+        its drivers on :data:`default_bus`), a :class:`VirtioDriver` class is registered
+        here for its ``device_id`` unless that id has a driver already. Failures are
+        logged and kept in :attr:`plugin_errors`."""
+        for ep in metadata.entry_points(group=DRIVER_ENTRY_POINT_GROUP):
+            try:
+                module_name, _, attr = ep.value.partition(":")
+                module = importlib.import_module(module_name.strip())
+                if not attr:
+                    continue
+                cls = getattr(module, attr.strip())
+                if not (isinstance(cls, type) and issubclass(cls, VirtioDriver)):
+                    raise TypeError(f"{ep.value} is not a VirtioDriver subclass")
+                if self.driver_for_registered(cls.device_id) is None:
+                    self.register_driver(cls.device_id, cls)
+            except Exception as e:  # a broken plugin must not stop the boot
+                what = f"{ep.value}: {type(e).__name__}: {e}"
+                self.plugin_errors.append(what)
+                log.warning("driver plugin %s skipped: %s", ep.name, what)
+
+    def driver_for_registered(self, device_id: int) -> type[VirtioDriver] | None:
+        """The driver registered for ``device_id`` now (no plugin loading), or None."""
         with self._lock:
             return self._drivers.get(int(device_id))
 
@@ -143,7 +214,7 @@ class VirtioBus:
 
 
 #: The bus ``kernel.boot`` uses unless told otherwise; built-in drivers register here.
-default_bus = VirtioBus()
+default_bus = VirtioBus(plugins=True)
 
 
 def register_driver(

@@ -55,13 +55,39 @@ from .transport_vhost_user import VhostUserTransport
 from .transport_zmq import ZmqTransport
 from .virtio_net import NetLink
 
-__all__ = ["boot", "Kernel", "VirtioDevice", "RingView", "device_name", "TRANSPORTS"]
+__all__ = [
+    "boot",
+    "Kernel",
+    "VirtioDevice",
+    "RingView",
+    "device_name",
+    "TRANSPORTS",
+    "register_transport",
+]
 
-#: Transport classes by ``DeviceSpec.transport``.
+#: Transport classes by ``DeviceSpec.transport`` (add with :func:`register_transport`).
 TRANSPORTS: dict[str, type[VirtioTransport]] = {
     ZmqTransport.kind: ZmqTransport,
     VhostUserTransport.kind: VhostUserTransport,
 }
+_transports_lock = Lock()
+
+
+def register_transport(kind: str, cls: type[VirtioTransport], *, replace: bool = False) -> None:
+    """Let specs with ``transport = kind`` be reached through ``cls`` (a
+    :class:`~kernel.transport.VirtioTransport` subclass). ValueError if ``kind`` is
+    taken by another class (unless ``replace``) or empty; TypeError for a class that is
+    not a transport."""
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"transport kind must be a non-empty string, got {kind!r}")
+    if not (isinstance(cls, type) and issubclass(cls, VirtioTransport)):
+        raise TypeError(f"{cls!r} is not a VirtioTransport subclass")
+    with _transports_lock:
+        old = TRANSPORTS.get(kind)
+        if old is not None and old is not cls and not replace:
+            raise ValueError(f"transport {kind!r} is {old.__name__} already (pass replace=True)")
+        TRANSPORTS[kind] = cls
+
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +395,11 @@ def boot(
             driver = bus.probe(t)
             dev = VirtioDevice(t, driver)
             k.devices.append(dev)
+            nodes = getattr(driver, "nodes", None)
+            if callable(nodes):  # a driver with k.sys nodes (/dev/hwrng, ...)
+                table = nodes()
+                if table is not None:
+                    k.sys.add_nodes(table)
             if dev.link is not None:
                 try:
                     k.net.add_interface(

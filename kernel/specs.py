@@ -29,14 +29,15 @@ either).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from hostops.process import python_argv
 from vdev.virtio import DeviceId, NetF, bit
 from vdev.virtio.net import MAX_MTU, MIN_MTU, S_LINK_UP, NetConfig, format_mac, parse_mac
 
-__all__ = ["DeviceSpec", "Blk", "VhostUserBlk", "Net", "VhostUserNet", "NET_BACKENDS"]
+__all__ = ["DeviceSpec", "Blk", "VhostUserBlk", "Net", "VhostUserNet", "Custom", "NET_BACKENDS"]
 
 
 @dataclass(frozen=True)
@@ -405,3 +406,92 @@ def _random_mac() -> bytes:
     address (IEEE 802: the U/L and I/G bits of the first octet)."""
     raw = os.urandom(6)
     return bytes([(raw[0] & 0xFC) | 0x02]) + raw[1:]
+
+
+_KIND_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}\Z")
+_CLASS_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
+_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
+_PREFIX = re.compile(r"[a-z][a-z0-9]{0,15}\Z")
+
+
+@dataclass(frozen=True, init=False)
+class Custom(DeviceSpec):
+    """Any device ``python -m vdev`` can run: a registered kind (``"rng"``, a
+    ``vlab.devices`` entry point) or a class path (``"pkg.module:Class"``), with its
+    options: ``Custom("rng", seed=7)`` starts ``python -m vdev rng --seed 7 --control
+    EP``. Option ``key=value`` becomes ``--key value`` (underscores become dashes),
+    ``True`` a bare ``--key``, ``False``/``None`` nothing; values are str, int or float.
+
+    Which driver binds is decided by the device id the device reports (the bus), not by
+    the spec. ``name_prefix`` names the kernel's devices ``<prefix>0``, ``<prefix>1``
+    ... (default: the kind, or the class path's last module name: ``rng0``);
+    ``queue_size`` is the ring size the driver asks for.
+    """
+
+    device: str
+    options: tuple[tuple[str, Any], ...]
+    queue_size: int
+    prefix: str
+
+    naming: ClassVar[str] = "numbers"
+
+    def __init__(
+        self,
+        device: str,
+        /,
+        *,
+        name_prefix: str | None = None,
+        queue_size: int = 128,
+        **options: Any,
+    ) -> None:
+        if not isinstance(device, str) or not (
+            _KIND_NAME.match(device) or _CLASS_PATH.match(device)
+        ):
+            raise ValueError(
+                f"Custom: {device!r} is neither a device kind name nor 'pkg.module:Class'"
+            )
+        for key, value in options.items():
+            if not _OPTION.match(key):
+                raise ValueError(f"Custom: bad option name {key!r}")
+            if value is not None and not isinstance(value, str | int | float):
+                raise ValueError(
+                    f"Custom: option {key}={value!r} is not a str, int, float, bool or None"
+                )
+        q = queue_size
+        if isinstance(q, bool) or not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
+            raise ValueError(f"Custom: queue_size {q!r} is not a power of two in 1..32768")
+        if name_prefix is None:
+            base = device.partition(":")[0].rsplit(".", 1)[-1] if ":" in device else device
+            name_prefix = re.sub(r"[^a-z0-9]", "", base.lower()) or "dev"
+            if not name_prefix[0].isalpha():
+                name_prefix = "dev" + name_prefix
+            name_prefix = name_prefix[:16]
+        if not isinstance(name_prefix, str) or not _PREFIX.match(name_prefix):
+            raise ValueError(f"Custom: name_prefix {name_prefix!r} is not [a-z][a-z0-9]*")
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "options", tuple(options.items()))
+        object.__setattr__(self, "queue_size", q)
+        object.__setattr__(self, "prefix", name_prefix)
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        """The ``python -m vdev`` subcommand: the kind name or the class path."""
+        return self.device
+
+    @property
+    def name_prefix(self) -> str:  # type: ignore[override]
+        """How the kernel names these devices (``rng`` gives ``rng0``, ``rng1``)."""
+        return self.prefix
+
+    def device_args(self) -> list[str]:
+        """Every option as ``--key value`` (``True``: ``--key``; False/None: left out)."""
+        args: list[str] = []
+        for key, value in self.options:
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            elif value is False or value is None:
+                continue
+            else:
+                args += [flag, str(value)]
+        return args

@@ -5,6 +5,14 @@
     python -m vdev blk --image PATH ... --vhost-user SOCKET_PATH
     python -m vdev net --backend NAME [backend options] [--mac MAC] [--mtu N]
                        [--queue-size N] (--control ENDPOINT | --vhost-user SOCKET_PATH)
+    python -m vdev rng [--seed N] (--control ENDPOINT | --vhost-user SOCKET_PATH)
+    python -m vdev KIND|pkg.module:Class [its options] (--control EP | --vhost-user SOCK)
+
+Any kind other than ``blk``, ``net`` and ``switch`` is looked up in
+:mod:`vdev.registry` (built-ins such as ``rng``, the ``vlab.devices`` entry points,
+kinds registered at run time) or, given as ``pkg.module:Class``, imported directly; its
+options come from the kind's options hook and build the device (``--seed 7`` →
+``RngDevice(seed=7)``). An unknown kind or class is one line on stderr, exit 2.
 
 ``net`` serves virtio-net (:mod:`vdev.net`) over the backend NAME: ``loopback`` (every
 frame sent comes back), ``pcap`` (``--record PATH`` and/or ``--replay PATH
@@ -83,7 +91,13 @@ def build_parser(net_backends: dict[str, BackendSpec] | None = None) -> argparse
     """The command line (exposed for ``--help`` docs and tests). ``net_backends`` are
     the backends ``net --backend`` offers, with their options; None: only ``loopback``
     is named and no backend module is imported (``blk`` stays cheap)."""
-    p = _Parser(prog=PROG, description="Run one virtio-lab device process.")
+    p = _Parser(
+        prog=PROG,
+        description="Run one virtio-lab device process.",
+        epilog="Other kinds: rng, those of installed packages (the vlab.devices entry "
+        "points), or any device class as pkg.module:Class; see "
+        f"'{PROG} KIND --help'. The switch: '{PROG} switch --help'.",
+    )
     sub = p.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
     blk = sub.add_parser("blk", help="virtio-blk over a raw image file or RAM")
     src = blk.add_mutually_exclusive_group(required=True)
@@ -282,24 +296,64 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             print(f"{PROG} net: cannot load the backends: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
-        args = build_parser(backends).parse_args(argv)
-        device: Device = _open_net(args) if args.kind == "net" else _open_blk(args)
+        device: Device
+        if argv and argv[0] not in ("blk", "net") and not argv[0].startswith("-"):
+            kind, args, device = _open_kind(argv[0], argv[1:])
+        else:
+            args = build_parser(backends).parse_args(argv)
+            kind = args.kind
+            device = _open_net(args) if args.kind == "net" else _open_blk(args)
     except UsageFailure as e:
         print(str(e), file=sys.stderr)
         return 2
+    return _serve(device, args, kind, debug)
+
+
+def _serve(device: Device, args: argparse.Namespace, kind: str, debug: bool) -> int:
+    """Serve ``device`` over the transport the command line chose."""
+    from vdev import serve
+
     try:
-        if args.vhost_user is not None:
-            from vdev.vhost_user import serve as serve_vhost_user
-
-            return serve_vhost_user(device, args.vhost_user)
-        from vdev.runtime import serve
-
-        return serve(device, args.control)
+        return serve(device, control=args.control, vhost_user=args.vhost_user)
     except Exception as e:
         if debug:
             raise
-        print(f"{PROG} {args.kind}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{PROG} {kind}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+
+
+def _open_kind(name: str, argv: list[str]) -> tuple[str, argparse.Namespace, Device]:
+    """A device of any other kind (:mod:`vdev.registry`: a registered name or a
+    ``pkg.module:Class`` path): its options from the kind's hook, then the device built
+    from them. Every failure the user can fix is a :class:`UsageFailure`."""
+    from vdev.device import Device as DeviceClass
+    from vdev.registry import KindError, device_kwargs, lookup
+
+    try:
+        kind = lookup(name)
+        cls = kind.load()
+    except KindError as e:
+        raise UsageFailure(f"{PROG}: {e}") from None
+    prog = f"{PROG} {name}"
+    parser = _Parser(prog=prog, description=kind.help or (cls.__doc__ or "").split("\n")[0])
+    hook = kind.options_hook(cls)
+    before = {a.dest for a in parser._actions}
+    if hook is not None:
+        hook(parser)
+    dests = [a.dest for a in parser._actions if a.dest not in before]
+    _add_transport(parser)
+    args = parser.parse_args(argv)
+    from_args = getattr(cls, "from_args", None)
+    try:
+        if callable(from_args):
+            device = from_args(args)
+        else:
+            device = cls(**device_kwargs(args, dests))
+    except (ValueError, TypeError, OSError) as e:
+        raise UsageFailure(f"{prog}: {e}") from None
+    if not isinstance(device, DeviceClass):
+        raise UsageFailure(f"{prog}: {kind.target} did not build a vdev.Device")
+    return name, args, device
 
 
 if __name__ == "__main__":
