@@ -564,8 +564,10 @@ def test_load_yaml(tmp_path: Path) -> None:
         plan_from_text("rules: [", "yaml")
 
 
-@pytest.mark.skipif(yaml_available(), reason="PyYAML is installed")
-def test_yaml_without_pyyaml_says_so(tmp_path: Path) -> None:
+def test_yaml_without_pyyaml_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vdev.faultplan
+
+    monkeypatch.setattr(vdev.faultplan, "_yaml", lambda: None)  # as if PyYAML were missing
     y = tmp_path / "plan.yml"
     y.write_text(YAML_PLAN)
     with pytest.raises(FaultPlanError, match=r"plan\.yml: plan: YAML plans need PyYAML"):
