@@ -212,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="-- PROGRAM ARGS",
         help="the program to trace, e.g. -- python my_program.py",
     )
+    dv = sub.add_parser(
+        "devices",
+        help="list the device kinds installed (built-in and by entry point) with their options",
+    )
+    dv.add_argument("--json", action="store_true", help="a machine-readable list")
     return p
 
 
@@ -316,6 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if words and words[0] == "--":
                 words.pop(0)
             return run.run(args.net, args.blk, words)
+        if args.command == "devices":
+            from tools import devices
+
+            return devices.run(as_json=args.json)
         raise CliError(f"unknown command {args.command!r}", 2)
     except CliError as e:
         print(f"vlab: error: {e}", file=sys.stderr)

@@ -7,7 +7,8 @@ A *kind* is a name bound to a :class:`~vdev.device.Device` subclass given as a
 command-line options to an argparse parser. Three places provide kinds:
 
 * the built-ins (:data:`BUILTIN_KINDS`): ``blk``, ``net`` (both keep their own
-  command lines in :mod:`vdev.__main__`) and ``rng`` (:mod:`vdev.examples.rng`);
+  command lines in :mod:`vdev.__main__`), ``rng`` (:mod:`vdev.examples.rng`) and
+  ``console`` (:mod:`vdev.examples.console`);
 * installed packages, through the entry-point group :data:`ENTRY_POINT_GROUP`
   (``vlab.devices``): in a package's ``pyproject.toml``::
 
@@ -102,6 +103,13 @@ BUILTIN_KINDS: dict[str, DeviceKind] = {
         DeviceKind("blk", "vdev.blk:BlkDevice", None, "virtio-blk (image or RAM)", "builtin"),
         DeviceKind("net", "vdev.net:NetDevice", None, "virtio-net on a backend", "builtin"),
         DeviceKind("rng", "vdev.examples.rng:RngDevice", None, "virtio-rng", "builtin"),
+        DeviceKind(
+            "console",
+            "vdev.examples.console:ConsoleDevice",
+            None,
+            "virtio-console (stdio, pty or echo)",
+            "builtin",
+        ),
     )
 }
 

@@ -6,6 +6,7 @@ in a module of its own; a driver that gives ``k.sys`` nodes has a ``nodes()`` me
 returning a :class:`kernel.files.NodeTable`, which ``kernel.boot`` adds to ``k.sys``.
 
 * :mod:`kernel.drivers.rng` — virtio-rng (DeviceId.ENTROPY): ``/dev/hwrng``.
+* :mod:`kernel.drivers.console` — virtio-console (DeviceId.CONSOLE): ``/dev/hvc0``.
 
 Drivers of other packages register with :func:`kernel.register_driver` or through the
 ``vlab.drivers`` entry-point group (see :mod:`kernel.bus`).
@@ -13,6 +14,16 @@ Drivers of other packages register with :func:`kernel.register_driver` or throug
 
 from __future__ import annotations
 
+from .console import HVC_PATH, ConsoleDriver, ConsoleFile, ConsoleNodes
 from .rng import HWRNG_PATH, HwrngFile, RngDriver, RngNodes
 
-__all__ = ["RngDriver", "RngNodes", "HwrngFile", "HWRNG_PATH"]
+__all__ = [
+    "RngDriver",
+    "RngNodes",
+    "HwrngFile",
+    "HWRNG_PATH",
+    "ConsoleDriver",
+    "ConsoleNodes",
+    "ConsoleFile",
+    "HVC_PATH",
+]
