@@ -110,6 +110,7 @@ BUILTIN_KINDS: dict[str, DeviceKind] = {
             "virtio-console (stdio, pty or echo)",
             "builtin",
         ),
+        DeviceKind("kv", "vdev.examples.kv:KvDevice", None, "key-value store (vendor)", "builtin"),
     )
 }
 

@@ -7,6 +7,7 @@ returning a :class:`kernel.files.NodeTable`, which ``kernel.boot`` adds to ``k.s
 
 * :mod:`kernel.drivers.rng` — virtio-rng (DeviceId.ENTROPY): ``/dev/hwrng``.
 * :mod:`kernel.drivers.console` — virtio-console (DeviceId.CONSOLE): ``/dev/hvc0``.
+* :mod:`kernel.drivers.kv` — our key-value store (vendor id 0xF0): ``/dev/kv0``.
 
 Drivers of other packages register with :func:`kernel.register_driver` or through the
 ``vlab.drivers`` entry-point group (see :mod:`kernel.bus`).
@@ -15,6 +16,7 @@ Drivers of other packages register with :func:`kernel.register_driver` or throug
 from __future__ import annotations
 
 from .console import HVC_PATH, ConsoleDriver, ConsoleFile, ConsoleNodes
+from .kv import KV_DEVICE_ID, KvDriver, KvFile, KvNodes
 from .rng import HWRNG_PATH, HwrngFile, RngDriver, RngNodes
 
 __all__ = [
@@ -26,4 +28,8 @@ __all__ = [
     "ConsoleNodes",
     "ConsoleFile",
     "HVC_PATH",
+    "KvDriver",
+    "KvNodes",
+    "KvFile",
+    "KV_DEVICE_ID",
 ]

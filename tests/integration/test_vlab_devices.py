@@ -59,7 +59,9 @@ def test_table_is_readable(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split() == ["kind", "origin", "class", "help"]
-    rows = {line.split()[0]: line.split() for line in lines[2:6]}
+    table = lines[2 : lines.index("", 2)]  # the kinds, up to the blank line
+    rows = {line.split()[0]: line.split() for line in table}
+    assert {"blk", "net", "rng", "console", "kv"} <= set(rows)
     assert rows["console"][1:3] == ["built-in", "vdev.examples.console:ConsoleDevice"]
     assert rows["rng"][1:3] == ["built-in", "vdev.examples.rng:RngDevice"]
     assert "--seed" in out and "deterministic bytes from this seed" in out
