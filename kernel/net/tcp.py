@@ -635,6 +635,8 @@ class TcpSocket(SocketFile):
         self._rtx_deadline: float | None = None
         self._rtx_timer: TimerHandle | None = None
         self._persist = False
+        #: zero-window probes sent since the peer was last heard (persist timer)
+        self._probes_unanswered = 0
         self._delack: TimerHandle | None = None
         self._tw_timer: TimerHandle | None = None
         self._ka_timer: TimerHandle | None = None
@@ -924,6 +926,15 @@ class TcpSocket(SocketFile):
         self.rto = min(self.rto * 2, cfg.rto_max_s)  # RFC 6298 §5.5
         if self._persist:
             if self.snd_wnd == 0 and self.sndq:
+                # RFC 1122 §4.2.2.17: probe for as long as the peer answers; like Linux,
+                # give up (ETIMEDOUT) after max_retries probes that got no answer at all
+                # (a peer that vanished with its window closed).
+                if self._probes_unanswered:
+                    self._stack.count("tcp_timeouts")
+                    if self._probes_unanswered > cfg.max_retries:
+                        self._fail(errno.ETIMEDOUT, wake)
+                        return
+                self._probes_unanswered += 1
                 self._stack.count("tcp_zero_window_probes")
                 out.append(self._mk(seq_add(self.snd_una, -1), ACK))
                 self._set_rtx()
@@ -1199,6 +1210,7 @@ class TcpSocket(SocketFile):
 
     def _ack_input(self, seg: Segment, out: list[_Out], wake: list[TcpSocket]) -> bool:
         """The ACK field (RFC 9293 §3.10.7.4 fifth step, RFC 5961 §5); False: drop."""
+        self._probes_unanswered = 0  # the peer is alive (it answers, window or not)
         ack = seg.ack
         if seq_gt(ack, self.snd_max):  # acks something not yet sent
             self._ack_now(out)

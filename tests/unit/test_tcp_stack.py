@@ -236,6 +236,44 @@ def test_zero_window_and_probe() -> None:
         conn.close()
 
 
+def test_peer_vanishing_behind_a_closed_window_times_out() -> None:
+    """A peer that closed its window and then vanished: zero-window probes that nobody
+    answers count toward the retry limit (as Linux does), so a blocked sender gets
+    ETIMEDOUT instead of probing forever; a peer that answers probes keeps it alive."""
+    with TcpLan() as lan:
+        cli, conn = _pair(lan, rcvbuf=4096)
+        probing = Event()
+        st = lan.stacks[0]
+
+        def watch(frame: bytes) -> bool:
+            if st.stats["tcp_zero_window_probes"] > 0:
+                probing.set()
+                return True  # from the first probe on, the wire is dead
+            return False
+
+        lan.hub.drop = watch
+        errors: list[OSError] = []
+
+        def send() -> None:
+            try:
+                cli.sendall(pattern(50_000, 3))
+            except OSError as e:
+                errors.append(e)
+
+        t = start_thread(send, name="tx")
+        assert probing.wait(10)
+        cli.settimeout(30)
+        with pytest.raises(OSError) as e:  # fails when the probes give up, not at 30 s
+            cli.recv(10)
+        assert e.value.errno == errno.ETIMEDOUT
+        t.join(30)
+        assert not t.is_alive()
+        assert not errors or errors[0].errno == errno.ETIMEDOUT
+        assert st.stats["tcp_timeouts"] >= FAST.max_retries + 1
+        cli.close()
+        conn.close()
+
+
 def test_nagle_and_nodelay() -> None:
     with TcpLan() as lan:
         cli, conn = _pair(lan)
