@@ -117,6 +117,7 @@ from .specs import DeviceSpec
 
 __all__ = [
     "Completion",
+    "WaitedRequest",
     "DeviceInfo",
     "KernelQueue",
     "SharedMemory",
@@ -160,6 +161,28 @@ class Completion(Protocol):
     def fail(self, error: OSError) -> None:
         """The request will never complete (device gone, queue broken, shutdown)."""
         ...
+
+
+class WaitedRequest:
+    """A :class:`Completion` a caller blocks on: ``done`` is set when the device
+    returned the chain (``used_len``) or it never will (``error``)."""
+
+    __slots__ = ("done", "used_len", "error")
+
+    def __init__(self) -> None:
+        self.done = Event()
+        self.used_len = 0
+        self.error: OSError | None = None
+
+    def complete(self, used_len: int) -> None:
+        """The device returned the chain with ``used_len`` bytes written."""
+        self.used_len = used_len
+        self.done.set()
+
+    def fail(self, error: OSError) -> None:
+        """The request will never complete."""
+        self.error = error
+        self.done.set()
 
 
 class SharedMemory(Protocol):

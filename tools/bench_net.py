@@ -38,11 +38,13 @@ This is a benchmark, not a test: it prints numbers and never judges them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -523,28 +525,15 @@ def run_net(
     the exit status."""
     if tcp:
         return _run_net_tcp(seconds, as_json, plot, only, stages_table)
-    names = [f"udp-{n}" for n in SIZES]
-    if only:
-        unknown = sorted(set(only) - set(names))
-        if unknown:
-            raise CliError(f"unknown row(s) {unknown}; rows are {names}", 2)
-    sizes = [n for n in SIZES if not only or f"udp-{n}" in only]
+    picked = _select([f"udp-{n}" for n in SIZES], only)
+    sizes = [n for n in SIZES if f"udp-{n}" in picked]
     if plot:
         _check_plot_target(plot)
     import kernel
-    from hostops.process import DeviceProcess, python_argv
-    from hostops.rundir import RuntimeDir
 
     rows: list[NetRow] = []
     stage_rows: list[list[Any]] = []
-    rundir = RuntimeDir.create()
-    switch_ep = rundir.endpoint("bench-switch")
-    sw = DeviceProcess.launch(
-        python_argv("vdev", "switch", "--listen", switch_ep),
-        name="switch",
-        log_path=os.path.join(rundir.path, "switch.log"),
-    )
-    try:
+    with _bench_switch() as (switch_ep, switch_pid):
         spec = kernel.Net(backend="switch", switch=switch_ep, ip="10.0.0.1/24", mtu=BENCH_MTU)
         with kernel.boot(devices=[spec]) as k:
             vpeer = _Peer("virtio", switch_ep)
@@ -552,7 +541,7 @@ def run_net(
             try:
                 fd = k.sys.socket(2, 2)
                 k.sys.connect(fd, ("10.0.0.2", vpeer.hello["port"]))
-                pids = [os.getpid(), k.devices[0].pid or 0, sw.pid]
+                pids = [os.getpid(), k.devices[0].pid or 0, switch_pid]
                 for size in sizes:
                     row, cpu = _row(k, fd, vpeer, npeer, size, seconds, pids)
                     rows.append(row)
@@ -560,18 +549,59 @@ def run_net(
             finally:
                 vpeer.close()
                 npeer.close()
+    stages = "CPU time per received packet, by process on the virtio path (µs):"
+    _report(rows, as_json, plot, stage_rows if stages_table else None, stages)
+    return 0
+
+
+def _select(names: list[str], only: list[str] | None) -> list[str]:
+    """The rows ``--only`` asks for (all by default); a usage error names unknown ones."""
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise CliError(f"unknown row(s) {unknown}; rows are {names}", 2)
+    return [n for n in names if not only or n in only]
+
+
+@contextlib.contextmanager
+def _bench_switch() -> Iterator[tuple[str, int]]:
+    """A ``python -m vdev switch`` process in a private runtime directory for the run:
+    yields its endpoint and pid; stopped and cleaned up on the way out."""
+    from hostops.process import DeviceProcess, python_argv
+    from hostops.rundir import RuntimeDir
+
+    rundir = RuntimeDir.create()
+    try:
+        switch_ep = rundir.endpoint("bench-switch")
+        sw = DeviceProcess.launch(
+            python_argv("vdev", "switch", "--listen", switch_ep),
+            name="switch",
+            log_path=os.path.join(rundir.path, "switch.log"),
+        )
+        try:
+            yield switch_ep, sw.pid
+        finally:
+            sw.stop()
+            sw.close()
     finally:
-        sw.stop()
-        sw.close()
         rundir.cleanup()
+
+
+def _report(
+    rows: list[NetRow],
+    as_json: bool,
+    plot: str | None,
+    stage_rows: list[list[Any]] | None,
+    stages_title: str,
+) -> None:
+    """Print the rows (and the per-process table), draw the plot."""
     _print(rows, as_json)
-    if stages_table and not as_json:
+    if stage_rows is not None and not as_json:
         print()
-        print("CPU time per received packet, by process on the virtio path (µs):")
+        print(stages_title)
         print(render_table(["workload", *_Stages.NAMES], stage_rows))
     if plot:
         _plot(rows, plot)
-    return 0
 
 
 def _run_net_tcp(
@@ -581,37 +611,14 @@ def _run_net_tcp(
     only: list[str] | None,
     stages_table: bool,
 ) -> int:
-    names = [r[0] for r in TCP_ROWS]
-    if only:
-        unknown = sorted(set(only) - set(names))
-        if unknown:
-            raise CliError(f"unknown row(s) {unknown}; rows are {names}", 2)
-    wanted = [r for r in TCP_ROWS if not only or r[0] in only]
+    picked = _select([r[0] for r in TCP_ROWS], only)
+    wanted = [r for r in TCP_ROWS if r[0] in picked]
     if plot:
         _check_plot_target(plot)
-    from hostops.process import DeviceProcess, python_argv
-    from hostops.rundir import RuntimeDir
-
-    rundir = RuntimeDir.create()
-    switch_ep = rundir.endpoint("bench-switch")
-    sw = DeviceProcess.launch(
-        python_argv("vdev", "switch", "--listen", switch_ep),
-        name="switch",
-        log_path=os.path.join(rundir.path, "switch.log"),
-    )
-    try:
-        rows, stage_rows = _run_tcp(wanted, seconds, switch_ep, sw.pid)
-    finally:
-        sw.stop()
-        sw.close()
-        rundir.cleanup()
-    _print(rows, as_json)
-    if stages_table and not as_json:
-        print()
-        print("CPU time per MiB received, by process on the virtio path (ms):")
-        print(render_table(["workload", *_Stages.NAMES], stage_rows))
-    if plot:
-        _plot(rows, plot)
+    with _bench_switch() as (switch_ep, switch_pid):
+        rows, stage_rows = _run_tcp(wanted, seconds, switch_ep, switch_pid)
+    stages = "CPU time per MiB received, by process on the virtio path (ms):"
+    _report(rows, as_json, plot, stage_rows if stages_table else None, stages)
     return 0
 
 

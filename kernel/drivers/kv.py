@@ -40,13 +40,13 @@ import stat
 import struct
 from typing import ClassVar
 
-from hostops.sync import Event, Lock, Semaphore
+from hostops.sync import Lock, Semaphore
 from vdev.virtio import F, QueueFull, bit
 
 from ..bus import VirtioDriver, register_driver
 from ..errors import io_error
 from ..files import File, byte_view, check_buffersize
-from ..transport import KernelQueue, VirtioTransport
+from ..transport import KernelQueue, VirtioTransport, WaitedRequest
 
 __all__ = [
     "KvDriver",
@@ -77,25 +77,6 @@ _GET, _PUT, _DELETE = 0, 1, 2
 _ERRNO = {1: errno.ENOENT, 2: errno.EINVAL, 3: errno.E2BIG, 4: errno.ENOSPC}
 _OUT = (_HEADER.size + MAX_KEY + MAX_VALUE + 4095) & ~4095
 _IN = (1 + MAX_VALUE + 4095) & ~4095
-
-
-class _Request:
-    """One chain in flight: the Completion token the queue hands back."""
-
-    __slots__ = ("done", "used_len", "error")
-
-    def __init__(self) -> None:
-        self.done = Event()
-        self.used_len = 0
-        self.error: OSError | None = None
-
-    def complete(self, used_len: int) -> None:
-        self.used_len = used_len
-        self.done.set()
-
-    def fail(self, error: OSError) -> None:
-        self.error = error
-        self.done.set()
 
 
 def _key(key: bytes | str) -> bytes:
@@ -205,7 +186,7 @@ class KvDriver(VirtioDriver):
             dst[:] = payload
         finally:
             dst.release()
-        req = _Request()
+        req = WaitedRequest()
         with q.lock:
             if t.failed is not None:
                 raise io_error(errno.EIO, f"{t.name}: device failed")

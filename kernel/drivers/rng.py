@@ -31,13 +31,13 @@ import os
 import stat
 from typing import ClassVar
 
-from hostops.sync import Event, Lock
+from hostops.sync import Lock
 from vdev.virtio import DeviceId, F, QueueFull, bit
 
 from ..bus import VirtioDriver, register_driver
 from ..errors import io_error
 from ..files import POLLIN, File, check_buffersize
-from ..transport import KernelQueue, VirtioTransport
+from ..transport import KernelQueue, VirtioTransport, WaitedRequest
 
 __all__ = [
     "RngDriver",
@@ -60,25 +60,6 @@ BUFFER_BYTES = 4096
 REQUEST_TIMEOUT_S = 10.0
 #: Answers of length 0 in a row after which a read fails with EIO.
 MAX_EMPTY = 16
-
-
-class _Request:
-    """One chain in flight: the token the queue hands back."""
-
-    __slots__ = ("done", "used_len", "error")
-
-    def __init__(self) -> None:
-        self.done = Event()
-        self.used_len = 0
-        self.error: OSError | None = None
-
-    def complete(self, used_len: int) -> None:
-        self.used_len = used_len
-        self.done.set()
-
-    def fail(self, error: OSError) -> None:
-        self.error = error
-        self.done.set()
 
 
 class RngDriver(VirtioDriver):
@@ -141,7 +122,7 @@ class RngDriver(VirtioDriver):
         t = self.transport
         if q is None:
             raise io_error(errno.ENODEV, f"{t.name} is not probed")
-        req = _Request()
+        req = WaitedRequest()
         with q.lock:
             if t.failed is not None:
                 raise io_error(errno.EIO, str(t.failed.strerror))
