@@ -18,7 +18,8 @@ token is ``seq + identity`` and ``reply`` sends ``[identity, seq, payload]`` bac
 client accepts only a reply carrying the ``seq`` of the call in progress, so a late reply
 to a call that already timed out is counted in :attr:`ControlClient.stale` and discarded
 rather than returned to the next call. Frames of any other shape are counted in
-``malformed`` and dropped on both sides; bad input never raises.
+``malformed`` and dropped on both sides; bad input never raises, and no receive loop
+takes more than :data:`MAX_SKIP` junk messages in one go.
 
 The client waits in slices of at most 50 ms; between slices it asks the optional
 ``peer_alive`` callback (typically :meth:`hostops.process.DeviceProcess.alive`) and raises
@@ -39,7 +40,7 @@ import zmq
 from hostops._zmq import BoundSocket, new_socket
 from hostops.errors import ChannelClosed, ChannelTimeout, PeerGone
 
-__all__ = ["ControlServer", "ControlClient", "POLL_SLICE_S"]
+__all__ = ["ControlServer", "ControlClient", "POLL_SLICE_S", "MAX_SKIP", "MAX_MESSAGE"]
 
 POLL_SLICE_S = 0.05
 """Longest a :meth:`ControlClient.call` waits before re-checking ``peer_alive``."""
@@ -47,6 +48,15 @@ POLL_SLICE_S = 0.05
 _SEQ = struct.Struct("<Q")
 _SEQ_LEN = _SEQ.size
 _HWM = 10_000
+
+MAX_SKIP = 1024
+"""Most malformed requests (server) or stale/malformed replies (client) one receive
+call skips before it returns, so a flooding peer cannot hold the receiving loop."""
+
+MAX_MESSAGE = 16 << 20
+"""Largest control frame either side accepts (``ZMQ_MAXMSGSIZE``): a peer sending more
+is disconnected by ZeroMQ before anything is allocated, so it cannot make us allocate
+without bound (the client's call then times out)."""
 
 
 def _to_ms(timeout_s: float) -> int:
@@ -62,7 +72,11 @@ class ControlServer(BoundSocket):
     what = "control server"
 
     def __init__(self, endpoint: str) -> None:
-        super().__init__(endpoint, zmq.ROUTER, {zmq.RCVHWM: _HWM, zmq.SNDHWM: _HWM})
+        super().__init__(
+            endpoint,
+            zmq.ROUTER,
+            {zmq.RCVHWM: _HWM, zmq.SNDHWM: _HWM, zmq.MAXMSGSIZE: MAX_MESSAGE},
+        )
         self.malformed = 0
         """Requests dropped because their frames were not ``[identity, seq, payload]``."""
 
@@ -70,11 +84,16 @@ class ControlServer(BoundSocket):
         """Wait up to ``timeout_s`` (None: forever) for a request.
 
         Returns ``(peer, payload)`` or None on timeout. Malformed requests are counted
-        and skipped.
+        and skipped; with a timeout, a call skips at most :data:`MAX_SKIP` of them and
+        then returns None as on a timeout (a flood of junk cannot hold the caller: the
+        rest waits for the next call, and a poller sees the socket readable again).
         """
         sock = self._socket()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        skipped = 0
         while True:
+            if skipped >= MAX_SKIP and deadline is not None:
+                return None
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -87,6 +106,7 @@ class ControlServer(BoundSocket):
                 continue
             if len(frames) != 3 or len(frames[1]) != _SEQ_LEN:
                 self.malformed += 1
+                skipped += 1
                 continue
             identity, seq, payload = frames
             return seq + identity, payload
@@ -121,6 +141,7 @@ class ControlClient:
         try:
             self._sock.setsockopt(zmq.RCVHWM, _HWM)
             self._sock.setsockopt(zmq.SNDHWM, _HWM)
+            self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
             self._sock.connect(endpoint)
         except BaseException:
             self._sock.close(linger=0)
@@ -171,8 +192,10 @@ class ControlClient:
                     raise PeerGone(f"control peer at {self._endpoint} died during a call")
 
     def _recv_reply(self, sock: zmq.Socket[bytes], seq: bytes) -> bytes | None:
-        """Drain pending replies; return the payload of the one matching ``seq``."""
-        while True:
+        """Take pending replies (at most :data:`MAX_SKIP`: a peer flooding us with stale
+        or malformed replies cannot keep :meth:`call` past its deadline); return the
+        payload of the one matching ``seq``, or None."""
+        for _ in range(MAX_SKIP):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -183,6 +206,7 @@ class ControlClient:
                 self.stale += 1
             else:
                 return frames[1]
+        return None
 
     def close(self) -> None:
         """Close the socket. Waits for a call in progress (bounded by its timeout)."""

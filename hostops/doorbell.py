@@ -7,11 +7,12 @@ ZeroMQ message of exactly 2 bytes: the little-endian ``u16`` queue index. Severa
 share one endpoint, so one socket (and one poll entry) serves a whole device.
 
 * :class:`DoorbellListener` binds a ``PULL`` socket; the side being notified owns it.
-  :meth:`DoorbellListener.recv_all` drains everything pending without blocking and returns
-  the distinct queue indices in first-arrival order -- a doorbell is level-triggered
-  ("look at queue N"), so two kicks for the same queue need one look. Malformed messages
-  are counted in :attr:`DoorbellListener.malformed` and dropped; a hostile peer cannot make
-  the listener raise.
+  :meth:`DoorbellListener.recv_all` takes what is pending without blocking (at most
+  :data:`RECV_BATCH` messages per call: the rest stay queued, and the poller reports the
+  socket ready again) and returns the distinct queue indices in first-arrival order -- a
+  doorbell is level-triggered ("look at queue N"), so two kicks for the same queue need
+  one look. Malformed messages are counted in :attr:`DoorbellListener.malformed` and
+  dropped; a hostile peer cannot make the listener raise.
 * :class:`Doorbell` connects a ``PUSH`` socket. :meth:`Doorbell.ring` never blocks: the
   send high-water mark is large (100 000 doorbells) and sends are ``NOBLOCK``; when that
   queue is full the peer has been gone for a long time and :class:`~hostops.errors.PeerGone`
@@ -37,12 +38,16 @@ import zmq
 from hostops._zmq import BoundSocket, new_socket
 from hostops.errors import ChannelClosed, PeerGone
 
-__all__ = ["DoorbellListener", "Doorbell", "HIGH_WATER_MARK"]
+__all__ = ["DoorbellListener", "Doorbell", "HIGH_WATER_MARK", "RECV_BATCH"]
 
 HIGH_WATER_MARK = 100_000
 """Doorbells queued per socket before :meth:`Doorbell.ring` reports the peer gone."""
 
+RECV_BATCH = 4096
+"""Most messages one :meth:`DoorbellListener.recv_all` takes (the rest wait a round)."""
+
 _U16 = struct.Struct("<H")
+_MAX_MESSAGE = 64  # bytes: anything larger disconnects the sender
 
 
 class DoorbellListener(BoundSocket):
@@ -54,23 +59,35 @@ class DoorbellListener(BoundSocket):
     what = "doorbell listener"
 
     def __init__(self, endpoint: str) -> None:
-        super().__init__(endpoint, zmq.PULL, {zmq.RCVHWM: HIGH_WATER_MARK})
+        # MAXMSGSIZE: a doorbell is 2 bytes; a peer pushing big messages is cut off by
+        # ZeroMQ instead of making us queue up to RCVHWM of them in memory
+        super().__init__(
+            endpoint, zmq.PULL, {zmq.RCVHWM: HIGH_WATER_MARK, zmq.MAXMSGSIZE: _MAX_MESSAGE}
+        )
         self.malformed = 0
         """Messages dropped because they were not exactly one 2-byte frame."""
         self.received = 0
         """Valid doorbell messages received (duplicates included)."""
 
-    def recv_all(self) -> list[int]:
-        """Drain all pending doorbells without blocking; return distinct queue indices.
+    def recv_all(self, limit: int = RECV_BATCH) -> list[int]:
+        """Take the pending doorbells without blocking, at most ``limit`` messages (a
+        flooding peer cannot hold the caller here); return distinct queue indices.
 
         Indices are in order of first arrival; an empty list means nothing was pending.
+        Messages beyond ``limit`` stay queued for the next call, and no wake-up is lost:
+        a :class:`hostops.poll.Poller` (``zmq_poll`` on the socket itself, which
+        re-reads ``ZMQ_EVENTS``) reports the socket readable again at once while any
+        remain. Only a caller waiting on the raw ``ZMQ_FD`` (edge-triggered) would have
+        to re-check :attr:`pending` before sleeping.
         """
         sock = self._socket()
         seen: dict[int, None] = {}
         events = sock.get
         # Ask ZMQ_EVENTS before each receive: ending the loop on zmq.Again would cost
         # an exception per wake-up.
-        while cast(int, events(zmq.EVENTS)) & zmq.POLLIN:
+        for _ in range(max(1, limit)):
+            if not cast(int, events(zmq.EVENTS)) & zmq.POLLIN:
+                break
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
@@ -81,6 +98,11 @@ class DoorbellListener(BoundSocket):
             self.received += 1
             seen[_U16.unpack(frames[0])[0]] = None
         return list(seen)
+
+    @property
+    def pending(self) -> bool:
+        """True if messages are waiting (e.g. left over by a bounded :meth:`recv_all`)."""
+        return bool(cast(int, self._socket().get(zmq.EVENTS)) & zmq.POLLIN)
 
     def wait(self, timeout_s: float | None) -> list[int]:
         """Block up to ``timeout_s`` seconds (None: forever) for a doorbell, then drain.

@@ -16,7 +16,13 @@ The offset need not be page-aligned: the mapping starts at the page below it and
 outlives the fd (the caller closes its fd whenever it likes).
 
 :func:`create_memfd` makes an anonymous memory file of a given size and maps it: what a
-front-end (a test, a VMM written in Python) shares with a back-end.
+front-end (a test, a VMM written in Python) shares with a back-end. With ``seal=True``
+(or :func:`seal_memfd`) its size is sealed first (``F_SEAL_SHRINK | F_SEAL_GROW |
+F_SEAL_SEAL``), so the peer can never truncate it under the creator's mapping. The
+kernel's ZeroMQ transport creates its memfd empty (:func:`new_memfd`) before it starts
+the device process, which inherits it (its number in ``VLAB_MEM_FD``), and sizes, seals
+and maps it later (:func:`size_and_seal`): a restarted device process inherits the
+same memory again.
 """
 
 from __future__ import annotations
@@ -26,9 +32,23 @@ import mmap
 import os
 import stat
 
-__all__ = ["MappedFd", "MappingError", "create_memfd", "PAGE_SIZE"]
+__all__ = [
+    "MappedFd",
+    "MappingError",
+    "create_memfd",
+    "new_memfd",
+    "size_and_seal",
+    "seal_memfd",
+    "require_shrink_seal",
+    "SIZE_SEALS",
+    "PAGE_SIZE",
+    "MEM_FD_ENV",
+]
 
 PAGE_SIZE = mmap.PAGESIZE
+#: Environment variable naming the memfd a device process inherited from the kernel
+#: (the only fd number its SET_MEM_TABLE may name).
+MEM_FD_ENV = "VLAB_MEM_FD"
 _F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
 _F_SEAL_SHRINK = getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
 
@@ -125,14 +145,83 @@ class MappedFd:
         )
 
 
-def create_memfd(size: int, name: str = "vlab") -> tuple[int, MappedFd]:
+#: The seals :func:`seal_memfd` applies: the size can never change again, nor the seals.
+SIZE_SEALS = (
+    getattr(fcntl, "F_SEAL_SHRINK", 0x0002)
+    | getattr(fcntl, "F_SEAL_GROW", 0x0004)
+    | getattr(fcntl, "F_SEAL_SEAL", 0x0001)
+)
+_F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+
+
+def seal_memfd(fd: int) -> None:
+    """Seal ``fd`` (a memfd created with MFD_ALLOW_SEALING) against shrinking, growing
+    and further sealing (``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``): a peer holding
+    it can no longer truncate it under our mapping (no SIGBUS). OSError if it cannot."""
+    fcntl.fcntl(fd, _F_ADD_SEALS, SIZE_SEALS)
+
+
+def require_shrink_seal(fd: int) -> bool:
+    """Make sure nobody can shrink ``fd`` under a mapping of it (a back-end's defence
+    against a front-end that would ``ftruncate`` guest RAM and make our next access die
+    of SIGBUS): True if ``F_SEAL_SHRINK`` was already set, False if we could add it now
+    (a memfd created with ``MFD_ALLOW_SEALING`` and not yet ``F_SEAL_SEAL``-ed).
+    :class:`MappingError` if the fd cannot be sealed (not a memfd: a file on tmpfs or
+    hugetlbfs; or a memfd whose seals are locked without ``F_SEAL_SHRINK``): such a
+    region must be refused."""
+    try:
+        seals = fcntl.fcntl(fd, _F_GET_SEALS)
+    except OSError as e:
+        raise MappingError(
+            f"fd {fd} cannot be sealed ({e.strerror}: not a memfd), so its size could "
+            "change under our mapping; share guest RAM as a sealed memfd"
+        ) from None
+    if seals & _F_SEAL_SHRINK:
+        return True
+    try:
+        fcntl.fcntl(fd, _F_ADD_SEALS, _F_SEAL_SHRINK)
+    except OSError as e:
+        raise MappingError(
+            f"fd {fd} is not sealed against shrinking (F_SEAL_SHRINK) and cannot be "
+            f"sealed now ({e.strerror}; created without MFD_ALLOW_SEALING?)"
+        ) from None
+    return False
+
+
+def new_memfd(name: str = "vlab") -> int:
+    """A new, empty memfd (close-on-exec, sealing allowed): hand it to a child process
+    at launch (``pass_fds``), give it its size later with :func:`size_and_seal`."""
+    return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def size_and_seal(fd: int, size: int) -> MappedFd:
+    """Give the memfd ``fd`` its ``size``, seal it (:func:`seal_memfd`) and map it.
+    A peer that already holds the fd and changed its size before the seal is caught
+    here (:class:`MappingError`): after the seal nobody can change it any more."""
+    if size <= 0:
+        raise MappingError(f"bad memfd size {size}")
+    try:
+        os.ftruncate(fd, size)
+        seal_memfd(fd)
+    except OSError as e:
+        raise MappingError(f"memfd {fd}: cannot size/seal it: {e.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_size != size:
+        raise MappingError(f"memfd {fd} is {st.st_size} bytes after sealing, not {size}")
+    return MappedFd.map(fd, size, 0)
+
+
+def create_memfd(size: int, name: str = "vlab", *, seal: bool = False) -> tuple[int, MappedFd]:
     """A new memfd of ``size`` bytes (close-on-exec) and its mapping. The caller owns
-    the fd (pass it to a back-end, then close it) and the mapping."""
+    the fd (pass it to a back-end, then close it) and the mapping. With ``seal`` its
+    size is sealed (:func:`seal_memfd`) before it is mapped."""
     if size <= 0:
         raise MappingError(f"bad memfd size {size}")
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        if seal:
+            seal_memfd(fd)
         return fd, MappedFd.map(fd, size, 0)
     except BaseException:
         os.close(fd)

@@ -95,13 +95,15 @@ class DeviceProcess:
         name: str,
         env: Mapping[str, str] | None = None,
         log_path: str | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> DeviceProcess:
         """Start ``argv`` as a device process called ``name``.
 
         ``env`` entries are added to (and override) the inherited environment;
         ``VLAB_PARENT_FD`` is always set, and so is the trace destination when this
         process traces (:func:`hostops.trace.child_environment`). Output is appended to
-        ``log_path`` if given, otherwise it goes to this process's stderr.
+        ``log_path`` if given, otherwise it goes to this process's stderr. ``pass_fds``
+        are inherited by the child under the same numbers (e.g. a memfd it maps).
         """
         if not argv:
             raise ValueError("argv must not be empty")
@@ -123,7 +125,7 @@ class DeviceProcess:
                 stderr=subprocess.STDOUT,
                 env=child_env,
                 close_fds=True,
-                pass_fds=(watch_r,),
+                pass_fds=(watch_r, *pass_fds),
                 start_new_session=True,
             )
         except BaseException:

@@ -2,9 +2,11 @@
 
 Theory of operation
 -------------------
-Each device gets one POSIX shared-memory segment, created by the kernel with
-:meth:`SharedRegion.create` and mapped by the device process with
-:meth:`SharedRegion.attach`. The rings and every buffer the driver hands to the device
+A POSIX shared-memory segment, created with :meth:`SharedRegion.create` and mapped by
+the peer process with :meth:`SharedRegion.attach`, is one way to share a device's
+memory by name (test harnesses and tools use it; the kernel itself now hands its device
+processes a sealed memfd instead, :mod:`hostops.fdmem`, which a restarted process can
+map again and nobody can truncate). The rings and every buffer the driver hands to the device
 live inside it; a descriptor address is an *offset* into the region (the device's
 "guest-physical address").
 

@@ -24,16 +24,19 @@ Waker).
 Device processes call :func:`ignore_sigint`: they live in their own session, and they
 shut down when the kernel tells them to or when their parent dies, never on a stray
 SIGINT. :func:`register_atexit` is :func:`atexit.register` with an ``unregister``
-function that removes exactly that registration.
+function that removes exactly that registration. :func:`kill_self` is a device process's
+deliberate crash (SIGKILL to itself, for fault injection).
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import NoReturn
 
 from hostops.poll import Waker
 
@@ -43,6 +46,7 @@ __all__ = [
     "wake_on_signals",
     "ignore_sigint",
     "register_atexit",
+    "kill_self",
 ]
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
@@ -136,3 +140,12 @@ def register_atexit(fn: Callable[[], object]) -> Callable[[], None]:
         atexit.unregister(hook)
 
     return unregister
+
+
+def kill_self() -> NoReturn:
+    """SIGKILL this process now, as a power failure would end it: no ``finally`` block,
+    no ``atexit`` hook, no flush runs (flush what must survive first). Used by a device
+    process's ``crash`` fault. Does not return."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    while True:  # pragma: no cover - the signal is delivered before kill() returns
+        signal.pause()

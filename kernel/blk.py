@@ -47,6 +47,26 @@ While the interrupt thread runs a batch of completions, submissions only add cha
 the batch's ``refill`` publishes them with one ``kick_prepare`` (a callback that
 resubmits costs no kick decision of its own).
 
+Recovery (see :mod:`kernel.transport`): the queue is watched for lost interrupts and
+each request has the spec's ``request_timeout``. A request that times out calls back
+at once with ETIMEDOUT (culprit "timeout"; ``_Req.expire``) but keeps its slot and
+data buffer until the device has been reset. After a reset or restart
+(``_on_reset``) the requests that were in flight go back to the front of the software
+queue with their slot and buffer -- a write's data is still in it -- and are sent
+again, so their callers see success (a death, a timeout of another request); after a
+ring violation they fail with EIO (culprit "device-broke-ring"). Status errors from
+the device carry culprit "device-error".
+
+An acknowledged fsync is a promise, also across restarts. With a volatile write cache
+(VIRTIO_BLK_F_FLUSH) a write acknowledged by a device that then dies (a power cut) may
+be gone, so the driver keeps a *journal* of acknowledged writes (their data) until a
+completed FLUSH covers them (at most :data:`JOURNAL_MAX_BYTES`; a copy per write, the
+price of the promise). After a reset or restart the journal is sent again first --
+nothing else is dispatched until it has completed, so later writes still win -- then
+the resubmitted requests. If the journal overflowed (or a replay failed), the next
+FLUSH fails with EIO (culprit "device-gone", as Linux's errseq reports a lost
+writeback once) instead of promising what the image may not hold.
+
 Batching: ``submit(..., kick=False)`` adds chains without publishing them;
 :meth:`BlockDevice.kick` publishes them all with one ``kick_prepare`` (and at most one
 doorbell, usually none with EVENT_IDX while the device is busy).
@@ -65,7 +85,7 @@ from vdev.virtio import SECTOR_SIZE, BlkF, BlkStatus, BlkType, DeviceId, F, Virt
 from vdev.virtio.blk import CONFIG_BYTES, DISCARD_SEGMENT, REQ_HEADER, BlkConfig
 
 from .bus import VirtioDriver, register_driver
-from .errors import DeviceControlError, blk_status_errno, io_error
+from .errors import DeviceControlError, blk_status_errno, copy_error, io_error
 from .transport import KernelQueue, VirtioTransport
 
 __all__ = [
@@ -77,6 +97,8 @@ __all__ = [
     "MAX_SEGMENTS",
     "INLINE_BYTES",
     "BLK_DRIVER_FEATURES",
+    "JOURNAL_MAX_BYTES",
+    "MAX_BLOCK_SIZE",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +106,8 @@ log = logging.getLogger(__name__)
 #: The driver's own cap on one request (Linux: max_sectors_kb; 512 KiB was its default
 #: for years). Fewer, bigger requests mean less per-request work on both sides.
 MAX_REQUEST_BYTES = 512 << 10
+#: Largest ``blk_size`` taken from a device (a bigger or odd one is ignored: 512).
+MAX_BLOCK_SIZE = 64 << 10
 #: Data of at most this many bytes goes into the request slot's own page (no allocation).
 INLINE_BYTES = 4096
 #: The driver's own cap on data segments per request.
@@ -125,6 +149,18 @@ _S_STATUS = 16
 _S_SEG = 32
 _S_TABLE = 48
 _MAX_DISCARD_SECTORS_DEFAULT = 0xFFFFFFFF
+_FLUSH = int(BlkType.FLUSH)
+#: Acknowledged writes not yet covered by a completed FLUSH that the driver keeps (per
+#: disk) to replay after a device restart; beyond it the next FLUSH fails with EIO.
+JOURNAL_MAX_BYTES = 64 << 20
+#: What an expired request's ``fail`` gets at the reset (never delivered: its caller
+#: was told ETIMEDOUT already).
+_RELEASE = OSError(errno.ETIMEDOUT, "timed out")
+
+
+def _arg_error(code: int, detail: str | None = None) -> OSError:
+    """An error of the caller's own arguments (culprit "caller")."""
+    return io_error(code, detail, culprit="caller")
 
 
 def _align(x: int, a: int) -> int:
@@ -162,6 +198,10 @@ class _Parent:
                 _deliver(self.callback, self.result)
 
 
+def _ignore(result: Any) -> None:
+    """The callback of a journal replay (its caller was answered long ago)."""
+
+
 def _deliver(callback: Callback, result: Any) -> None:
     try:
         callback(result)
@@ -186,6 +226,10 @@ class _Req:
         "slot",
         "dma",
         "owned",
+        "expired",
+        "replay",
+        "jseq",
+        "wave",
     )
 
     def __init__(
@@ -214,6 +258,10 @@ class _Req:
         self.slot = -1
         self.dma = -1  # address of the data in shared memory (-1: none)
         self.owned = False  # dma came from the pool (else: the slot's inline page)
+        self.expired = False  # the caller was told it timed out; buffers still lent
+        self.replay = False  # a journaled write sent again after a device restart
+        self.jseq = 0  # FLUSH: the journal sequence number it covers
+        self.wave = 0  # replay: its wave (replays that overlap go in later waves)
 
     def complete(self, used_len: int) -> None:
         """The device returned this chain (interrupt thread)."""
@@ -222,6 +270,17 @@ class _Req:
     def fail(self, error: OSError) -> None:
         """The request will never complete."""
         self.dev._finish(self, error, None)
+
+    def expire(self, error: OSError) -> None:
+        """The request timed out: the caller gets ``error`` now; the slot and data
+        buffer stay lent to the device until the reset hands the chain back."""
+        if self.expired:
+            return
+        self.expired = True
+        if self.parent is not None:
+            self.parent.part_done(error)
+        elif self.callback is not None:
+            _deliver(self.callback, error)
 
 
 class BlockDevice:
@@ -247,9 +306,15 @@ class BlockDevice:
         self.readonly = transport.has_feature(BlkF.RO) or bool(
             getattr(transport.spec, "readonly", False)
         )
+        bs = config.blk_size
+        # §5.2.4 blk_size is only a hint: take it when it is a power of two in
+        # 512..64 KiB (as Linux, which falls back to 512 otherwise); a device claiming a
+        # huge block must not make every read-modify-write huge
         self.block_size = (
-            config.blk_size
-            if transport.has_feature(BlkF.BLK_SIZE) and config.blk_size >= SECTOR_SIZE
+            bs
+            if transport.has_feature(BlkF.BLK_SIZE)
+            and SECTOR_SIZE <= bs <= MAX_BLOCK_SIZE
+            and not bs & (bs - 1)
             else SECTOR_SIZE
         )
         self.has_flush = transport.has_feature(BlkF.FLUSH)
@@ -259,9 +324,9 @@ class BlockDevice:
         n = queue.size
         # -- request geometry
         seg_max = config.seg_max if transport.has_feature(BlkF.SEG_MAX) and config.seg_max else 0
-        max_segs = min(seg_max or MAX_SEGMENTS, MAX_SEGMENTS)
-        if not self._indirect:
-            max_segs = min(max_segs, n - 2)
+        # §2.7.5.3.1: no chain longer than the queue size, an indirect table included
+        # (header + data + status)
+        max_segs = min(seg_max or MAX_SEGMENTS, MAX_SEGMENTS, n - 2)
         if max_segs < 1:
             raise ValueError(f"{self.name}: queue of {n} entries cannot hold a request")
         if transport.has_feature(BlkF.SIZE_MAX) and config.size_max:
@@ -314,8 +379,28 @@ class BlockDevice:
             self.max_request_bytes -= self.max_request_bytes % SECTOR_SIZE
         self._pending: deque[_Req] = deque()
         self._rejected: deque[tuple[_Req, OSError]] = deque()
+        # -- the write journal (volatile write cache only; interrupt thread): acknowledged
+        # writes a completed FLUSH does not cover yet, replayed after a device restart
+        self._journal: deque[tuple[int, int, int, int, bytes | memoryview | None, bool, int]] = (
+            deque()
+        )
+        self._jseq = 0  # acknowledged writes so far
+        self._jbytes = 0
+        self._jlost_upto = -1  # the journal overflowed: writes up to this seq are not in it
+        self._flush_error = False  # acknowledged writes may be lost: fail the next FLUSH
+        self._replaying = 0  # journal replays in flight: nothing else is dispatched
+        self._wave = 0  # the replay wave being dispatched
+        self._wave_left: list[int] = []  # replays not yet completed, per wave
+        #: Journal counters: ``journal_replayed`` writes sent again after a restart,
+        #: ``journal_overflows``, ``flush_errors_reported``.
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("journal_replayed", "journal_overflows", "flush_errors_reported"), 0
+        )
         queue.refill = self._refill
         queue.on_failed = self._on_failed
+        queue.on_reset = self._on_reset
+        queue.watch = True  # look for lost interrupts while requests are in flight
+        queue.timeout_s = getattr(transport.spec, "request_timeout", None)
         transport.on_release(self._release)
 
     # ------------------------------------------------------------------ info
@@ -384,7 +469,7 @@ class BlockDevice:
         if err is not None:
             # Refused outright (never via the callback: a callback that resubmits on
             # error would otherwise recurse without end once the device is gone).
-            raise OSError(err.errno, err.strerror)
+            raise copy_error(err)
         if self._rejected:
             self._fail_rejected()
         if need:
@@ -394,7 +479,7 @@ class BlockDevice:
         """Publish every chain queued with ``kick=False`` (one doorbell at most)."""
         q = self.queue
         with q.lock:
-            if q.failed is not None:
+            if q.failed is not None or q.paused:
                 return
             need = q.publish()
         if need:
@@ -402,13 +487,15 @@ class BlockDevice:
 
     def _check_range(self, offset: int, length: int) -> None:
         if not isinstance(offset, int) or not isinstance(length, int):
-            raise io_error(errno.EINVAL, "offset and length must be integers")
+            raise _arg_error(errno.EINVAL, "offset and length must be integers")
         if offset < 0 or length < 0:
-            raise io_error(errno.EINVAL, f"negative offset {offset} or length {length}")
+            raise _arg_error(errno.EINVAL, f"negative offset {offset} or length {length}")
         if offset % SECTOR_SIZE or length % SECTOR_SIZE:
-            raise io_error(errno.EINVAL, f"offset {offset} / length {length} not 512-byte aligned")
+            raise _arg_error(
+                errno.EINVAL, f"offset {offset} / length {length} not 512-byte aligned"
+            )
         if offset + length > self.size:
-            raise io_error(
+            raise _arg_error(
                 errno.ENXIO, f"[{offset}, +{length}) runs past the end of {self.name} ({self.size})"
             )
 
@@ -417,7 +504,9 @@ class BlockDevice:
             if not self.has_flush:
                 _deliver(callback, 0)  # no volatile cache to flush
                 return None
-            return [_Req(self, BlkType.FLUSH, 0, 0, callback, None)]
+            req = _Req(self, BlkType.FLUSH, 0, 0, callback, None)
+            req.jseq = self._jseq  # it covers every write acknowledged so far
+            return [req]
         if op == "read":
             length = arg
             self._check_range(offset, length)
@@ -426,7 +515,7 @@ class BlockDevice:
                 return None
             return self._split(BlkType.IN, offset, length, callback, None, False)
         if op in ("write", "discard", "write_zeroes") and self.readonly:
-            raise io_error(errno.EROFS, f"{self.name} is read-only")
+            raise _arg_error(errno.EROFS, f"{self.name} is read-only")
         if op == "write":
             data = memoryview(arg).cast("B") if not isinstance(arg, memoryview) else arg
             if data.ndim != 1 or data.itemsize != 1:
@@ -444,13 +533,13 @@ class BlockDevice:
                 return None
             if op == "discard":
                 if not self.has_discard:
-                    raise io_error(errno.EOPNOTSUPP, f"{self.name} does not support discard")
+                    raise _arg_error(errno.EOPNOTSUPP, f"{self.name} does not support discard")
                 return self._split_sectors(BlkType.DISCARD, offset, length, callback)
             if not self.has_write_zeroes:
                 # emulate with plain writes of zeros, as Linux does
                 return self._split(BlkType.OUT, offset, length, callback, None, True)
             return self._split_sectors(BlkType.WRITE_ZEROES, offset, length, callback)
-        raise io_error(errno.EINVAL, f"unknown block operation {op!r} (one of {OPS})")
+        raise _arg_error(errno.EINVAL, f"unknown block operation {op!r} (one of {OPS})")
 
     def _split(
         self,
@@ -502,16 +591,21 @@ class BlockDevice:
         pending = self._pending
         q = self.queue
         dq = q.dq
-        if dq.broken is not None:
-            return False  # the interrupt thread is about to fail everything
+        if dq.broken is not None or q.paused:
+            return False  # the interrupt thread is about to reset / fail the device
         slots = self._slots
         buf = self._buf
         seg_bytes = self.segment_bytes
         indirect = self._indirect
         inline = self._inline
         add = q.add
-        while pending and slots:
+        while pending:
             r = pending[0]
+            if self._replaying and (not r.replay or r.wave > self._wave):
+                break  # journaled writes first, wave by wave: later writes still win
+            resubmit = r.slot >= 0  # back from a reset: slot and data are in place
+            if not resubmit and not slots:
+                break
             n = r.nbytes
             if n:
                 nseg = 1 if n <= seg_bytes else -(-n // seg_bytes)
@@ -520,8 +614,8 @@ class BlockDevice:
             use_table = indirect and nseg > 1
             if dq.num_free < (1 if use_table else nseg + 2):
                 break
-            slot = slots[0]
-            if n:
+            slot = r.slot if resubmit else slots[0]
+            if n and not resubmit:
                 if n <= INLINE_BYTES and inline:
                     dma = inline[slot]
                 else:
@@ -536,8 +630,9 @@ class BlockDevice:
                         buf[dma : dma + n] = bytes(n)
                     else:
                         buf[dma : dma + n] = r.src  # type: ignore[assignment]
-            slots.popleft()
-            r.slot = slot
+            if not resubmit:
+                slots.popleft()
+                r.slot = slot
             REQ_HEADER.pack_into(buf, slot, r.rtype, 0, r.sector)
             buf[slot + _S_STATUS] = _STATUS_UNSET
             header = (slot, REQ_HEADER.size)
@@ -569,7 +664,8 @@ class BlockDevice:
             try:
                 add(readable, writable, r, indirect_table=slot + _S_TABLE if use_table else None)
             except VirtioError as e:  # broken queue or a driver bug: fail this one request
-                self._rejected.append((r, io_error(errno.EIO, f"{self.name}: {e}")))
+                err = io_error(errno.EIO, f"{self.name}: {e}", culprit="device-broke-ring")
+                self._rejected.append((r, err))
                 if dq.broken is not None:
                     break
         return q.publish() if publish and dq.broken is None else False
@@ -597,10 +693,101 @@ class BlockDevice:
             reqs = list(self._pending)
             self._pending.clear()
         for r in reqs:
-            r.fail(OSError(error.errno, error.strerror))
+            r.fail(copy_error(error))
+
+    def _on_reset(self, tokens: list[Any], error: OSError | None) -> None:
+        """The device was reset or restarted (interrupt thread; the new ring is live,
+        ``refill`` runs next). Requests that were in flight go back to the front of
+        the software queue with their slot and data buffer (a restart after a death or
+        a timeout: their callers see success), or fail with ``error`` (the device broke
+        the ring); one whose caller was told it timed out only gives its buffers back."""
+        again: list[_Req] = []
+        for r in tokens:
+            if r.replay:  # a replay of an earlier reset: the whole journal goes again
+                r.replay = False
+                r.fail(_RELEASE)
+            elif r.expired or error is not None:
+                r.fail(copy_error(error) if error is not None else _RELEASE)
+            else:
+                again.append(r)
+        q = self.queue
+        with q.lock:
+            pending = self._pending
+            if self._replaying:  # replays not yet dispatched: replaced below
+                keep = [r for r in pending if not r.replay]
+                pending.clear()
+                pending.extend(keep)
+            replays = self._replays()
+            pending.extendleft(reversed(replays + again))
+
+    def _replays(self) -> list[_Req]:
+        """The journal as requests (acknowledgement order): a restarted device, whose
+        volatile cache died with the old one, gets them again before anything else. A
+        device may complete the chains of one batch in any order, so replays that
+        touch the same 4 KiB (and every DISCARD / WRITE_ZEROES) go in later *waves*;
+        a wave is dispatched once the one before it completed. A journal that
+        overflowed cannot be replayed whole: the next FLUSH reports it."""
+        if self._jlost_upto >= 0:
+            self._flush_error = True
+        out: list[_Req] = []
+        waves: list[int] = []
+        chunks: set[int] = set()
+        count = 0
+        prev_big = False
+        for _seq, rtype, sector, nbytes, data, zero, nsect in self._journal:
+            big = rtype != _OUT  # a sector range of any size: a wave of its own
+            span = range(0) if big else range(sector // 8, (sector + nbytes // 512 - 1) // 8 + 1)
+            if count and (big or prev_big or any(c in chunks for c in span)):
+                waves.append(count)
+                count = 0
+                chunks = set()
+            chunks.update(span)
+            prev_big = big
+            src = memoryview(data) if data is not None else None
+            r = _Req(self, rtype, sector, nbytes, _ignore, None, 0, src, zero, nsect)
+            r.replay = True
+            r.wave = len(waves)
+            out.append(r)
+            count += 1
+        if count:
+            waves.append(count)
+        self._replaying = len(out)
+        self._wave = 0
+        self._wave_left = waves
+        self.counters["journal_replayed"] += len(out)
+        return out
+
+    def _journal_add(self, r: _Req) -> None:
+        """An acknowledged write (interrupt thread): remember it until a FLUSH covers it."""
+        self._jseq += 1
+        src = r.src
+        data: bytes | memoryview | None = None
+        if src is not None and not r.zero:
+            # immutable caller data is kept as it is (no copy); anything else is copied
+            data = src if type(src.obj) is bytes else bytes(src)
+        n = len(data) if data is not None else 0
+        if self._jbytes + n > JOURNAL_MAX_BYTES:
+            self._journal.clear()
+            self._jbytes = 0
+            self._jlost_upto = self._jseq
+            self.counters["journal_overflows"] += 1
+            return
+        self._journal.append((self._jseq, r.rtype, r.sector, r.nbytes, data, r.zero, r.nsect))
+        self._jbytes += n
+
+    def _journal_trim(self, upto: int) -> None:
+        """A FLUSH covering writes acknowledged up to ``upto`` completed."""
+        j = self._journal
+        while j and j[0][0] <= upto:
+            _s, _t, _sec, _n, data, _z, _ns = j.popleft()
+            self._jbytes -= len(data) if data is not None else 0
+        if 0 <= self._jlost_upto <= upto:
+            self._jlost_upto = -1
 
     def _release(self) -> None:
         self._buf = None  # type: ignore[assignment]
+        self._journal.clear()
+        self._jbytes = 0
 
     # ------------------------------------------------------------------ completion
     def _complete(self, r: _Req, used_len: int) -> None:
@@ -611,11 +798,15 @@ class BlockDevice:
         if status != _OK:
             code = blk_status_errno(status)
             what = BlkStatus(status).name if status in (1, 2) else f"status {status:#x}"
-            err = io_error(code, f"{self.name}: device answered {what}")
+            err = io_error(code, f"{self.name}: device answered {what}", culprit="device-error")
         elif r.rtype == _IN:
             n = r.nbytes
             if used_len <= n:
-                err = io_error(errno.EIO, f"{self.name}: short read ({used_len} of {n + 1} bytes)")
+                err = io_error(
+                    errno.EIO,
+                    f"{self.name}: short read ({used_len} of {n + 1} bytes)",
+                    culprit="device-error",
+                )
             else:
                 dma = r.dma
                 data = buf[dma : dma + n].tobytes()  # the one copy out of shared memory
@@ -624,10 +815,34 @@ class BlockDevice:
                     parent.parts[r.part_off] = data
                     data = None
         elif used_len < 1:
-            err = io_error(errno.EIO, f"{self.name}: request returned without a status")
+            err = io_error(
+                errno.EIO, f"{self.name}: request returned without a status", culprit="device-error"
+            )
+        elif r.rtype == _FLUSH:
+            if self._flush_error and not r.replay:
+                # errseq: acknowledged writes may have died with a device process
+                self._flush_error = False
+                self.counters["flush_errors_reported"] += 1
+                err = io_error(
+                    errno.EIO,
+                    f"{self.name}: acknowledged writes may have been lost in a device restart",
+                    culprit="device-gone",
+                )
+            else:
+                self._journal_trim(r.jseq)
+        elif self.has_flush and not r.replay:
+            self._journal_add(r)  # acknowledged, not yet durable
         self._finish(r, err, data)
 
     def _finish(self, r: _Req, err: OSError | None, data: bytes | None) -> None:
+        if r.replay:
+            self._replaying -= 1
+            left = self._wave_left
+            left[r.wave] -= 1
+            while self._wave < len(left) and not left[self._wave]:
+                self._wave += 1  # the next wave may go
+            if err is not None:
+                self._flush_error = True  # a journaled write did not land again
         if r.dma >= 0:
             if r.owned:
                 self._dma.free(r.dma)
@@ -637,6 +852,8 @@ class BlockDevice:
             self._slots.append(r.slot)  # deque.append is thread-safe
             r.slot = -1
         r.src = None
+        if r.expired:
+            return  # its caller was told already (ETIMEDOUT)
         if r.parent is not None:
             r.parent.part_done(err)
             return
@@ -653,7 +870,7 @@ class BlockDevice:
     # ------------------------------------------------------------------ sync API
     def _wait(self, op: str, offset: int, arg: Any) -> Any:
         if self.transport.in_interrupt():
-            raise io_error(
+            raise _arg_error(
                 errno.EDEADLK,
                 f"{self.name}: blocking I/O from a completion callback would wait forever "
                 "(use submit())",

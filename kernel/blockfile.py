@@ -62,6 +62,11 @@ DEV_PREFIX = "/dev/"
 _S = SECTOR_SIZE
 
 
+def _arg_error(code: int, detail: str | None = None, filename: str | None = None) -> OSError:
+    """An error of the caller's own arguments (culprit "caller")."""
+    return io_error(code, detail, filename, culprit="caller")
+
+
 class RangeLock:
     """Byte ranges locked for writing on one device; overlapping holders wait."""
 
@@ -109,15 +114,15 @@ class BlockNodes:
         if dev is None:
             return None
         if flags & os.O_CREAT and flags & os.O_EXCL:
-            raise io_error(errno.EEXIST, None, path)
+            raise _arg_error(errno.EEXIST, None, path)
         if flags & getattr(os, "O_DIRECTORY", 0):
-            raise io_error(errno.ENOTDIR, None, path)
+            raise _arg_error(errno.ENOTDIR, None, path)
         if flags & os.O_APPEND:
-            raise io_error(errno.EINVAL, "O_APPEND on a block device", path)
+            raise _arg_error(errno.EINVAL, "O_APPEND on a block device", path)
         acc = flags & os.O_ACCMODE
         writable = acc in (os.O_WRONLY, os.O_RDWR)
         if writable and dev.readonly:
-            raise io_error(errno.EROFS, None, path)
+            raise _arg_error(errno.EROFS, None, path)
         return BlockFile(path, self, dev, flags, acc in (os.O_RDONLY, os.O_RDWR), writable)
 
     def stat(self, path: str) -> os.stat_result | None:
@@ -174,11 +179,11 @@ class BlockFile(File):
 
     def _check(self, reading: bool) -> None:
         if self.closed:
-            raise io_error(errno.EBADF)
+            raise _arg_error(errno.EBADF)
         if reading and not self.readable:
-            raise io_error(errno.EBADF, "fd not open for reading")
+            raise _arg_error(errno.EBADF, "fd not open for reading")
         if not reading and not self.writable:
-            raise io_error(errno.EBADF, "fd not open for writing")
+            raise _arg_error(errno.EBADF, "fd not open for writing")
 
     def poll(self) -> int:
         """Always readable and writable; POLLERR once the device has failed."""
@@ -217,7 +222,7 @@ class BlockFile(File):
     def lseek(self, pos: int, how: int) -> int:
         """Move the file position (SEEK_SET / SEEK_CUR / SEEK_END); returns it."""
         if self.closed:
-            raise io_error(errno.EBADF)
+            raise _arg_error(errno.EBADF)
         if not isinstance(pos, int) or not isinstance(how, int):
             raise TypeError("lseek: pos and how must be integers")
         with self._pos_lock:
@@ -228,16 +233,16 @@ class BlockFile(File):
             elif how == os.SEEK_END:
                 new = self.device.size + pos
             else:
-                raise io_error(errno.EINVAL, f"whence {how}")
+                raise _arg_error(errno.EINVAL, f"whence {how}")
             if new < 0:
-                raise io_error(errno.EINVAL, f"resulting position {new} is negative")
+                raise _arg_error(errno.EINVAL, f"resulting position {new} is negative")
             self.pos = new
         return new
 
     def fsync(self) -> None:
         """Flush the device's write cache (VIRTIO_BLK_T_FLUSH)."""
         if self.closed:
-            raise io_error(errno.EBADF)
+            raise _arg_error(errno.EBADF)
         self.device.flush()
 
     def fstat(self) -> os.stat_result:
@@ -268,10 +273,10 @@ class BlockFile(File):
         if len(mv) == 0:
             return 0
         if dev.readonly:
-            raise io_error(errno.EROFS, f"{dev.name} is read-only")
+            raise _arg_error(errno.EROFS, f"{dev.name} is read-only")
         size = dev.size
         if offset >= size:
-            raise io_error(errno.ENXIO, f"offset {offset} is at or past the end ({size})")
+            raise _arg_error(errno.ENXIO, f"offset {offset} is at or past the end ({size})")
         n = min(len(mv), size - offset)
         mv = mv[:n]
         end = offset + n
@@ -300,7 +305,7 @@ def check_count(n: int) -> None:
     if not isinstance(n, int) or isinstance(n, bool):
         raise TypeError(f"count must be an int, not {type(n).__name__}")
     if n < 0:
-        raise io_error(errno.EINVAL, f"negative count {n}")
+        raise _arg_error(errno.EINVAL, f"negative count {n}")
 
 
 def check_offset(offset: int) -> None:
@@ -308,4 +313,4 @@ def check_offset(offset: int) -> None:
     if not isinstance(offset, int) or isinstance(offset, bool):
         raise TypeError(f"offset must be an int, not {type(offset).__name__}")
     if offset < 0:
-        raise io_error(errno.EINVAL, f"negative offset {offset}")
+        raise _arg_error(errno.EINVAL, f"negative offset {offset}")

@@ -184,6 +184,7 @@ class VirtioBus:
         :class:`DeviceProbeError` on any failure."""
         try:
             info = transport.get_device_info()
+            transport.check_info(info)  # kernel-side caps on what the device reports
             cls = self.driver_for(info.device_id)
             if cls is None:
                 try:

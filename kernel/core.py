@@ -16,9 +16,15 @@ safe from any thread -- closes every fd, resets each device (best effort), stops
 interrupt thread and process, unmaps and unlinks its region and removes the runtime
 directory. It runs on every way out: leaving the ``with`` block (also by
 KeyboardInterrupt), SIGTERM (``hostops.signals.on_terminate``) and interpreter exit
-(``register_atexit``). A SIGKILL of the user's process leaves nothing either: shm names
-are unlinked right after SET_MEM_TABLE, the device processes notice their parent's
-death, and the next :func:`boot` sweeps the runtime directory.
+(``register_atexit``). A SIGKILL of the user's process leaves nothing either: a
+device's memory is an anonymous memfd (vhost-user: the same; no shm name to leak), the
+device processes notice their parent's death, and the next :func:`boot` sweeps the
+runtime directory.
+
+A device that dies, hangs (a request older than the spec's ``request_timeout``), breaks
+the ring protocol or sets DEVICE_NEEDS_RESET is reset or restarted by its transport
+(``on_device_death="restart"``, the default, within ``restart_budget``); see
+:mod:`kernel.transport` ("Failure and recovery").
 
 Tracing: ``boot(trace=PATH)`` (or a :class:`hostops.trace.TraceSink`, or the
 environment variable ``VLAB_TRACE=PATH`` when ``trace`` is not given) gives every
@@ -141,13 +147,28 @@ class VirtioDevice:
         self.driver = driver
         self.name = transport.name
         self.device_id = transport.device_id
-        self.pid = transport.pid
         self.feature_bits = transport.features
         self.features: list[str] = transport.feature_names
         self.queues: list[KernelQueue] = [q for q in transport.queues if q is not None]
         self.block: BlockDevice | None = driver.block
         #: The network link of a NIC (a :class:`~kernel.virtio_net.NetLink`), else None.
         self.link: NetLink | None = getattr(driver, "link", None)
+
+    @property
+    def pid(self) -> int | None:
+        """The pid of the process serving the device now (a restart changes it)."""
+        return self.transport.pid
+
+    @property
+    def recovery(self) -> dict[str, int]:
+        """The kernel's recovery counters for this device (restarts, resets, timeouts,
+        lost_interrupts_recovered, ...: :data:`kernel.transport.RECOVERY_COUNTERS`)."""
+        return self.transport.recovery
+
+    def wait_recovered(self, count: int = 1, timeout_s: float | None = None) -> bool:
+        """Block until the device has been brought back ``count`` times in all (True),
+        it failed for good, or ``timeout_s`` passed (False)."""
+        return self.transport.wait_recovered(count, timeout_s)
 
     # -- NICs
     @property

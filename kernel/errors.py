@@ -17,8 +17,32 @@ control channel broke / device died       DeviceGoneError         EIO
 device broke the ring rules                (queue marked broken)   EIO
 device set DEVICE_NEEDS_RESET              (device marked broken)  EIO
 request status IOERR / UNSUPP              --                      EIO / EOPNOTSUPP
+request not completed in time              --                      ETIMEDOUT
 device could not be brought up             DeviceProbeError        --
 =========================================  ======================  ==================
+
+Culprit
+-------
+Every ``OSError`` the I/O path raises or hands to a callback carries *why* in the
+attribute ``culprit`` (read it with :func:`culprit_of`; the trace's ``fail`` events
+carry it too), one of:
+
+``"device-error"``
+    the device answered the request with an error status (IOERR, UNSUPP, a short read);
+``"device-broke-ring"``
+    the device broke the ring protocol (bad used id, double completion, used length
+    too big, used index jump) or set DEVICE_NEEDS_RESET;
+``"device-gone"``
+    the device process died or hung up and was not (or could no longer be) restarted;
+``"timeout"``
+    the device did not complete the request within the spec's ``request_timeout``;
+``"shutdown"``
+    the kernel was shut down while the request waited;
+``"caller"``
+    the caller's own arguments (EINVAL, ENXIO, EROFS, EBADF ... of the block layer).
+
+Errors that are not about a device (the network stack's ECONNRESET, EHOSTUNREACH ...)
+have ``culprit`` None.
 
 :class:`DeviceProbeError` carries the tail of the device's log, so a device that
 refuses to start says why in the exception message.
@@ -38,6 +62,9 @@ __all__ = [
     "DeviceControlError",
     "DeviceGoneError",
     "io_error",
+    "culprit_of",
+    "copy_error",
+    "CULPRITS",
     "blk_status_errno",
     "errno_for",
     "to_os_error",
@@ -88,15 +115,43 @@ class DeviceGoneError(KernelError):
         super().__init__(f"{device}: {request}: device is gone ({cause})")
 
 
-def io_error(code: int, detail: str | None = None, filename: str | None = None) -> OSError:
+#: The values of an I/O error's ``culprit`` attribute (see the module docstring).
+CULPRITS = ("device-error", "device-broke-ring", "device-gone", "timeout", "shutdown", "caller")
+
+
+def io_error(
+    code: int,
+    detail: str | None = None,
+    filename: str | None = None,
+    *,
+    culprit: str | None = None,
+) -> OSError:
     """An ``OSError(code, strerror)`` as ``os`` raises it; ``detail`` is appended to the
-    strerror (``"Input/output error (device vda died)"``) and ``filename`` is kept."""
+    strerror (``"Input/output error (device vda died)"``) and ``filename`` is kept.
+    ``culprit`` (one of :data:`CULPRITS`, or None for errors that are nobody's fault in
+    this sense, e.g. the network stack's) is set as the error's ``culprit`` attribute."""
+    if culprit is not None and culprit not in CULPRITS:
+        raise ValueError(f"unknown culprit {culprit!r} (one of {CULPRITS})")
     text = os.strerror(code)
     if detail:
         text = f"{text} ({detail})"
-    if filename is not None:
-        return OSError(code, text, filename)
-    return OSError(code, text)
+    err = OSError(code, text, filename) if filename is not None else OSError(code, text)
+    err.culprit = culprit  # type: ignore[attr-defined]
+    return err
+
+
+def culprit_of(err: BaseException) -> str | None:
+    """The ``culprit`` of an I/O error (None when it has none)."""
+    c = getattr(err, "culprit", None)
+    return c if isinstance(c, str) else None
+
+
+def copy_error(err: OSError) -> OSError:
+    """A fresh ``OSError`` with the same errno, strerror and culprit (each waiting
+    caller gets an exception object of its own)."""
+    new = OSError(err.errno, err.strerror)
+    new.culprit = culprit_of(err) or "device-gone"  # type: ignore[attr-defined]
+    return new
 
 
 def blk_status_errno(status: int) -> int:
@@ -125,4 +180,10 @@ def to_os_error(exc: BaseException, device: str | None = None) -> OSError:
     if isinstance(exc, OSError):
         return exc
     where = f"{device}: " if device else ""
-    return io_error(errno_for(exc), f"{where}{exc}")
+    if isinstance(exc, DeviceSpecError):
+        culprit = "device-broke-ring"
+    elif isinstance(exc, DeviceGoneError):
+        culprit = "device-gone"
+    else:
+        culprit = "device-error"
+    return io_error(errno_for(exc), f"{where}{exc}", culprit=culprit)

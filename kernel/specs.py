@@ -28,16 +28,107 @@ either).
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hostops.process import python_argv
 from vdev.virtio import DeviceId, NetF, bit
+from vdev.virtio.faults import FaultPlan, FaultPlanError
 from vdev.virtio.net import MAX_MTU, MIN_MTU, S_LINK_UP, NetConfig, format_mac, parse_mac
 
-__all__ = ["DeviceSpec", "Blk", "VhostUserBlk", "Net", "VhostUserNet", "Custom", "NET_BACKENDS"]
+__all__ = [
+    "DeviceSpec",
+    "Blk",
+    "VhostUserBlk",
+    "Net",
+    "VhostUserNet",
+    "Custom",
+    "NET_BACKENDS",
+    "DEATH_POLICIES",
+    "DEFAULT_REQUEST_TIMEOUT_S",
+    "DEFAULT_RESTART_BUDGET",
+    "resolve_fault_plan",
+]
+
+#: ``on_device_death`` values: restart the device process (and reset a device that broke
+#: the ring or timed out), or fail the device for good (the foundation's behaviour).
+DEATH_POLICIES = ("restart", "fail")
+#: Default per-request timeout (seconds) of request queues.
+DEFAULT_REQUEST_TIMEOUT_S = 30.0
+#: Default restart budget: at most this many recoveries (restarts or resets) per window.
+DEFAULT_RESTART_BUDGET = (3, 60.0)
+
+
+def _check_recovery_options(who: str, spec: DeviceSpec) -> None:
+    """ValueError naming the field when ``on_device_death``, ``request_timeout``,
+    ``restart_budget`` or ``faults`` is malformed."""
+    if spec.on_device_death not in DEATH_POLICIES:
+        raise ValueError(
+            f"{who}: on_device_death {spec.on_device_death!r} is not one of {DEATH_POLICIES}"
+        )
+    t = spec.request_timeout
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not t > 0):
+        raise ValueError(f"{who}: request_timeout {t!r} is not a positive number or None")
+    b = spec.restart_budget
+    if (
+        not isinstance(b, tuple | list)
+        or len(b) != 2
+        or isinstance(b[0], bool)
+        or not isinstance(b[0], int)
+        or b[0] < 0
+        or isinstance(b[1], bool)
+        or not isinstance(b[1], int | float)
+        or not b[1] > 0
+    ):
+        raise ValueError(
+            f"{who}: restart_budget {b!r} is not (max restarts >= 0, window seconds > 0)"
+        )
+    f = spec.faults
+    if f is not None and not isinstance(f, FaultPlan | dict | str | os.PathLike):
+        raise ValueError(f"{who}: faults {f!r} is not a FaultPlan, a dict or a plan file path")
+    if isinstance(f, dict):
+        try:
+            FaultPlan.from_dict(f)
+        except FaultPlanError as e:
+            raise ValueError(f"{who}: faults: {e}") from None
+
+
+def resolve_fault_plan(
+    faults: FaultPlan | dict[str, Any] | str | os.PathLike[str],
+) -> dict[str, Any]:
+    """The plan as data with its seed (``FaultPlan.to_dict()``): a FaultPlan as it is,
+    a dict validated, a ``.json``/``.toml``/``.yaml`` file read and validated. Raises
+    ValueError (FaultPlanError) naming what is wrong."""
+    if isinstance(faults, FaultPlan):
+        return faults.to_dict()
+    if isinstance(faults, dict):
+        return FaultPlan.from_dict(faults).to_dict()
+    path = os.fspath(faults)
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read(1 << 20)
+    except OSError as e:
+        raise FaultPlanError(f"plan: cannot read {path}: {e.strerror}") from None
+    if suffix in (".yaml", ".yml"):
+        import importlib
+
+        try:
+            yaml = importlib.import_module("yaml")
+        except ImportError:
+            raise FaultPlanError(f"plan: {path}: YAML plans need PyYAML") from None
+        try:
+            data = yaml.safe_load(text)
+        except Exception as e:  # yaml.YAMLError
+            raise FaultPlanError(f"plan: {path}: YAML syntax: {' '.join(str(e).split())}") from None
+        return FaultPlan.from_dict(data).to_dict()
+    fmt = {".json": "json", ".toml": "toml"}.get(suffix)
+    if fmt is None:
+        raise FaultPlanError(f"plan: {path}: unknown format (use .json, .toml or .yaml)")
+    return FaultPlan.from_text(text, fmt).to_dict()
 
 
 @dataclass(frozen=True)
@@ -48,6 +139,19 @@ class DeviceSpec:
     naming scheme) and implement :meth:`device_args`; ``queue_size`` is the ring size
     the driver asks for (capped by what the device allows).
     """
+
+    #: What the kernel does when the device process dies, breaks the ring protocol,
+    #: sets DEVICE_NEEDS_RESET or times out: ``"restart"`` (restart / reset it and
+    #: resubmit, within ``restart_budget``) or ``"fail"`` (EIO for good).
+    on_device_death: str = field(default="restart", kw_only=True)
+    #: Seconds a request may stay with the device before it fails with ETIMEDOUT and
+    #: the device is reset (None: wait forever).
+    request_timeout: float | None = field(default=DEFAULT_REQUEST_TIMEOUT_S, kw_only=True)
+    #: ``(n, window_s)``: at most ``n`` recoveries per ``window_s`` seconds, then the
+    #: device fails for good.
+    restart_budget: tuple[int, float] = field(default=DEFAULT_RESTART_BUDGET, kw_only=True)
+    #: A fault plan for the device process (a FaultPlan, a dict, or a plan file).
+    faults: Any = field(default=None, kw_only=True, compare=False)
 
     kind: ClassVar[str] = ""
     name_prefix: ClassVar[str] = "vd"
@@ -79,12 +183,38 @@ class DeviceSpec:
         """The ring size the driver asks for (default 128)."""
         return int(getattr(self, "queue_size", 128))
 
-    def argv(self, control_endpoint: str) -> list[str]:
+    def argv(
+        self,
+        control_endpoint: str,
+        *,
+        faults_file: str | None = None,
+        faults_state: str | None = None,
+    ) -> list[str]:
         """The full command that starts this device's process, listening for control
-        requests at ``control_endpoint``."""
+        requests at ``control_endpoint`` (with ``--faults FILE --faults-state FILE2``
+        when given)."""
         if not self.kind:
             raise TypeError(f"{type(self).__name__} does not name a device kind")
-        return python_argv("vdev", self.kind, *self.device_args(), "--control", control_endpoint)
+        extra: list[str] = []
+        if faults_file is not None:
+            extra += ["--faults", faults_file]
+            if faults_state is not None:
+                extra += ["--faults-state", faults_state]
+        return python_argv(
+            "vdev", self.kind, *self.device_args(), *extra, "--control", control_endpoint
+        )
+
+    @property
+    def restartable(self) -> bool:
+        """Whether a new device process can take over from a dead one without losing
+        state the driver relies on (default True; a RAM disk says no)."""
+        return True
+
+    def fault_plan_json(self) -> str | None:
+        """The spec's fault plan as JSON with its seed (None without ``faults``)."""
+        if self.faults is None:
+            return None
+        return json.dumps(resolve_fault_plan(self.faults), sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -106,6 +236,7 @@ class Blk(DeviceSpec):
     name_prefix: ClassVar[str] = "vd"
 
     def __post_init__(self) -> None:
+        _check_recovery_options("Blk", self)
         if (self.path is None) == (self.memory_size is None):
             raise ValueError("Blk: give exactly one of an image path or memory_size")
         if self.path is not None and (
@@ -120,10 +251,19 @@ class Blk(DeviceSpec):
             raise ValueError(f"Blk: queue_size {q!r} is not a power of two in 1..32768")
 
     @classmethod
-    def memory(cls, size_bytes: int, *, readonly: bool = False, queue_size: int = 128) -> Blk:
+    def memory(
+        cls, size_bytes: int, *, readonly: bool = False, queue_size: int = 128, **kw: Any
+    ) -> Blk:
         """A RAM disk of ``size_bytes`` (a multiple of 512) served by the device process
-        (``--memory``): no image file, gone when the device stops."""
-        return cls(None, readonly=readonly, queue_size=queue_size, memory_size=size_bytes)
+        (``--memory``): no image file, gone when the device stops (so it is never
+        restarted: its process dying fails it). ``kw``: the common options
+        (``request_timeout``, ``faults``, ...)."""
+        return cls(None, readonly=readonly, queue_size=queue_size, memory_size=size_bytes, **kw)
+
+    @property
+    def restartable(self) -> bool:
+        """A RAM disk's contents die with its process: only an image can be restarted."""
+        return self.path is not None
 
     def device_args(self) -> list[str]:
         """``--image PATH`` or ``--memory SIZE``, then ``[--readonly] --queue-size N``."""
@@ -159,6 +299,7 @@ class VhostUserBlk(DeviceSpec):
     device_id: ClassVar[int] = int(DeviceId.BLOCK)
 
     def __post_init__(self) -> None:
+        _check_recovery_options("VhostUserBlk", self)
         if not isinstance(self.path, str | os.PathLike) or not os.fspath(self.path):
             raise ValueError(f"VhostUserBlk: socket path must be non-empty, got {self.path!r}")
         q = self.queue_size
@@ -169,7 +310,13 @@ class VhostUserBlk(DeviceSpec):
         """Not started by the kernel: there is no command line."""
         raise TypeError("a vhost-user device is not started by the kernel")
 
-    def argv(self, control_endpoint: str) -> list[str]:
+    def argv(
+        self,
+        control_endpoint: str,
+        *,
+        faults_file: str | None = None,
+        faults_state: str | None = None,
+    ) -> list[str]:
         """Not started by the kernel: there is no command line."""
         raise TypeError("a vhost-user device is not started by the kernel")
 
@@ -266,6 +413,7 @@ class Net(DeviceSpec):
     naming: ClassVar[str] = "numbers"
 
     def __post_init__(self) -> None:
+        _check_recovery_options("Net", self)
         if self.backend not in NET_BACKENDS:
             raise ValueError(
                 f"Net: unknown backend {self.backend!r} (one of {', '.join(NET_BACKENDS)})"
@@ -364,6 +512,7 @@ class VhostUserNet(DeviceSpec):
     frontend_features: ClassVar[int] = NET_FRONTEND_FEATURES
 
     def __post_init__(self) -> None:
+        _check_recovery_options("VhostUserNet", self)
         if not isinstance(self.path, str | os.PathLike) or not os.fspath(self.path):
             raise ValueError(f"VhostUserNet: socket path must be non-empty, got {self.path!r}")
         _check_net_common(
@@ -396,7 +545,13 @@ class VhostUserNet(DeviceSpec):
         """Not started by the kernel: there is no command line."""
         raise TypeError("a vhost-user device is not started by the kernel")
 
-    def argv(self, control_endpoint: str) -> list[str]:
+    def argv(
+        self,
+        control_endpoint: str,
+        *,
+        faults_file: str | None = None,
+        faults_state: str | None = None,
+    ) -> list[str]:
         """Not started by the kernel: there is no command line."""
         raise TypeError("a vhost-user device is not started by the kernel")
 
@@ -442,8 +597,17 @@ class Custom(DeviceSpec):
         *,
         name_prefix: str | None = None,
         queue_size: int = 128,
+        on_device_death: str = "restart",
+        request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+        restart_budget: tuple[int, float] = DEFAULT_RESTART_BUDGET,
+        faults: Any = None,
         **options: Any,
     ) -> None:
+        object.__setattr__(self, "on_device_death", on_device_death)
+        object.__setattr__(self, "request_timeout", request_timeout)
+        object.__setattr__(self, "restart_budget", restart_budget)
+        object.__setattr__(self, "faults", faults)
+        _check_recovery_options("Custom", self)
         if not isinstance(device, str) or not (
             _KIND_NAME.match(device) or _CLASS_PATH.match(device)
         ):

@@ -9,7 +9,7 @@ layout and DMA allocator, the queues, the interrupt thread's reaping loop, failu
 handling, shutdown order and the counters. Two transports fill in the rest:
 
 * :class:`~kernel.transport_zmq.ZmqTransport` -- our own device process (``python -m
-  vdev ...``): msgpack control channel, ZeroMQ doorbells, a POSIX shm region, a pidfd
+  vdev ...``): msgpack control channel, ZeroMQ doorbells, a sealed memfd region, a pidfd
   for the process;
 * :class:`~kernel.transport_vhost_user.VhostUserTransport` -- any vhost-user back-end
   (qemu-storage-daemon, ``python -m vdev ... --vhost-user``): a Unix socket, a memfd
@@ -66,15 +66,52 @@ suppressed, with the avail_event / NO_NOTIFY that decided it), ``irq_recv``, ``r
 chain's ``seq`` is its avail-ring slot counted from the queue's creation (the device
 counts the same from its side).
 
-Failure
--------
-When the device dies, sets DEVICE_NEEDS_RESET, or breaks the ring rules
-(:class:`DeviceSpecError`), :meth:`VirtioTransport.fail` records the error once,
-abandons every queue (:meth:`DriverQueue.abandon`) and fails each in-flight request
-with its own ``OSError(EIO)``; submitters check :attr:`VirtioTransport.failed` under the
-queue lock, so a request is either abandoned or refused -- never lost in between.
-Completions the device published before dying are still reaped first: that data was
-really transferred.
+Failure and recovery
+--------------------
+What can go wrong with a device, and what the interrupt thread does about it:
+
+* **it dies** (pidfd readable, socket hang-up): what it completed before dying is
+  reaped first (that data was really transferred), then it is *restarted*;
+* **it breaks the ring protocol** (:class:`DeviceSpecError` from
+  :meth:`DriverQueue.get_used`: used id out of range or not in flight, the same id
+  twice, used len beyond the writable part, used.idx jumping) **or sets
+  DEVICE_NEEDS_RESET**: the queue is broken; the device is *reset* and the chains it
+  had are failed with EIO, culprit ``"device-broke-ring"`` (a device that wrote
+  garbage into the ring may have written garbage into their buffers too);
+* **it does not complete a request in time** (``spec.request_timeout``, per queue
+  :attr:`KernelQueue.timeout_s`): the caller gets ETIMEDOUT (culprit ``"timeout"``)
+  at once through the token's ``expire``, but the request's buffers stay lent to the
+  device until it has been reset (it may still write them); the device is *reset* --
+  or restarted when it does not even answer the reset -- and the other chains it had
+  are resubmitted;
+* **it loses an interrupt**: while chains are in flight on a *watched* queue
+  (:attr:`KernelQueue.watch`: request queues, not receive queues) the interrupt thread
+  wakes every :data:`TICK_S` and looks at the used ring; entries still unreaped one
+  tick later had no interrupt: they are reaped and counted
+  (``lost_interrupts_recovered``, per queue and in :attr:`VirtioTransport.recovery`).
+  An idle device costs what it did before (one wake-up per :data:`IDLE_POLL_S`).
+
+A reset or restart (:meth:`VirtioTransport._recover`, interrupt thread) pauses every
+queue (:attr:`KernelQueue.paused`: submitters keep their requests in the driver's
+software queue), takes every chain off the rings (:meth:`DriverQueue.abandon`), has
+the transport reset the device -- or start a new process -- and bring it up again
+(§3.1.1: status 0, the features negotiated before, the same memory, fresh zeroed rings
+at the same addresses: :meth:`_rebuild_queues`), then hands the chains back to their
+driver (:attr:`KernelQueue.on_reset`: resubmit, or fail with the given error) and lets
+the queues go. DMA buffers never move, so a resubmitted chain is the same request.
+
+It happens only with ``spec.on_device_death == "restart"`` (the default), on a
+transport that can do it (:class:`~kernel.transport_zmq.ZmqTransport`; a vhost-user
+back-end is not ours to restart), when every queue's driver has ``on_reset`` (blk and
+net do) and within ``spec.restart_budget`` (``(n, window_s)``: resets and restarts
+together). Otherwise -- or when the recovery itself fails --
+:meth:`VirtioTransport.fail` records the error once, abandons every queue and fails
+each in-flight request with its own copy of it (EIO, or ETIMEDOUT for a timeout;
+culprit as above, ``"device-gone"`` for a death or a failed recovery); submitters
+check :attr:`VirtioTransport.failed` under the queue lock, so a request is either
+abandoned or refused -- never lost in between. Every ``OSError`` carries ``culprit``
+(:mod:`kernel.errors`); the trace has ``recover`` / ``recovered`` / ``fail`` (with the
+culprit) / ``lost_irq`` events.
 """
 
 from __future__ import annotations
@@ -86,11 +123,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hostops.barrier import full_barrier
+from hostops.clock import monotonic
 from hostops.errors import TransportError
 from hostops.poll import Pollable, Poller, Waker
 from hostops.rundir import RuntimeDir
 from hostops.shm import PageAllocator
-from hostops.sync import Event, Lock, current_thread_name, start_thread
+from hostops.sync import Condition, Event, Lock, current_thread_name, start_thread
 from vdev.virtio import (
     DeviceSpecError,
     DriverQueue,
@@ -112,7 +150,7 @@ from vdev.virtio.trace import (
     summarize_frame,
 )
 
-from .errors import DeviceProbeError, io_error
+from .errors import DeviceProbeError, copy_error, culprit_of, io_error
 from .specs import DeviceSpec
 
 __all__ = [
@@ -127,7 +165,24 @@ __all__ = [
     "PAGE",
     "CONTROL_TIMEOUT_S",
     "RESET_TIMEOUT_S",
+    "TICK_S",
+    "MAX_QUEUES",
+    "MAX_QUEUE_SIZE",
+    "RECOVERY_COUNTERS",
 ]
+
+#: The transport's recovery counters (:attr:`VirtioTransport.recovery`).
+RECOVERY_COUNTERS = (
+    "recoveries",  # resets + restarts that brought the device back
+    "resets",  # device reset and re-initialised (same process)
+    "restarts",  # device process restarted
+    "recovery_failures",  # attempts that did not bring it back
+    "timeouts",  # requests that timed out
+    "ring_breaks",  # ring-protocol violations / DEVICE_NEEDS_RESET seen
+    "lost_interrupts_recovered",  # completions found by the periodic check
+    "requests_resubmitted",  # in-flight requests handed back to their driver to resubmit
+    "requests_failed_on_reset",  # in-flight requests failed by a reset
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +200,15 @@ RESET_TIMEOUT_S = 1.0
 REFILL_EVERY = 8
 #: How long shutdown waits for the interrupt thread.
 IRQ_JOIN_TIMEOUT_S = 5.0
+#: While chains are in flight on a watched queue, the interrupt thread wakes at least
+#: this often to look for lost interrupts and timed-out requests.
+TICK_S = 0.1
+#: The interrupt thread's wait when nothing is in flight.
+IDLE_POLL_S = 1.0
+#: Largest number of queues a device may report (kernel-side cap, checked at probe).
+MAX_QUEUES = 64
+#: Largest queue size a device may report (§2.7: a split queue has at most 32768).
+MAX_QUEUE_SIZE = 32768
 
 
 def _align(x: int, a: int) -> int:
@@ -246,6 +310,26 @@ class KernelQueue:
         #: leave publishing to ``refill`` (which runs right after the batch).
         self.completing = False
         self.on_failed: Callable[[OSError], None] | None = None
+        #: ``on_reset(tokens, error)``: after the device was reset or restarted (the new
+        #: ring is live), the tokens that were in flight: resubmit them (``error`` None)
+        #: or fail them with ``error``; a token already told it timed out
+        #: (``expire``) only gives its buffers back. A queue without it cannot be
+        #: recovered: its device fails for good instead.
+        self.on_reset: Callable[[list[Any], OSError | None], None] | None = None
+        #: True while the device is being reset / restarted: submitters leave their
+        #: requests queued (the driver's software queue) instead of adding chains.
+        self.paused = False
+        #: Seconds a chain may stay with the device (None: forever, e.g. receive
+        #: buffers); set by the driver from the spec's ``request_timeout``.
+        self.timeout_s: float | None = None
+        #: Check the used ring for completions whose interrupt was lost while chains
+        #: are in flight (request queues; not receive queues, whose buffers wait for
+        #: traffic).
+        self.watch = False
+        #: Completions found by the periodic check, their interrupt never came.
+        self.lost_interrupts_recovered = 0
+        self._seen: list[tuple[Any, float] | None] = [None] * self.size
+        self._lost_mark = -1  # used.idx at the last tick that saw unreaped entries
         #: The queue's tracer (None: not traced); see :meth:`enable_trace`.
         self.tracer: Tracer | None = None
         self._tseq = 0  # chains added so far (the next chain's seq)
@@ -421,9 +505,9 @@ class KernelQueue:
 
     def kick(self) -> None:
         """Publish and notify if needed (takes the lock itself; nothing once the
-        device has failed)."""
+        device has failed or while it is being reset)."""
         with self.lock:
-            if self.failed is not None:
+            if self.failed is not None or self.paused:
                 return
             need = self.publish()
         if need:
@@ -471,6 +555,13 @@ class VirtioTransport:
         self._release_hooks: list[Callable[[], None]] = []
         #: Set before :meth:`setup_queue` to trace this device (``kernel.boot(trace=)``).
         self.tracer: Tracer | None = None
+        #: Recovery counters (:data:`RECOVERY_COUNTERS`), plain ints.
+        self.recovery: dict[str, int] = dict.fromkeys(RECOVERY_COUNTERS, 0)
+        self._recovery_req: tuple[str, str] | None = None  # (culprit, why) asked for
+        self._recovering = False
+        self._recovered = Condition(Lock())
+        self._budget_log: list[float] = []  # monotonic times of recent recoveries
+        self._next_tick: float | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -657,14 +748,16 @@ class VirtioTransport:
     def _irq_loop(self) -> None:
         assert self._waker is not None
         waker = self._waker
-        sources = self._irq_sources()
         poller = Poller()
-        for s in sources:
-            poller.register(s)
         poller.register(waker)
+        sources: list[Pollable] = []
         try:
             while not self._stopping:
-                ready = poller.poll(1.0)
+                if not sources:
+                    sources = self._irq_sources()
+                    for src in sources:
+                        poller.register(src)
+                ready = poller.poll(self._poll_timeout())
                 if self._stopping:
                     break
                 if waker in ready:
@@ -672,18 +765,130 @@ class VirtioTransport:
                 indices, gone = self._collect_interrupts(ready)
                 if indices:
                     self._interrupt(indices)
+                if gone is None and self._next_tick is not None:
+                    now = monotonic()
+                    if now >= self._next_tick:
+                        self._next_tick = now + TICK_S
+                        self._tick(now)
+                if gone is None and self._recovery_req is None:
+                    continue
+                # a recovery may replace the sources (a new process): let go of them
+                for src in sources:
+                    try:
+                        poller.unregister(src)
+                    except Exception:
+                        pass
+                sources = []
                 if gone is not None:
-                    self._device_died(gone)
-                    break
+                    if not self._device_died(gone):
+                        break
+                elif not self._recover():
+                    if self._death_description() is not None:
+                        break
         except Exception:  # the IRQ thread must never die silently
             log.exception("%s: interrupt thread crashed", self.name)
-            self.fail(io_error(errno.EIO, f"{self.name}: interrupt handler crashed"))
+            crash = f"{self.name}: interrupt handler crashed"
+            self.fail(io_error(errno.EIO, crash, culprit="device-gone"))
         finally:
-            for s in (*sources, waker):
+            for src in (*sources, waker):
                 try:
-                    poller.unregister(s)
+                    poller.unregister(src)
                 except Exception:
                     pass
+
+    def _poll_timeout(self) -> float:
+        """:data:`TICK_S` (at most) while a watched queue has chains in flight, else
+        :data:`IDLE_POLL_S`: an idle device costs nothing more than before (one that
+        has lost interrupts already is woken every :data:`TICK_S`)."""
+        busy = False
+        for q in self.queues:
+            if q is not None and (q.watch or q.timeout_s is not None):
+                dq = q.dq
+                if dq is not None and dq.in_flight:
+                    busy = True
+                    break
+        if not busy:
+            self._next_tick = None
+            # a device known to lose interrupts is looked at sooner after a submission
+            return TICK_S if self.recovery["lost_interrupts_recovered"] else IDLE_POLL_S
+        now = monotonic()
+        if self._next_tick is None:
+            self._next_tick = now + TICK_S
+        return max(0.0, self._next_tick - now)
+
+    def _tick(self, now: float) -> None:
+        """The periodic check while chains are in flight (interrupt thread): reap
+        completions whose interrupt was lost, expire requests older than their queue's
+        timeout (then ask for a reset)."""
+        for q in self.queues:
+            if q is None or q.paused or self.failed is not None:
+                continue
+            dq = q.dq
+            if dq is None or not dq.in_flight or dq.broken is not None:
+                continue
+            if q.watch:
+                if dq.has_used():
+                    mark = int.from_bytes(self._ring_word(q.layout.used + 2), "little")
+                    if mark == q._lost_mark:
+                        # unreaped for a whole tick and no interrupt came: it was lost
+                        n = self.service_queue(q)
+                        q.lost_interrupts_recovered += n
+                        self.recovery["lost_interrupts_recovered"] += n
+                        q._lost_mark = -1
+                        if n and self.tracer is not None:
+                            self.tracer.emit("lost_irq", q.index, reaped=n)
+                    else:
+                        q._lost_mark = mark
+                else:
+                    q._lost_mark = -1
+            if q.timeout_s is not None:
+                self._expire(q, now)
+
+    def _ring_word(self, addr: int) -> bytes:
+        mem = self.memory
+        if mem is None:
+            return b"\xff\xff"
+        return bytes(mem.view(addr, 2))
+
+    def _expire(self, q: KernelQueue, now: float) -> None:
+        """Tell the callers of chains older than ``q.timeout_s`` that they timed out
+        (ETIMEDOUT, culprit "timeout") and ask for a reset: their buffers stay the
+        device's until the reset is done (``on_reset`` gives them back)."""
+        limit = q.timeout_s
+        assert limit is not None
+        expired: list[Any] = []
+        with q.lock:
+            dq = q.dq
+            if dq is None or q.paused:
+                return
+            seen = q._seen
+            for head, rec in enumerate(dq._inflight):
+                if rec is None:
+                    seen[head] = None
+                    continue
+                s = seen[head]
+                if s is None or s[0] is not rec:
+                    seen[head] = (rec, now)  # first seen in flight now
+                elif now - s[1] >= limit:
+                    expired.append(rec.token)
+        if not expired:
+            return
+        err = io_error(
+            errno.ETIMEDOUT,
+            f"{self.name}: the device did not complete the request within {limit:g} s",
+            culprit="timeout",
+        )
+        self.recovery["timeouts"] += len(expired)
+        for token in expired:
+            expire = getattr(token, "expire", None)
+            if expire is not None:
+                try:
+                    expire(copy_error(err))
+                except Exception:
+                    log.exception("%s: expire callback failed", self.name)
+        self.request_recovery(
+            "timeout", f"{len(expired)} request(s) on queue {q.index} timed out after {limit:g} s"
+        )
 
     def _interrupt(self, indices: list[int]) -> None:
         nq = len(self.queues)
@@ -701,12 +906,14 @@ class VirtioTransport:
         """Reap queue ``q`` (disable → reap → re-enable → re-check), then run the
         completions and the queue's ``refill`` hook outside the lock. Returns how many
         requests completed. Runs on the interrupt thread (or by a poller)."""
+        if q.paused:  # being reset: its chains are off the ring
+            return 0
         if q.tracer is not None:  # the one test per batch that tracing costs
             return self._service_queue_traced(q, interrupt)
         dq = q.dq
         batch: list[tuple[Any, int]] = []
         with q.lock:
-            if self.failed is not None:
+            if self.failed is not None or q.paused:
                 return 0
             try:
                 dq.disable_interrupts()
@@ -748,7 +955,7 @@ class VirtioTransport:
         finally:
             q.completing = False
         if broken is not None:
-            self.fail(io_error(errno.EIO, f"{self.name} queue {q.index} is broken: {broken}"))
+            self.request_recovery("device-broke-ring", f"queue {q.index} is broken: {broken}")
         elif q.refill is not None:
             try:
                 q.refill()
@@ -757,21 +964,38 @@ class VirtioTransport:
         return len(batch)
 
     def _service_queue_traced(self, q: KernelQueue, interrupt: bool) -> int:
-        """:meth:`service_queue` with ``irq_recv`` and one ``reap`` event per entry
-        (the same reaping, the same order; the payload is read before the completion
-        callback frees its buffer)."""
+        """:meth:`service_queue` with ``irq_recv``, one ``reap`` event per entry and
+        ``irq_mode`` (what it writes to used_event / avail.flags) -- the same reaping,
+        the same order; the payload is read before the completion callback frees its
+        buffer."""
         tracer = q.tracer
         assert tracer is not None
         dq = q.dq
         batch: list[tuple[Any, int]] = []
         with q.lock:
-            if self.failed is not None:
+            if self.failed is not None or q.paused:
                 return 0
+            # what the driver writes (§2.7.10): avail.flags NO_INTERRUPT, or nothing when
+            # disabling; used_event = its last-seen used index, or flags 0, when enabling
+            used_event_at = q.layout.avail + 4 + 2 * q.size
             try:
                 dq.disable_interrupts()
+                if dq.event_idx:
+                    tracer.emit("irq_mode", q.index, on=False)
+                else:
+                    tracer.emit("irq_mode", q.index, on=False, flags=1)
                 for _ in range(dq.size + 1):  # bounded as in service_queue
                     batch += dq.get_used()
-                    if dq.broken is not None or not dq.enable_interrupts():
+                    if dq.broken is not None:
+                        break
+                    more = dq.enable_interrupts()
+                    if dq.event_idx:
+                        word = q._read(used_event_at, 2)
+                        used_event = int.from_bytes(word, "little") if len(word) == 2 else None
+                        tracer.emit("irq_mode", q.index, on=True, used_event=used_event)
+                    else:
+                        tracer.emit("irq_mode", q.index, on=True, flags=0)
+                    if not more:
                         break
             except DeviceSpecError:
                 pass
@@ -834,7 +1058,9 @@ class VirtioTransport:
             except Exception:
                 log.exception("%s: config-change hook failed", self.name)
 
-    def _device_died(self, how: str) -> None:
+    def _device_died(self, how: str) -> bool:
+        """The device is gone (interrupt thread): reap what it completed, then restart
+        it (policy "restart", budget left) or fail it. True if it is back."""
         # Whatever the device completed before it died is real: reap it first.
         try:
             self._drain_interrupts()
@@ -843,7 +1069,218 @@ class VirtioTransport:
         for q in self.queues:
             if q is not None:
                 self.service_queue(q)
-        self.fail(io_error(errno.EIO, f"{self.name}: {how}"))
+        with self._state_lock:
+            self._recovery_req = ("device-gone", how)
+        return self._recover()
+
+    # ------------------------------------------------------------------ recovery
+    def request_recovery(self, culprit: str, why: str) -> None:
+        """Ask the interrupt thread to reset (or restart) the device: it broke the ring
+        protocol or set DEVICE_NEEDS_RESET (``culprit`` "device-broke-ring"), a request
+        timed out ("timeout"), it died ("device-gone"). Thread-safe; the first request
+        wins until the recovery has run."""
+        with self._state_lock:
+            if self.failed is not None or self._recovery_req is not None:
+                return
+            self._recovery_req = (culprit, why)
+        if culprit == "device-broke-ring":
+            self.recovery["ring_breaks"] += 1
+        if not self.in_interrupt() and self._waker is not None:
+            try:
+                self._waker.wake()
+            except Exception:
+                pass
+
+    @property
+    def recovering(self) -> bool:
+        """True while the device is being reset or restarted."""
+        return self._recovering
+
+    def wait_recovered(self, count: int, timeout_s: float | None = None) -> bool:
+        """Block until :attr:`recovery` ``["recoveries"]`` reaches ``count`` (True), the
+        device fails or ``timeout_s`` passes (False)."""
+        with self._recovered:
+            return self._recovered.wait_for(
+                lambda: self.recovery["recoveries"] >= count or self.failed is not None,
+                timeout_s,
+            ) and (self.recovery["recoveries"] >= count)
+
+    def _can_recover(self) -> bool:
+        """Whether this transport can reset / restart its device (subclasses)."""
+        return False
+
+    def _reinit_device(self, restart: bool) -> bool:
+        """Reset the device (``restart``: start a new process first) and bring it up
+        again with the same features, memory and rings (:meth:`_rebuild_queues`);
+        raises on failure; True if the process was restarted. Subclasses that can
+        recover implement it."""
+        raise NotImplementedError
+
+    def _budget_left(self) -> bool:
+        n, window = getattr(self.spec, "restart_budget", (0, 60.0))
+        now = monotonic()
+        self._budget_log = [t for t in self._budget_log if now - t < window]
+        return len(self._budget_log) < n
+
+    def _recover(self) -> bool:
+        """Run the recovery asked for (interrupt thread): take every in-flight chain
+        off the rings, reset / restart the device (§3.1.1 again) and hand the chains
+        back to their drivers (``on_reset``). Without the "restart" policy, a driver
+        that cannot take its chains back, a transport that cannot recover, or budget,
+        the device fails for good. True if the device is live again."""
+        req = self._recovery_req
+        if req is None:
+            return True
+        culprit, why = req
+        policy = getattr(self.spec, "on_device_death", "fail")
+        queues = [q for q in self.queues if q is not None]
+        reason = ""
+        if policy != "restart":
+            reason = "on_device_death='fail'"
+        elif not self._can_recover():
+            reason = f"the {self.kind or 'this'} transport cannot restart its device"
+        elif any(q.on_reset is None for q in queues):
+            reason = "its driver cannot resubmit"
+        elif culprit == "device-gone" and not getattr(self.spec, "restartable", True):
+            reason = "its state died with its process"
+        elif not self._budget_left():
+            n, window = getattr(self.spec, "restart_budget", (0, 60.0))
+            reason = f"restart budget of {n} per {window:g} s exhausted"
+        if reason:
+            self._give_up(culprit, why, reason)
+            return False
+        if self._stopping:
+            self._give_up("shutdown", why, "kernel shutting down")
+            return False
+        self._recovering = True
+        if self.tracer is not None:
+            self.tracer.emit("recover", culprit=culprit, why=why)
+        log.warning("%s: %s: resetting the device", self.name, why)
+        held: list[list[Any]] = []
+        for q in queues:
+            with q.lock:
+                q.paused = True
+                held.append(q.dq.abandon() if q.dq is not None else [])
+        restart = culprit == "device-gone"
+        last_error = ""
+        try:
+            while True:
+                self._budget_log.append(monotonic())
+                try:
+                    restart = self._reinit_device(restart)
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure: try again or give up
+                    self.recovery["recovery_failures"] += 1
+                    last_error = f"{type(e).__name__}: {e}"
+                    log.warning("%s: recovery failed: %s", self.name, last_error)
+                    restart = True
+                    if self._stopping or not self._budget_left():
+                        raise
+        except Exception:
+            self._recovering = False
+            for q in queues:
+                with q.lock:
+                    q.paused = False
+            if self._stopping:
+                self._give_up("shutdown", why, "kernel shutting down", held)
+            else:
+                self._give_up(
+                    "device-gone",
+                    f"{why}; recovery failed ({last_error})",
+                    "restart budget exhausted",
+                    held,
+                )
+            return False
+        if self._stopping or self.failed is not None:
+            self._recovering = False
+            self._give_up("shutdown", why, "kernel shutting down", held)
+            return False
+        with self._state_lock:
+            self._recovery_req = None
+        self.recovery["restarts" if restart else "resets"] += 1
+        resubmit = culprit in ("device-gone", "timeout")
+        error = None
+        if not resubmit:
+            error = io_error(errno.EIO, f"{self.name}: {why}", culprit=culprit)
+        for q, tokens in zip(queues, held, strict=True):
+            with q.lock:
+                q.paused = False
+                q._seen = [None] * q.size
+                q._lost_mark = -1
+            if resubmit:
+                self.recovery["requests_resubmitted"] += len(tokens)
+            else:
+                self.recovery["requests_failed_on_reset"] += len(tokens)
+            assert q.on_reset is not None
+            try:
+                q.on_reset(tokens, error)  # also with none: a driver may replay state
+            except Exception:
+                log.exception("%s: on_reset hook failed", self.name)
+        for q in queues:
+            if q.refill is not None:
+                try:
+                    q.refill()
+                except Exception:
+                    log.exception("%s: queue refill failed", self.name)
+        self._recovering = False
+        with self._recovered:
+            self.recovery["recoveries"] += 1
+            self._recovered.notify_all()
+        if self.tracer is not None:
+            self.tracer.emit("recovered", restart=restart, pid=self.pid)
+        return True
+
+    def _give_up(
+        self, culprit: str, why: str, reason: str, held: list[list[Any]] | None = None
+    ) -> None:
+        code = errno.ETIMEDOUT if culprit == "timeout" else errno.EIO
+        err = io_error(code, f"{self.name}: {why} ({reason})", culprit=culprit)
+        self.fail(err)
+        for tokens in held or ():
+            for t in tokens:
+                try:
+                    t.fail(copy_error(err))
+                except Exception:
+                    log.exception("%s: failure callback failed", self.name)
+        with self._state_lock:
+            self._recovery_req = None
+        with self._recovered:
+            self._recovered.notify_all()
+
+    def _rebuild_queues(self) -> None:
+        """For :meth:`_reinit_device`: a fresh ring for every queue at the same place
+        (zeroed; the DMA buffers stay where they are), told to the device again. The
+        queues stay paused; their counters go on."""
+        assert self.memory is not None
+        for q in self.queues:
+            if q is None:
+                continue
+            dq = DriverQueue(
+                self.memory,
+                q.layout,
+                event_idx=self.has_feature(F.EVENT_IDX),
+                indirect=self.has_feature(F.INDIRECT_DESC),
+            )
+            dq.stats = q._stats  # cumulative across resets
+            kick = self._setup_vring(q.index, q.layout)
+            with q.lock:
+                q.dq = dq
+                q._kick = kick
+                q._tseq = q._tpub = 0
+                q._tflight.clear()
+                q._tmerge_left = 0
+
+    def check_info(self, info: DeviceInfo) -> None:
+        """Kernel-side caps on what the device reports (probe): at most
+        :data:`MAX_QUEUES` queues of at most :data:`MAX_QUEUE_SIZE` entries."""
+        if not 1 <= info.num_queues <= MAX_QUEUES:
+            raise self.probe_error(
+                f"device reports num_queues {info.num_queues} (the kernel takes 1..{MAX_QUEUES})"
+            )
+        if not 1 <= info.max_queue_size <= MAX_QUEUE_SIZE:
+            raise self.probe_error(
+                f"device reports max_queue_size {info.max_queue_size} (§2.7: 1..{MAX_QUEUE_SIZE})"
+            )
 
     def wait_failed(self, timeout_s: float | None = None) -> OSError | None:
         """Block until the device has failed (died, needs reset, broke the ring rules,
@@ -864,17 +1301,21 @@ class VirtioTransport:
             if self.failed is not None:
                 return
             self.failed = error
+        if culprit_of(error) is None:
+            error.culprit = "device-gone"  # type: ignore[attr-defined]
         self._failed_event.set()
+        with self._recovered:
+            self._recovered.notify_all()
         if self.tracer is not None:
-            self.tracer.emit("fail", error=str(error))
+            self.tracer.emit("fail", error=str(error), culprit=culprit_of(error))
         for q in self.queues:
             if q is None:
                 continue
             with q.lock:
-                tokens = q.dq.abandon()
+                tokens = q.dq.abandon() if q.dq is not None else []
             for t in tokens:
                 try:
-                    t.fail(OSError(error.errno, error.strerror))
+                    t.fail(copy_error(error))
                 except Exception:
                     log.exception("%s: failure callback failed", self.name)
             if q.on_failed is not None:
@@ -903,7 +1344,7 @@ class VirtioTransport:
                 pass
         if self._thread is not None and not self.in_interrupt():
             self._thread.join(IRQ_JOIN_TIMEOUT_S)
-        self.fail(io_error(errno.EIO, f"{self.name}: kernel shut down"))
+        self.fail(io_error(errno.EIO, f"{self.name}: kernel shut down", culprit="shutdown"))
         if self._waker is not None:
             try:
                 self._waker.close()

@@ -25,8 +25,10 @@ wire format of :mod:`vdev.virtio.vhost_user` (one codec for both sides):
    the spec's MTU when the back-end offers NET_MTU (as QEMU does). There is no status
    byte to re-read;
 4. the region is a memfd (:func:`hostops.fdmem.create_memfd`; no name, so nothing can
-   leak) handed over with SET_MEM_TABLE as one region: guest-physical address 0, user
-   address :data:`USER_BASE`, offset 0; our fd is closed right after;
+   leak), sealed against shrinking and growing (a back-end calling ``ftruncate`` on
+   it gets EPERM instead of making our next access die of SIGBUS), handed over with
+   SET_MEM_TABLE as one region: guest-physical address 0, user address
+   :data:`USER_BASE`, offset 0; our fd is closed right after;
 5. config space: the spec's :meth:`~kernel.specs.DeviceSpec.frontend_config` when it
    has one (see below), else GET_CONFIG (needs the CONFIG protocol feature, which
    qemu-storage-daemon requires);
@@ -300,7 +302,9 @@ class VhostUserTransport(VirtioTransport):
             raise self.probe_error(f"the back-end refused MTU {mtu}: {e}") from None
 
     def _create_region(self, size: int) -> SharedMemory:
-        fd, mapping = create_memfd(size, name=f"vlab-{self.name}")
+        # sealed (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) before it is handed over:
+        # the back-end cannot truncate it under our mapping (no SIGBUS in the kernel)
+        fd, mapping = create_memfd(size, name=f"vlab-{self.name}", seal=True)
         self._memfd = fd
         return mapping
 

@@ -31,16 +31,26 @@ busy. No free buffer or descriptor → ``OSError(ENOBUFS)`` (counted ``tx_droppe
 after one attempt to reap finished transmissions; link down → ``ENETDOWN``; a failed
 device → ``EIO``. :meth:`NetLink.wait_tx_room` lets a blocking sender wait for room.
 
+Recovery (see :mod:`kernel.transport`). After the device was reset or restarted every
+receive buffer is posted again (a merged packet being assembled is dropped) and the
+frames that were in flight to the device are dropped and counted (``tx_dropped_reset``:
+TCP retransmits them, UDP may lose them, as on a real link); ``transmit`` during the
+reset is ENOBUFS (also ``tx_dropped_reset``). The transmit queue is watched for lost
+interrupts and has the spec's ``request_timeout``. A device process that picked its
+own MAC is restarted with that MAC (``--mac``), so the stack's neighbours stay right.
+
 Link state. With STATUS negotiated the config-change interrupt re-reads the status
 field and tells the stack's listener when LINK_UP changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 from hostops.sync import Condition, Lock
 from vdev.virtio import DeviceId, F, NetF, VirtioError, bit
@@ -61,7 +71,7 @@ from vdev.virtio.net import (
 )
 
 from .bus import VirtioDriver, register_driver
-from .errors import DeviceControlError, io_error
+from .errors import DeviceControlError, copy_error, io_error
 from .net.link import Receiver, RxInfo, TxOffload
 from .transport import KernelQueue, VirtioTransport
 
@@ -201,6 +211,7 @@ class NetLink:
                 "tx_csum_offloaded",
                 "tx_dropped_nobufs",
                 "tx_dropped_link_down",
+                "tx_dropped_reset",
             ),
             0,
         )
@@ -231,6 +242,10 @@ class NetLink:
         rxq.refill = self._rx_refill
         txq.refill = self._tx_wake
         txq.on_failed = lambda err: self._tx_wake()
+        rxq.on_reset = self._rx_reset
+        txq.on_reset = self._tx_reset
+        txq.watch = True  # lost transmit interrupts are looked for while frames are out
+        txq.timeout_s = getattr(t.spec, "request_timeout", None)
         t.on_release(self._release)
 
     # ------------------------------------------------------------------ Link API
@@ -254,8 +269,9 @@ class NetLink:
     def transmit(self, frame: bytes | bytearray | memoryview, offload: TxOffload) -> None:
         """Send one Ethernet frame (see the module doc for errors)."""
         n = len(frame)
-        if self.transport.failed is not None:
-            raise io_error(errno.EIO, f"{self.name}: device failed")
+        failed = self.transport.failed
+        if failed is not None:
+            raise copy_error(failed)
         if not self.link_up:
             self.counters["tx_dropped_link_down"] += 1
             raise io_error(errno.ENETDOWN, f"{self.name}: link is down")
@@ -303,7 +319,13 @@ class NetLink:
             with q.lock:
                 if q.failed is not None:
                     self._free(addr)
-                    raise io_error(errno.EIO, f"{self.name}: device failed")
+                    raise copy_error(q.failed)
+                if q.paused:  # the device is being reset: drop it, TCP sends it again
+                    self._free(addr)
+                    self.counters["tx_dropped_reset"] += 1
+                    raise io_error(
+                        errno.ENOBUFS, f"{self.name}: device is being reset", culprit="device-gone"
+                    )
                 try:
                     q.add([(addr, total)], [], token)
                 except VirtioError:
@@ -355,9 +377,25 @@ class NetLink:
         # publish what was added while the batch completed
         q = self.txq
         with q.lock:
-            need = q.publish() if q.failed is None else False
+            need = q.publish() if q.failed is None and not q.paused else False
         if need:
             q.notify()
+
+    def _tx_reset(self, tokens: list[Any], error: OSError | None) -> None:
+        """The device was reset: frames it had not sent are dropped and counted
+        (``tx_dropped_reset``; TCP retransmits, UDP is allowed to lose them)."""
+        for t in tokens:
+            self._free(t.addr)
+        self.counters["tx_dropped_reset"] += len(tokens)
+        self._tx_wake()
+
+    def _rx_reset(self, tokens: list[Any], error: OSError | None) -> None:
+        """The device was reset: every receive buffer is free again (``refill`` posts
+        them on the new ring); a merged packet being assembled is dropped."""
+        self._rx_free.extend(tokens)
+        self._merge = []
+        self._merge_left = 0
+        self._merge_info = None
 
     def _rx_refill(self) -> None:
         q = self.rxq
@@ -366,7 +404,7 @@ class NetLink:
             return
         size = self.rx_buf_bytes
         with q.lock:
-            if q.failed is not None:
+            if q.failed is not None or q.paused:
                 return
             added = 0
             while free and q.dq.num_free:
@@ -519,6 +557,10 @@ class NetDriver(VirtioDriver):
         rxq = t.setup_queue(RX_QUEUE, t.queue_cap)
         txq = t.setup_queue(TX_QUEUE, t.queue_cap)
         self._link = NetLink(t, rxq, txq, cfg)
+        spec = t.spec
+        if hasattr(t, "restart_spec") and getattr(spec, "mac", "") is None:
+            # a restarted device process must come back with the MAC the stack knows
+            t.restart_spec = dataclasses.replace(spec, mac=format_mac(mac))  # type: ignore[call-arg]
         t.on_config_change(self._config_changed)
 
     def started(self) -> None:

@@ -30,6 +30,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _device_id(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
 MAX_SECONDS = 86400.0
 
 
@@ -70,13 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the live virtqueue trace of the demo's traffic (one line per event)",
     )
+    d.add_argument(
+        "--device",
+        metavar="KIND",
+        help="instead: boot a kernel with one device of this kind (built-in or installed "
+        "by entry point) and run its driver's demo",
+    )
 
     b = sub.add_parser("bench", help="benchmarks: the virtio path beside the native baseline")
     b.add_argument(
         "target",
-        choices=["blk", "net"],
+        choices=["blk", "net", "trace-cost"],
         help="blk: virtio-blk beside os.pread/pwrite; net: UDP_STREAM between two kernels "
-        "on the switch beside native UDP over loopback",
+        "on the switch beside native UDP over loopback; trace-cost: blk and net rows with "
+        "the code before tracing, tracing off and tracing on, interleaved",
     )
     b.add_argument("--image", help="raw image to use (default: a temporary 128 MiB file)")
     b.add_argument(
@@ -108,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         metavar="PATH",
         help="net: draw goodput against payload size, both paths, as a PNG (matplotlib)",
+    )
+    b.add_argument(
+        "--rounds",
+        type=int,
+        default=9,
+        help="trace-cost: interleaved rounds of the three configurations (default 9)",
+    )
+    b.add_argument(
+        "--before",
+        metavar="REV",
+        default="dfe225f^",
+        help="trace-cost: the commit before tracing (default dfe225f^)",
     )
 
     v = sub.add_parser(
@@ -141,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="the back-ends append their virtqueue trace (JSON Lines) to FILE: the "
         "device-side half of every request the guest's drivers make",
+    )
+    v.add_argument(
+        "--faults",
+        metavar="PLAN",
+        help="a fault plan (.json/.toml/.yaml, docs/faults.md) the vlab back-ends inject "
+        "into the guest's requests",
     )
     v.add_argument(
         "--net",
@@ -217,6 +249,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the device kinds installed (built-in and by entry point) with their options",
     )
     dv.add_argument("--json", action="store_true", help="a machine-readable list")
+    nd = sub.add_parser(
+        "new-device",
+        help="scaffold a package with a device, its kernel driver, tests and entry points",
+    )
+    nd.add_argument("name", help="the device kind: a lower-case identifier, e.g. 'mydev'")
+    nd.add_argument("--dir", metavar="DIR", help="where to create it (default ./vlab-NAME)")
+    nd.add_argument(
+        "--device-id",
+        type=_device_id,
+        default=None,
+        metavar="N",
+        help="the vendor device id (decimal or 0x..., default 0xF1)",
+    )
+    cn = sub.add_parser(
+        "console",
+        help="attach this terminal to a virtio-console device: a small shell in the kernel "
+        "reads /dev/hvc0 ('help', 'exit'; Ctrl-D ends)",
+    )
+    cn.add_argument(
+        "--trace",
+        action="store_true",
+        help="print the virtqueue trace on stderr as the bytes go (one line per event)",
+    )
+    from tools import faults_cli
+
+    faults_cli.add_parser(sub, _positive_float)
     return p
 
 
@@ -270,8 +328,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from tools import demo
 
+            if args.device is not None:
+                if args.image or args.write:
+                    raise CliError("demo: --device boots its own device; no --image/--write", 2)
+                return demo.run_device(args.device, trace=args.trace)
             return demo.run(image=args.image, write=args.write, size=args.size, trace=args.trace)
         if args.command == "bench":
+            if args.target == "trace-cost":
+                from tools import trace_cost
+
+                if args.plot or args.tcp or args.stages:
+                    raise CliError("bench trace-cost: --plot, --tcp and --stages are for net", 2)
+                return trace_cost.run_trace_cost(
+                    before=args.before,
+                    rounds=args.rounds,
+                    seconds=args.seconds,
+                    only=args.only,
+                    image=args.image,
+                    as_json=args.json,
+                )
             if args.target == "net":
                 from tools import bench_net
 
@@ -309,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ip=args.ip,
                 net_offload=args.net_offload == "on",
                 trace=args.trace,
+                faults=args.faults,
             )
         if args.command == "trace":
             from tools import trace
@@ -325,6 +401,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tools import devices
 
             return devices.run(as_json=args.json)
+        if args.command == "new-device":
+            from tools import newdevice
+
+            device_id = newdevice.DEFAULT_DEVICE_ID if args.device_id is None else args.device_id
+            return newdevice.run(args.name, args.dir, device_id)
+        if args.command == "console":
+            from tools import console
+
+            return console.run(trace=args.trace)
+        if args.command == "faults":
+            from tools import faults_cli
+
+            return faults_cli.run(args)
         raise CliError(f"unknown command {args.command!r}", 2)
     except CliError as e:
         print(f"vlab: error: {e}", file=sys.stderr)

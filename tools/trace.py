@@ -46,13 +46,13 @@ from vdev.virtio.trace import TraceFormatError, decode_line, encode, format_text
 from vdev.virtio.trace_formats import (
     RingState,
     format_stats,
+    perfetto_json,
     queue_stats,
     render_ring,
     ring_html,
     ring_steps,
     sort_events,
     to_pcapng,
-    to_perfetto,
 )
 
 __all__ = [
@@ -238,7 +238,7 @@ def render(events: list[dict[str, Any]], fmt: str) -> bytes:
     if fmt == "pcapng":
         return to_pcapng(events)
     if fmt == "perfetto":
-        return json.dumps(to_perfetto(events), separators=(",", ":")).encode() + b"\n"
+        return perfetto_json(events).encode() + b"\n"
     if fmt == "jsonl":
         return "".join(encode(ev) for ev in events).encode()
     if fmt == "text":

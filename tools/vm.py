@@ -816,17 +816,32 @@ class _Service:
         return " | ".join(lines[-3:]) or "(no output)"
 
 
+def _fault_args(plan: str | None, socket_path: str) -> list[str]:
+    """``--faults PLAN --faults-state STATE`` for a vlab back-end (the state file beside
+    its socket, so a restarted back-end continues the run), or nothing."""
+    if plan is None:
+        return []
+    return ["--faults", plan, "--faults-state", socket_path + ".faults-state"]
+
+
 class Backend(_Service):
     """One vhost-user-blk backend process serving ``image`` on ``socket_path``.
 
     ``kind`` is ``"vlab"`` (``python -m vdev blk --vhost-user``) or ``"qsd"``
     (``qemu-storage-daemon``). Output goes to ``log_path`` (appended across restarts).
+    ``faults`` is a fault plan file the vlab backend injects (``--faults``, docs/faults.md);
+    with a state file beside the socket, a restarted backend continues the plan's run.
     """
 
-    def __init__(self, kind: str, image: str, socket_path: str, log_path: str) -> None:
+    def __init__(
+        self, kind: str, image: str, socket_path: str, log_path: str, *, faults: str | None = None
+    ) -> None:
         if kind not in BACKENDS:
             raise VmError(f"unknown backend {kind!r} (choose from {', '.join(BACKENDS)})")
+        if faults is not None and kind != "vlab":
+            raise VmError(f"fault plans need the vlab backend, not {kind}")
         super().__init__(log_path)
+        self.faults = faults
         self.kind = kind
         self.what = f"{kind} backend"
         self.image = image
@@ -855,6 +870,7 @@ class Backend(_Service):
             self.image,
             "--vhost-user",
             self.socket_path,
+            *_fault_args(self.faults, self.socket_path),
         ]
 
     def _launch(self) -> _Child:
@@ -947,9 +963,17 @@ class NetBackendProcess(_Service):
     what = "net back-end"
 
     def __init__(
-        self, socket_path: str, switch: str, log_path: str, *, mac: str, mtu: int = 1500
+        self,
+        socket_path: str,
+        switch: str,
+        log_path: str,
+        *,
+        mac: str,
+        mtu: int = 1500,
+        faults: str | None = None,
     ) -> None:
         super().__init__(log_path)
+        self.faults = faults
         _ipc_path(switch)
         self.socket_path = socket_path
         self.switch = switch
@@ -973,6 +997,7 @@ class NetBackendProcess(_Service):
             str(self.mtu),
             "--vhost-user",
             self.socket_path,
+            *_fault_args(self.faults, self.socket_path),
         ]
 
     def _prepare(self) -> None:
@@ -1118,6 +1143,7 @@ class Guest:
         cache: Path | None = None,
         console: Callable[[str], None] | None = None,
         log_dir: str | None = None,
+        faults: str | None = None,
     ) -> None:
         if image is None and net is None:
             raise VmError("a guest needs a disk image or a network (or both)")
@@ -1132,6 +1158,8 @@ class Guest:
             None if image is None else backend.kind if isinstance(backend, Backend) else backend
         )
         self.reconnect = reconnect
+        self.faults = faults
+        """A fault plan file both back-ends the guest starts inject (``--faults``)."""
         self.boot_timeout = boot_timeout
         self.memory_mb = memory_mb
         self.num_queues = num_queues
@@ -1273,7 +1301,7 @@ class Guest:
             assert self.backend_kind is not None
             sock = os.path.join(rd.path, "vhost.sock")
             log = os.path.join(logs, "backend.log")
-            self.backend = Backend(self.backend_kind, self.image, sock, log)
+            self.backend = Backend(self.backend_kind, self.image, sock, log, faults=self.faults)
             self.backend.start()
         if self.backend is not None and not self.backend.alive():
             raise VmError("the given backend is not running (call its start() first)")
@@ -1295,6 +1323,7 @@ class Guest:
                 os.path.join(logs, "net.log"),
                 mac=self.mac,
                 mtu=self.net.mtu,
+                faults=self.faults,
             )
             self.net_backend.start()
         argv = self._qemu_argv(kernel, initramfs)
@@ -1539,8 +1568,12 @@ def run(
     ip: str | None = None,
     net_offload: bool = True,
     trace: str | None = None,
+    faults: str | None = None,
 ) -> int:
     """``vlab vm``: the CLI entry; returns the exit status (the guest command's status).
+
+    ``faults``: a fault plan file (docs/faults.md) the back-ends inject into what the
+    guest's own drivers do (the vlab backend only).
 
     ``trace``: the back-end processes (disk and network) append their virtqueue trace
     to this file (JSON Lines, ``docs/trace-format.md``): the device-side half of every
@@ -1560,6 +1593,19 @@ def run(
             raise CliError(f"image not found: {image}")
         if net is None and (ip is not None or not net_offload):
             raise CliError("vm: --ip and --net-offload need --net", 2)
+        if faults is not None:
+            from vdev.faultplan import load_plan
+            from vdev.virtio.faults import FaultPlanError
+
+            if image is not None and backend != "vlab":
+                raise CliError(f"vm: --faults needs the vlab backend, not {backend}", 2)
+            try:
+                load_plan(faults)
+            except FaultPlanError as e:
+                raise CliError(f"vm: --faults: {e}", 2) from None
+            except OSError as e:
+                raise CliError(f"vm: --faults: {faults}: {e.strerror or e}", 2) from None
+            faults = os.path.abspath(faults)
         attach = None
         if net is not None:
             try:
@@ -1580,7 +1626,9 @@ def run(
                     f.truncate(size)
             cb = (lambda s: print(f"| {s}", file=sys.stderr, flush=True)) if verbose else None
             deadline = time.monotonic() + timeout
-            guest = Guest(image, backend=backend, net=attach, boot_timeout=timeout, console=cb)
+            guest = Guest(
+                image, backend=backend, net=attach, boot_timeout=timeout, console=cb, faults=faults
+            )
             with guest as g:
                 what = [f"{backend} backend"] if image is not None else []
                 if attach is not None:

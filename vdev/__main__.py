@@ -27,8 +27,19 @@ until SIGTERM or until the process that launched it dies (SIGINT is ignored). Wi
 ``--vhost-user`` it is instead a vhost-user back-end listening on SOCKET_PATH (see
 :mod:`vdev.vhost_user`), serving one front-end (e.g. QEMU) after another until SIGTERM
 or SIGINT; the socket file is removed on exit. A bad
-argument or a missing image is reported as one line on stderr with exit status 2; a
-failure while running as one line with status 1. No traceback unless ``VLAB_DEBUG=1``.
+argument, a missing image, a socket directory that does not exist or a ``--memory``
+larger than the machine's RAM is reported as one line on stderr with exit status 2; a
+resource that cannot be had at start-up (memory, a socket that cannot be bound) or a
+failure while running as one line with status 1 -- never a traceback; a device loop
+whose last-resort handler gave up (:data:`vdev.runtime.EXIT_INTERNAL_ERROR`) exits 70.
+
+Every kind takes ``--faults PLAN`` (a fault plan, ``docs/faults.md``: the device then
+injects its faults; a bad plan is one line naming the rule and the field, exit 2),
+``--faults-state PATH`` (the plan's run is saved there after every fired fault and
+resumed from it at start, so a device restarted after a ``crash`` continues the run)
+and ``--faults-device NAME`` (the name the plan's ``device`` filter matches). The seed
+in use is logged at start (and traced as a ``proc`` ``faults`` event). No traceback
+unless ``VLAB_DEBUG=1``.
 
 This module stays cheap to import: the device and runtime are imported after the
 arguments have been parsed.
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,6 +60,7 @@ from vdev.virtio.units import parse_size
 if TYPE_CHECKING:
     from vdev.blk import BlkDevice
     from vdev.device import Device
+    from vdev.injector import FaultInjector
     from vdev.net import BackendSpec, NetDevice
 
 PROG = "python -m vdev"
@@ -55,6 +68,11 @@ PROG = "python -m vdev"
 
 class UsageFailure(Exception):
     """A bad command line: one line on stderr, exit status 2."""
+
+
+class StartupFailure(Exception):
+    """A resource the device needs could not be had at start-up (memory, a file, a
+    socket): one line on stderr, exit status 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,7 +102,24 @@ def _queue_size(text: str) -> int:
 def _endpoint(text: str) -> str:
     if not text.startswith("ipc://") or len(text) <= len("ipc://"):
         raise argparse.ArgumentTypeError(f"not an ipc:// endpoint: {text!r}")
+    _check_socket_dir(text[len("ipc://") :])
     return text
+
+
+def _check_socket_dir(path: str) -> None:
+    """The directory a socket is to be bound in must exist (else a clear usage error
+    now rather than the transport's error later)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(parent)
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(
+            f"directory {parent} does not exist (socket {path})"
+        ) from None
+    except OSError:
+        return  # not ours to reach (permissions): the bind itself will say why
+    if not stat.S_ISDIR(st.st_mode):
+        raise argparse.ArgumentTypeError(f"{parent} is not a directory (socket {path})")
 
 
 def build_parser(net_backends: dict[str, BackendSpec] | None = None) -> argparse.ArgumentParser:
@@ -183,6 +218,23 @@ def _add_transport(kind: argparse.ArgumentParser) -> None:
         type=_socket_path,
         help="serve as a vhost-user back-end on this Unix socket (e.g. for QEMU)",
     )
+    faults = kind.add_argument_group("fault injection (docs/faults.md)")
+    faults.add_argument(
+        "--faults",
+        metavar="PLAN",
+        help="inject the faults of this plan (.json, .toml, .yaml)",
+    )
+    faults.add_argument(
+        "--faults-state",
+        metavar="PATH",
+        help="save the plan's run here and resume it when restarted (needs --faults)",
+    )
+    faults.add_argument(
+        "--faults-device",
+        metavar="NAME",
+        help="the device name the plan's 'device' filter matches (default: "
+        "$VLAB_DEVICE_NAME, $VLAB_TRACE_DEVICE, else the device kind's name)",
+    )
 
 
 def _mac(text: str) -> bytes:
@@ -220,6 +272,7 @@ def default_mac(endpoint: str) -> bytes:
 def _socket_path(text: str) -> str:
     if not text or len(os.fsencode(text)) >= 108:
         raise argparse.ArgumentTypeError(f"not a usable Unix socket path: {text!r}")
+    _check_socket_dir(text)
     return text
 
 
@@ -227,7 +280,18 @@ def _open_blk(args: argparse.Namespace) -> BlkDevice:
     from vdev.blk import BlkDevice, MemoryBackend, RawFileBackend
 
     if args.memory is not None:
-        backend: MemoryBackend | RawFileBackend = MemoryBackend(args.memory, args.readonly)
+        ram = _physical_memory()
+        if ram and args.memory > ram:
+            raise UsageFailure(
+                f"{PROG} blk: --memory {args.memory} bytes is more than this machine's "
+                f"{ram} bytes of RAM"
+            )
+        try:
+            backend: MemoryBackend | RawFileBackend = MemoryBackend(args.memory, args.readonly)
+        except MemoryError:
+            raise StartupFailure(
+                f"{PROG} blk: cannot allocate a {args.memory}-byte RAM disk"
+            ) from None
     else:
         path = args.image
         if not os.path.exists(path):
@@ -239,6 +303,14 @@ def _open_blk(args: argparse.Namespace) -> BlkDevice:
         except OSError as e:
             raise UsageFailure(f"{PROG} blk: cannot open image {path}: {e.strerror}") from None
     return BlkDevice(backend, queue_size=args.queue_size)
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM (0 if unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def _open_net(args: argparse.Namespace) -> NetDevice:
@@ -306,15 +378,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageFailure as e:
         print(str(e), file=sys.stderr)
         return 2
-    return _serve(device, args, kind, debug)
+    except StartupFailure as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    except Exception as e:  # any other start-up failure: one line, never a traceback
+        if debug:
+            raise
+        what = argv[0] if argv else ""
+        print(f"{PROG} {what}: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    try:
+        injector = _load_faults(args, device, kind)
+    except UsageFailure as e:
+        device.close()
+        print(str(e), file=sys.stderr)
+        return 2
+    return _serve(device, args, kind, debug, injector)
 
 
-def _serve(device: Device, args: argparse.Namespace, kind: str, debug: bool) -> int:
-    """Serve ``device`` over the transport the command line chose."""
+def _load_faults(args: argparse.Namespace, device: Device, kind: str) -> FaultInjector | None:
+    """The fault injector ``--faults`` asks for (None without it): the plan loaded and
+    validated, the run resumed from ``--faults-state`` if that file exists. A bad plan
+    or state file is a :class:`UsageFailure` naming the rule and field."""
+    plan_path = getattr(args, "faults", None)
+    state_path = getattr(args, "faults_state", None)
+    if plan_path is None:
+        if state_path is not None or getattr(args, "faults_device", None) is not None:
+            raise UsageFailure(f"{PROG} {kind}: --faults-state/--faults-device need --faults")
+        return None
+    from vdev.faultplan import load_plan
+    from vdev.injector import FaultInjector
+    from vdev.virtio.faults import FaultPlanError, FaultStateError
+
+    name = (
+        args.faults_device
+        or os.environ.get("VLAB_DEVICE_NAME")
+        or os.environ.get("VLAB_TRACE_DEVICE")
+        or device.name
+    )
+    try:
+        plan = load_plan(plan_path)
+        return FaultInjector(plan, device=name, state_path=state_path)
+    except (FaultPlanError, FaultStateError) as e:
+        raise UsageFailure(f"{PROG} {kind}: --faults: {e}") from None
+
+
+def _serve(
+    device: Device,
+    args: argparse.Namespace,
+    kind: str,
+    debug: bool,
+    injector: FaultInjector | None = None,
+) -> int:
+    """Serve ``device`` over the transport the command line chose (under ``injector``'s
+    fault plan, if any)."""
     from vdev import serve
 
     try:
-        return serve(device, control=args.control, vhost_user=args.vhost_user)
+        if injector is None:
+            return serve(device, control=args.control, vhost_user=args.vhost_user)
+        if args.vhost_user is not None:
+            from vdev.vhost_user import serve as serve_vhost_user
+
+            return serve_vhost_user(device, args.vhost_user, injector=injector)
+        from vdev.runtime import serve as serve_zmq
+
+        return serve_zmq(device, args.control, injector=injector)
     except Exception as e:
         if debug:
             raise

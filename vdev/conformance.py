@@ -24,20 +24,25 @@ chain can hold.
 Attribution: the session turns several device bugs into counters rather than ring
 damage (a ``handle()`` result larger than the writable part becomes a handler error
 with length 0; a second completion of one chain raises ``UsageError`` in the device and
-counts ``stale_completions``). Each rule looks only at the evidence it owns, so one
-bug fails one rule:
+counts ``stale_completions``). Each rule looks only at the evidence it owns, read from
+the harness's public record (:attr:`vdev.testing.DeviceHarness.device_faults`, the
+``rule`` of an :class:`~vdev.testing.InvariantError`, the session's counters), never
+from log wording, so one bug fails one rule:
 
-* ``used_len`` owns handler errors whose log line says ``handle() returned`` and the
-  harness's §2.7.8.2 invariant;
+* ``used_len`` owns ``bad_length`` / ``complete_bad_length`` device faults and the
+  harness's ``used_len`` invariant (§2.7.8.2);
 * ``double_complete`` owns ``stale_completions`` with no reset in between, and the
-  harness's "completed twice" invariant;
+  harness's ``double_complete`` invariant;
 * ``reset_mid_io`` owns ``stale_completions`` that appear only after a reset;
-* ``malformed_chains`` owns the other handler errors (exceptions out of ``handle()``);
-* ``malformed_ring`` publishes chains the DriverQueue refuses to build (writable before
-  readable, out-of-range address, loop, zero length, huge length, ``next`` outside the
-  table) straight into the ring: each must be completed with length 0 or the ring
-  declared broken, and the device must serve after a reset. The session filters most
-  of these before ``handle()``, so this rule mostly guards the session/transport.
+* ``malformed_chains`` owns exceptions out of ``handle()`` (``raised`` device faults);
+* ``malformed_ring`` runs the hostile driver (:func:`vdev.testing.hostile_driver`, two
+  cases of every kind in :data:`vdev.testing.HOSTILE_KINDS`): loops, ``next`` out of
+  range, nested and giant indirect tables, huge and out-of-range buffers,
+  readable-after-writable, avail index jumps, kicks before DRIVER_OK, zero-length and
+  garbage chains, written straight into the ring: each malformed chain must be
+  completed with length 0 or the ring declared broken without reaching ``handle()``,
+  and the device must serve a valid request afterwards. The session filters these
+  before ``handle()``, so this rule mostly guards the session/transport.
 
 "Forgets the EVENT_IDX re-check" at the Device API level (rule ``no_lost_completion``):
 a device that defers work (keeps chains, completes them from a timer or a watched
@@ -54,11 +59,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from vdev.device import RING_FEATURES, Device
-from vdev.testing import DeviceHarness, InvariantError, Request
+from vdev.testing import HOSTILE_KINDS, DeviceHarness, InvariantError, Request, hostile_driver
 from vdev.virtio import F, bit
-from vdev.virtio.ring import DESC, USED_ELEM
-
-_NEXT, _WRITE = 1, 2  # descriptor flags (§2.7.5)
 
 __all__ = [
     "RULES",
@@ -150,7 +152,10 @@ class _Ctx:
         return DeviceHarness(dev, queue_size=queue_size)
 
     def qs(self, h: DeviceHarness) -> list[int]:
-        n = h.device.num_queues
+        return self.qs_of(h.device)
+
+    def qs_of(self, dev: Device) -> list[int]:
+        n = dev.num_queues
         return [q for q in (self.queues if self.queues is not None else range(n)) if q < n]
 
     def submit(self, h: DeviceHarness, q: int) -> Request:
@@ -161,13 +166,9 @@ class _Ctx:
 
 
 def _reset(h: DeviceHarness) -> None:
-    """Reset, then zero the rings as a driver hands fresh rings to the re-negotiated
-    device (the harness reuses its ring memory; stale ``used.idx`` would otherwise be
-    reaped again)."""
+    """Reset (the harness zeroes the rings, as a driver hands fresh rings to the
+    re-negotiated device)."""
     h.reset()
-    for q in h._queues:
-        lay = q.layout
-        h.memory.view(lay.desc, lay.end - lay.desc)[:] = bytes(lay.end - lay.desc)
 
 
 def _settle(h: DeviceHarness) -> None:
@@ -178,26 +179,13 @@ def _settle(h: DeviceHarness) -> None:
 
 
 def _invariant_rule(e: InvariantError) -> str | None:
-    text = str(e)
-    if "§2.7.8.2" in text:
-        return "used_len"
-    if "completed twice" in text:
-        return "double_complete"
-    return None
-
-
-def _log_lines(h: DeviceHarness, start: int) -> str:
-    return h.log.getvalue()[start:]
+    """The rule that owns a broken harness invariant (by its ``rule``)."""
+    return e.rule if e.rule in ("used_len", "double_complete") else None
 
 
 def _crashes(h: DeviceHarness, start: int) -> list[str]:
-    """Handler errors in the log since ``start`` that are not bad used lengths."""
-    out = []
-    for line in _log_lines(h, start).splitlines():
-        if "device bug" in line and "handle() returned" not in line:
-            if "used length" not in line and "is not kept" not in line:
-                out.append(line.strip())
-    return out
+    """Exceptions out of ``handle()`` since fault ``start`` (the harness's record)."""
+    return [f.detail for f in h.device_faults[start:] if f.kind == "raised"]
 
 
 def _served(req: Request) -> bool:
@@ -340,7 +328,7 @@ def _check_malformed(c: _Ctx) -> None:
     ]
     with c.harness() as h:
         h.negotiate()
-        start = len(h.log.getvalue())
+        start = len(h.device_faults)
         for q in c.qs(h):
             for out, ins in shapes:
                 h.submit(q, out, ins)
@@ -353,94 +341,32 @@ def _check_malformed(c: _Ctx) -> None:
             raise _Fail(f"{len(bad)} malformed chains crashed the device: {bad[0][:120]}")
 
 
-def _raw_chains(size: int, base: int, limit: int) -> list[list[tuple[int, int, int, int]]]:
-    """Malformed chains as descriptor lists ``(addr, len, flags, next)`` (indices
-    relative to the chain's first descriptor), then one well-formed chain last."""
-    return [
-        [(base, 16, _WRITE | _NEXT, 1), (base + 64, 16, 0, 0)],  # writable first (§2.7.4.2)
-        [(limit + 4096, 64, _WRITE, 0)],  # outside guest memory
-        [(base, 16, _NEXT, 1), (base + 64, 16, _NEXT, 0)],  # a loop (§2.7.5.2)
-        [(base, 0, _WRITE, 0)],  # zero length
-        [(base, 0xFFFF_FFFF, _WRITE, 0)],  # huge length
-        [(base, 16, _NEXT, size + 5)],  # next out of the table
-        [(base, 16, _NEXT, 1), (base + 64, 64, _WRITE, 0)],  # well formed
-    ]
-
-
 def _check_malformed_ring(c: _Ctx) -> None:
-    """Publish malformed chains straight into the rings (bypassing the DriverQueue,
-    which refuses to build them): each must be completed (length 0 for the bad ones)
-    or the ring declared broken, and the device must serve after a reset."""
+    """The hostile driver (:func:`vdev.testing.hostile_driver`): every kind of
+    malformed chain and broken ring written straight into the rings (bypassing the
+    DriverQueue, which refuses to build them): each must be completed with length 0 or
+    the ring declared broken, never reach ``handle()``, and the device must serve a
+    valid request after a reset. Exceptions out of ``handle()`` are left to
+    ``malformed_chains``."""
     dev = c.factory()
-    size = min(64, dev.max_queue_size)
-    dev.close()
-    if size < 16:
-        return  # the malformed set needs 9 descriptors and room for next=size+5 tests
-    with c.harness(size) as h:
-        h.negotiate(bit(F.VERSION_1))
-        block = h._alloc.alloc(4096)
-        assert block is not None
-        limit = h.memory.base + h.memory.size
-        for q in c.qs(h):
-            lay = h._queues[q].layout
-            chains = _raw_chains(size, block, limit)
-            slot, heads = 0, []
-            for chain in chains:
-                heads.append(slot)
-                for i, (addr, n, flags, nxt) in enumerate(chain):
-                    rel = nxt if nxt >= size else slot + nxt
-                    if not flags & _NEXT:
-                        rel = 0
-                    DESC.pack_into(
-                        h.memory.view(lay.desc + 16 * (slot + i), 16), 0, addr, n, flags, rel
-                    )
-                avail = h.memory.view(lay.avail, 4 + 2 * size)
-                idx = len(heads) - 1
-                avail[4 + 2 * idx : 6 + 2 * idx] = slot.to_bytes(2, "little")
-                slot += len(chain)
-            avail = h.memory.view(lay.avail, 4)
-            avail[2:4] = len(heads).to_bytes(2, "little")
-            h.session.kick(q)
-            for _ in range(64):  # bounded rounds
-                h.session.run_once(timeout=0)
-                if not h.session.has_pending:
-                    break
-            if h.broken:
-                h.broken.clear()  # declaring the ring broken is a conformant answer
-            else:
-                used = h.memory.view(lay.used, 4 + 8 * size)
-                n = int.from_bytes(used[2:4], "little")
-                lens = {}
-                for i in range(min(n, size)):  # bounded by the queue size
-                    head, length = USED_ELEM.unpack_from(used, 4 + 8 * i)
-                    lens[head] = length
-                for k, head in enumerate(heads[:-1]):
-                    if lens.get(head, 0) != 0:
-                        raise _Fail(
-                            f"queue {q}: malformed chain {k} completed with length {lens[head]}"
-                        )
-        h._alloc.free(block)
-        # the harness's bookkeeping never saw these chains: reset and start over
-        h._reaped = 0
-        for key in ("chains", "bad_chains", "chains_kept", "completions"):
-            h.session.counters[key] = 0
-        _reset(h)
-        h.negotiate()
-        for q in c.qs(h):
-            if not _served(c.submit(h, q)):
-                raise _Fail(f"queue {q}: probe dropped after malformed chains")
+    size = min(64, dev.max_queue_size, c.max_queue_size or 64)
+    qs = c.qs_of(dev)
+    report = hostile_driver(
+        dev, seed=0, cases=2 * len(HOSTILE_KINDS), queues=qs, queue_size=size, probe=c.probe
+    )
+    if report.failures:
+        raise _Fail(f"{len(report.failures)} hostile case(s) failed: {report.failures[0]}")
 
 
 def _check_used_len(c: _Ctx) -> None:
     with c.harness() as h:
         h.negotiate()
-        start = len(h.log.getvalue())
         for q in c.qs(h):
             c.submit(h, q)
             _settle(h)
-        for line in _log_lines(h, start).splitlines():
-            if "handle() returned" in line or "used length" in line:
-                raise _Fail(line.strip()[:160])
+        for f in h.device_faults:
+            if f.kind in ("bad_length", "complete_bad_length"):
+                raise _Fail(f"queue {f.queue}: {f.detail}"[:160])
 
 
 def _check_double_complete(c: _Ctx) -> None:

@@ -155,17 +155,28 @@ buffer to put bytes in, so a full pipe pushes back on the writer::
 
 A timer-driven device does the same with ``self.call_later(delay, callback)``, keeps
 each :class:`TimerHandle` and cancels them in :meth:`~Device.released`.
+
+Fault injection
+---------------
+``python -m vdev KIND ... --faults PLAN`` runs the device under a fault plan
+(``docs/faults.md``). The runtime carries out the ring, notification and lifecycle
+faults itself; a device that has request faults of its own names the event kinds it
+fires in :attr:`Device.fault_events` and asks :meth:`Device.faults` once per request
+(``[]`` without a plan, at the cost of one attribute test), carrying out what comes
+back; :meth:`Device.crash` ends the process as a power failure would. A device with no
+``fault_events`` gets ``device.request`` events fired for it, one per chain.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar, Final, Protocol
+from typing import Any, ClassVar, Final, NoReturn, Protocol
 
 from vdev.virtio.constants import F, bit
 from vdev.virtio.control import ErrorCode
 from vdev.virtio.errors import ProtocolError, UsageError
+from vdev.virtio.faults import Fired
 from vdev.virtio.queue import Chain
 
 __all__ = [
@@ -373,8 +384,14 @@ class Device:
     name: ClassVar[str] = "device"
     num_queues: int = 1
     max_queue_size: int = 256
+    #: Fault-plan event kinds this device fires itself through :meth:`faults` (virtio-blk:
+    #: ``blk.read``/``blk.write``/``blk.flush``/``blk.discard``; virtio-net: ``net.tx``/
+    #: ``net.rx``). When empty, the session fires ``device.request`` for every chain.
+    fault_events: ClassVar[frozenset[str]] = frozenset()
     #: The runtime serving this device (set by :class:`vdev.session.DeviceSession`).
     _session: DeviceHost | None = None
+    #: The session's fault hook while the device runs under a fault plan (else None).
+    _fault_fire: Callable[..., list[Fired]] | None = None
 
     def __init__(self) -> None:
         self.metrics = Metrics()
@@ -513,6 +530,59 @@ class Device:
                 raise UsageError(f"queue {queue!r} does not exist ({self.num_queues} queues)")
             return 0
         return host.kept(queue)
+
+    # ------------------------------------------------------------------ fault injection
+    def faults(
+        self,
+        kind: str,
+        *,
+        queue: int | None = None,
+        opcode: str | int | None = None,
+        sector: int | None = None,
+        nbytes: int | None = None,
+    ) -> list[Fired]:
+        """The faults a fault plan (``python -m vdev KIND ... --faults PLAN``) injects
+        into the request the device is about to serve: an event of ``kind`` (one of
+        :attr:`fault_events`) with the request's queue, opcode, first sector and size.
+
+        Without a plan this is ``[]`` at the cost of one attribute test. The lifecycle
+        actions (``crash``, ``hang``, ``needs_reset``, ``refuse_features_ok``) are carried
+        out by the runtime before this returns (``crash`` does not return); what is
+        returned are the others, each a :class:`~vdev.virtio.faults.Fired` (``action``,
+        ``params`` with every random choice drawn already), for the device to carry out::
+
+            for f in self.faults("blk.read", queue=q, opcode="IN", sector=s, nbytes=n):
+                if f.action == "ioerr":
+                    return self._status(chain, IOERR)
+                if f.action == "corrupt_read":
+                    corrupt = (f.params["offset"], f.params["xor"])
+
+        Every fault is already counted (``faults_fired``, ``fault:<action>``), logged
+        and traced.
+        """
+        fire = self._fault_fire
+        if fire is None:
+            return []
+        return fire(kind, queue=queue, opcode=opcode, sector=sector, nbytes=nbytes)
+
+    def crash(self, reason: str) -> NoReturn:
+        """Die now, as if the power went: the fault run is saved (so the restarted
+        device continues it), the trace flushed, then the process SIGKILLs itself (no
+        ``close()``, no cleanup: what a device did not make durable is gone). For the
+        ``crash`` and ``power_cut`` faults::
+
+            if f.action == "power_cut":
+                self._roll_back_unflushed()
+                self.crash("power_cut")
+
+        Outside a device process (not attached to a runtime) it raises
+        :class:`~vdev.virtio.errors.UsageError` instead."""
+        host = self._session
+        crash = getattr(host, "crash", None)
+        if crash is None:
+            raise UsageError(f"{self!r} is not attached to a runtime: cannot crash ({reason})")
+        crash(reason)
+        raise AssertionError("unreachable: the session's crash() returned")
 
     # ------------------------------------------------------------------ event sources
     def watch(self, source: Any, callback: Callable[[], None]) -> None:

@@ -109,6 +109,46 @@ excluded), ``rx_merged`` (frames that took more than one buffer), ``rx_gso_frame
 rx_dropped_over_mtu rx_dropped_link_down rx_bad_frames rx_bad_buffers``,
 ``link_changes``.
 
+Fault injection
+---------------
+With a fault plan (``python -m vdev net ... --faults PLAN``, ``docs/faults.md``) every
+frame meets the plan once: ``net.tx`` (queue 1) for each valid frame the driver sent,
+after the link check and before the backend gets it (a GSO super-frame is one event);
+``net.rx`` (queue 0) for each frame the backend hands over, after the link check and
+before the device looks for a receive buffer. ``nbytes`` is the Ethernet frame's length
+(no virtio header). What fired is carried out in this order (the first rule of each
+action counts, every ``corrupt_byte`` rule flips its byte):
+
+1. ``loss`` / ``gilbert_elliott``: the frame is dropped (``<dir>_fault_lost``).
+2. ``link_flap``: LINK_UP is cleared with a config-change interrupt and set again
+   ``down_s`` later with another; the frame is dropped as link down, and so is every
+   frame while the link is down (``tx_dropped_link_down`` / ``rx_dropped_link_down``;
+   ``link_flaps``). A flap while one runs restarts its timer.
+3. ``corrupt_byte``: the byte at ``offset`` of the Ethernet frame is xored with
+   ``xor`` (nothing when the frame is shorter: ``faults_out_of_range``).
+4. ``duplicate``: ``count`` extra copies follow the frame (``<dir>_fault_duplicates``),
+   each taking the steps below on its own.
+5. ``rate_limit``: a token bucket per rule and direction (``bits_per_s``, depth
+   ``burst_bytes``; with depth 0 a frame waits until the ones before it drained at the
+   rate). A frame over the rate waits, in order, in the rule's queue of at most
+   :data:`RATE_QUEUE_MAX` frames (``<dir>_fault_rate_queued``); one that finds it full
+   is dropped (``<dir>_fault_rate_dropped``).
+6. ``delay``: the frame is held ``delay_s`` (``call_later``; ``<dir>_fault_delayed``).
+   Delayed frames leave in deadline order, so with a fixed ``s`` they keep their order;
+   with ``jitter_s`` they may reorder, and frames the rule does not match pass the
+   delayed ones (as netem with a filter).
+7. ``reorder``: the frame is held until ``depth`` later frames of its direction went
+   out, then follows them (``<dir>_fault_reordered``) — or after
+   :data:`REORDER_MAX_HOLD_S` (0.1 s) if fewer came, so the last frame of a burst is
+   never held for good (``<dir>_fault_reorder_timeouts``).
+
+A held frame is a copy; at release a transmitted one still needs the link up, and a
+received one a receive buffer. A direction holds at most :data:`FAULT_HELD_MAX` frames
+in all (``<dir>_fault_hold_full`` beyond). A reset drops every held frame
+(``<dir>_fault_dropped_reset``) and cancels their timers; a link flap's timer survives
+it. Without a plan the data path costs one attribute test and one method call per
+frame more.
+
 Backends
 --------
 ``python -m vdev net --backend NAME`` finds backends in :data:`BACKENDS`: a
@@ -139,13 +179,15 @@ import importlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
-from vdev.device import PENDING, Device, Pending
+from hostops.clock import monotonic
+from vdev.device import PENDING, Device, Pending, TimerHandle
 from vdev.netbackend import NetBackend
 from vdev.virtio.constants import DeviceId, NetF, bit
 from vdev.virtio.control import ErrorCode
 from vdev.virtio.errors import ProtocolError
+from vdev.virtio.faults import Fired
 from vdev.virtio.net import (
     ETH_HLEN,
     GSO_ECN,
@@ -186,6 +228,11 @@ __all__ = [
     "NET_COUNTERS",
     "VLAN_HLEN",
     "MAX_GSO_FRAME",
+    "NET_FAULT_EVENTS",
+    "NET_FAULT_COUNTERS",
+    "FAULT_HELD_MAX",
+    "RATE_QUEUE_MAX",
+    "REORDER_MAX_HOLD_S",
 ]
 
 #: The device-specific features :class:`NetDevice` offers (§5.1.3).
@@ -234,6 +281,41 @@ VLAN_HLEN = 4
 #: The largest GSO super-frame: a whole IPv4 packet behind an Ethernet + 802.1Q header.
 MAX_GSO_FRAME = ETH_HLEN + VLAN_HLEN + MAX_IPV4_TOTAL_LENGTH
 
+#: Most frames the fault path holds per direction (delayed, reordered, queued behind a
+#: rate limit); a frame that would exceed it is dropped (``<dir>_fault_hold_full``).
+FAULT_HELD_MAX = 1024
+#: Most frames waiting behind one ``rate_limit`` rule's token bucket, per direction;
+#: more are dropped (``<dir>_fault_rate_dropped``).
+RATE_QUEUE_MAX = 256
+#: Longest a ``reorder`` fault holds a frame when fewer than ``depth`` frames follow.
+REORDER_MAX_HOLD_S = 0.1
+
+#: The fault events :class:`NetDevice` fires itself (``Device.fault_events``).
+NET_FAULT_EVENTS = frozenset({"net.tx", "net.rx"})
+
+#: Counters of the faults the device carried out (``<dir>`` is ``tx`` or ``rx``).
+NET_FAULT_COUNTERS = (
+    *(
+        f"{p}_{c}"
+        for p in ("tx", "rx")
+        for c in (
+            "fault_lost",
+            "fault_duplicates",
+            "fault_reordered",
+            "fault_reorder_timeouts",
+            "fault_corrupted",
+            "fault_delayed",
+            "fault_rate_queued",
+            "fault_rate_dropped",
+            "fault_hold_full",
+            "fault_dropped_reset",
+        )
+    ),
+    "link_flaps",
+    "faults_out_of_range",
+)
+
+
 _PLAIN = NetHdr()
 _VLAN_TAG = ETHERTYPE_VLAN.to_bytes(2, "big")
 
@@ -255,6 +337,7 @@ class NetDevice(Device):
     device_id = DeviceId.NET
     name = "net"
     num_queues = 2
+    fault_events: ClassVar[frozenset[str]] = NET_FAULT_EVENTS
 
     def __init__(
         self,
@@ -289,6 +372,12 @@ class NetDevice(Device):
         self._host_tso4 = False
         self._mtu_negotiated = False
         self._resume_rx: Callable[[], None] = backend.resume_rx
+        # fault plan (decided at activate()): per-direction state of held frames
+        self._faulty = False
+        self._fault_clock: Callable[[], float] = monotonic
+        self._fault_tx = _FaultDir("tx", self._tx_release)
+        self._fault_rx = _FaultDir("rx", self._receive_now)
+        self._flap: TimerHandle | None = None
         offloads = backend.offloads()
         self._backend_csum = "csum" in offloads
         self._backend_tso4 = "tso4" in offloads
@@ -326,6 +415,11 @@ class NetDevice(Device):
         self._host_csum = bool(features & bit(NetF.CSUM))
         self._host_tso4 = bool(features & bit(NetF.HOST_TSO4))
         self._mtu_negotiated = bool(features & bit(NetF.MTU))
+        injector = getattr(self._session, "injector", None)
+        self._faulty = injector is not None
+        if injector is not None:
+            self._fault_clock = injector.clock
+            self.metrics.declare(*NET_FAULT_COUNTERS)
         self._active = True
 
     def set_mtu(self, mtu: int) -> None:
@@ -344,8 +438,13 @@ class NetDevice(Device):
             self._rx.clear()
 
     def reset(self) -> None:
-        """Forget the kept receive buffers and what was negotiated."""
+        """Forget the kept receive buffers and what was negotiated; frames held by
+        faults (delay, reorder, rate limit) are dropped and counted."""
         self._rx.clear()
+        for d in (self._fault_tx, self._fault_rx):
+            dropped = d.drop_all()
+            if dropped:
+                self.metrics.inc(f"{d.name}_fault_dropped_reset", dropped)
         self._active = False
         self._mrg = self._guest_csum = self._guest_tso4 = False
         self._host_csum = self._host_tso4 = self._mtu_negotiated = False
@@ -393,6 +492,15 @@ class NetDevice(Device):
     def receive(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
         """Deliver one frame from the backend to the driver (see the module docstring).
         Returns False when it was dropped (and counted); never blocks."""
+        if self._faulty:
+            if not self.link_up:
+                self.metrics.inc("rx_dropped_link_down")
+                return False
+            return self._fault_frame(self._fault_rx, RX_QUEUE, hdr, frame)
+        return self._receive_now(hdr, frame)
+
+    def _receive_now(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        """:meth:`receive` without the fault plan."""
         m = self.metrics
         if not self.link_up:
             m.inc("rx_dropped_link_down")
@@ -434,11 +542,20 @@ class NetDevice(Device):
             return
         m.inc("tx_frames")
         m.inc("tx_bytes", n)
-        needs_csum = bool(hdr.flags & HDR_F_NEEDS_CSUM)
         if hdr.gso_type != GSO_NONE:
             m.inc("tx_gso_frames")
-        if needs_csum:
+        if hdr.flags & HDR_F_NEEDS_CSUM:
             m.inc("tx_csum_offloaded")
+        if self._faulty:
+            self._fault_frame(self._fault_tx, TX_QUEUE, hdr, frame)
+            return
+        self._tx_send(hdr, frame)
+
+    def _tx_send(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        """Hand a valid frame to the backend: offloads it takes pass as they are, the
+        others are done here first. False if (part of) it was dropped."""
+        m = self.metrics
+        needs_csum = bool(hdr.flags & HDR_F_NEEDS_CSUM)
         send = self.backend.send
         if hdr.gso_type != GSO_NONE:
             if self._backend_tso4:
@@ -452,13 +569,16 @@ class NetDevice(Device):
                 )
                 if not send(out, frame):
                     m.inc("tx_dropped_backend")
-                return
+                    return False
+                return True
             segments = gso_segment_tcpv4(frame, hdr.gso_size)  # checked in _tx_valid
             m.inc("tx_segments", len(segments))
+            ok = True
             for seg in segments:
                 if not send(_PLAIN, seg):
                     m.inc("tx_dropped_backend")
-            return
+                    ok = False
+            return ok
         if needs_csum:
             if self._backend_csum:
                 out = NetHdr(
@@ -466,11 +586,14 @@ class NetDevice(Device):
                 )
                 if not send(out, frame):
                     m.inc("tx_dropped_backend")
-                return
+                    return False
+                return True
             frame = complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
             m.inc("tx_csum_completed")
         if not send(_PLAIN, frame):
             m.inc("tx_dropped_backend")
+            return False
+        return True
 
     def _tx_valid(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
         """The §5.1.6.2.1 rules of the module docstring's table."""
@@ -625,6 +748,185 @@ class NetDevice(Device):
         m.inc("rx_bytes", n)
         return True
 
+    # ------------------------------------------------------------------ faults
+    def _tx_release(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        """A transmitted frame leaves the fault path: to the backend if the link is
+        still up."""
+        if not self.link_up:
+            self.metrics.inc("tx_dropped_link_down")
+            return False
+        return self._tx_send(hdr, frame)
+
+    def _fault_frame(
+        self, d: _FaultDir, queue: int, hdr: NetHdr, frame: bytes | memoryview
+    ) -> bool:
+        """One frame of direction ``d`` meets the fault plan (``net.tx`` / ``net.rx``)."""
+        fired = self.faults(f"net.{d.name}", queue=queue, nbytes=len(frame))
+        if not fired:
+            return d.emit(hdr, frame)
+        m = self.metrics
+        p = d.name
+        acts: dict[str, Fired] = {}
+        for f in fired:  # bounded: the plan's rules; the first rule of an action wins
+            acts.setdefault(f.action, f)
+        if "loss" in acts or "gilbert_elliott" in acts:
+            m.inc(f"{p}_fault_lost")
+            return False
+        flap = acts.get("link_flap")
+        if flap is not None:
+            self._link_flap(float(flap.params["down_s"]))
+            m.inc(f"{p}_dropped_link_down")  # the link went down under this frame
+            return False
+        corrupt = [f for f in fired if f.action == "corrupt_byte"]
+        if corrupt:
+            # corruption happens on the wire: after the checksums were filled in, and the
+            # frames carry no offload flags, so the receiver's checksum check sees it
+            wire = self._on_the_wire(hdr, frame)
+            if wire is None:
+                m.inc(f"{p}_fault_lost")  # malformed offload request: nothing to corrupt
+                return False
+            for f in corrupt:  # every corrupt_byte rule flips its byte
+                offset = int(f.params["offset"])
+                for w in wire:  # bounded: the segments of one frame
+                    if offset < len(w):
+                        w[offset] ^= int(f.params["xor"])
+                        m.inc(f"{p}_fault_corrupted")
+                        break
+                    offset -= len(w)
+                else:
+                    m.inc("faults_out_of_range")
+            hdr = _PLAIN
+            frames = [bytes(w) for w in wire]
+        else:
+            frames = [bytes(frame)]  # it may be held: own it (a backend's buffer is reused)
+        steps = tuple(acts[a] for a in ("rate_limit", "delay", "reorder") if a in acts)
+        copies = 1
+        dup = acts.get("duplicate")
+        if dup is not None:
+            extra = int(dup.params["count"])
+            m.inc(f"{p}_fault_duplicates", extra)
+            copies += extra
+        ok = True
+        for _ in range(copies):  # bounded: count <= 64
+            for one in frames:  # bounded: the segments of one frame
+                if not self._fault_step(d, hdr, one, steps, 0):
+                    ok = False
+        return ok
+
+    @staticmethod
+    def _on_the_wire(hdr: NetHdr, frame: bytes | memoryview) -> list[bytearray] | None:
+        """``frame`` as it would cross a wire: a GSO super-frame cut into segments,
+        a partial checksum completed (None: the offload request is malformed)."""
+        try:
+            if hdr.gso_type != GSO_NONE:
+                return [bytearray(s) for s in gso_segment_tcpv4(frame, hdr.gso_size)]
+            if hdr.flags & HDR_F_NEEDS_CSUM:
+                return [bytearray(complete_checksum(frame, hdr.csum_start, hdr.csum_offset))]
+        except (PacketError, ValueError, IndexError):
+            return None
+        return [bytearray(frame)]
+
+    def _fault_step(
+        self, d: _FaultDir, hdr: NetHdr, frame: bytes, steps: tuple[Fired, ...], i: int
+    ) -> bool:
+        """Run step ``i`` of a frame's holding faults (rate limit, delay, reorder, in
+        that order), then let it out. False if it was dropped."""
+        if i == len(steps):
+            return d.emit(hdr, frame)
+        f = steps[i]
+        m = self.metrics
+        p = d.name
+        if f.action == "rate_limit":
+            bucket = d.buckets.get(f.rule)
+            if bucket is None:
+                bucket = d.buckets[f.rule] = _Bucket(
+                    float(f.params["bits_per_s"]), int(f.params["burst_bytes"])
+                )
+            now = self._fault_clock()
+            if not bucket.queue and bucket.conforms(now, len(frame)):
+                return self._fault_step(d, hdr, frame, steps, i + 1)
+            if len(bucket.queue) >= RATE_QUEUE_MAX:
+                m.inc(f"{p}_fault_rate_dropped")
+                return False
+            if d.held >= FAULT_HELD_MAX:
+                m.inc(f"{p}_fault_hold_full")  # everything a direction holds is bounded
+                return False
+            bucket.queue.append((hdr, frame, steps, i + 1))
+            d.held += 1
+            m.inc(f"{p}_fault_rate_queued")
+            self._arm_bucket(d, bucket)
+            return True
+        if d.held >= FAULT_HELD_MAX:
+            m.inc(f"{p}_fault_hold_full")  # everything a direction holds is bounded
+            return False
+        if f.action == "delay":
+            d.held += 1
+            m.inc(f"{p}_fault_delayed")
+            box: list[TimerHandle] = []
+
+            def due() -> None:
+                d.held -= 1
+                d.timers.discard(box[0])
+                self._fault_step(d, hdr, frame, steps, i + 1)
+
+            t = self.call_later(float(f.params["delay_s"]), due)
+            box.append(t)
+            d.timers.add(t)
+            return True
+        # reorder: held until `depth` later frames of this direction went out, or
+        # REORDER_MAX_HOLD_S passed (the last frame of a burst is not held forever)
+        d.held += 1
+        m.inc(f"{p}_fault_reordered")
+        entry = _Held(hdr, frame, int(f.params["depth"]))
+
+        def timeout() -> None:
+            if entry in d.reorder:
+                d.reorder.remove(entry)
+                d.held -= 1
+                m.inc(f"{p}_fault_reorder_timeouts")
+                if entry.timer is not None:
+                    d.timers.discard(entry.timer)
+                d.out(entry.hdr, entry.frame)
+
+        entry.timer = self.call_later(REORDER_MAX_HOLD_S, timeout)
+        d.timers.add(entry.timer)
+        d.reorder.append(entry)
+        return True
+
+    def _arm_bucket(self, d: _FaultDir, bucket: _Bucket) -> None:
+        """Wake up when the first frame queued behind ``bucket`` may go."""
+        if bucket.timer is not None and bucket.timer.pending or not bucket.queue:
+            return
+        wait = bucket.wait(self._fault_clock(), len(bucket.queue[0][1]))
+
+        def due() -> None:
+            d.timers.discard(t)
+            bucket.timer = None
+            now = self._fault_clock()
+            q = bucket.queue
+            while q and bucket.conforms(now, len(q[0][1])):  # bounded: RATE_QUEUE_MAX
+                hdr, frame, steps, i = q.popleft()
+                d.held -= 1
+                self._fault_step(d, hdr, frame, steps, i)
+            self._arm_bucket(d, bucket)
+
+        t = self.call_later(wait, due)
+        bucket.timer = t
+        d.timers.add(t)
+
+    def _link_flap(self, down_s: float) -> None:
+        """LINK_UP off now (config interrupt), on again ``down_s`` seconds later."""
+        self.metrics.inc("link_flaps")
+        self.set_link(False)
+        if self._flap is not None:
+            self._flap.cancel()
+
+        def up() -> None:
+            self._flap = None
+            self.set_link(True)
+
+        self._flap = self.call_later(down_s, up)
+
     @staticmethod
     def _fill(chain: Chain, hdr: NetHdr, frame: bytes | memoryview, start: int, n: int) -> None:
         """Write ``hdr`` then ``frame[start:start+n]`` at the start of ``chain``."""
@@ -636,6 +938,95 @@ class NetDevice(Device):
         chain.write(0, hdr.pack())
         if n:
             chain.write(NET_HDR_SIZE, frame[start : start + n])
+
+
+# --------------------------------------------------------------------------- faults
+
+
+class _Held:
+    """A frame held back by a ``reorder`` fault."""
+
+    __slots__ = ("hdr", "frame", "left", "timer")
+
+    def __init__(self, hdr: NetHdr, frame: bytes, depth: int) -> None:
+        self.hdr = hdr
+        self.frame = frame
+        self.left = depth  # frames still to pass it
+        self.timer: TimerHandle | None = None
+
+
+class _Bucket:
+    """A token bucket (``rate_limit``), as the generic cell rate algorithm: ``tat`` is
+    when the bucket would be full again; a frame of n bytes may go when
+    ``tat - burst/rate <= now``, and moves ``tat`` on by n/rate. With ``burst_bytes`` 0
+    a frame goes only when the frames before it have drained at the rate."""
+
+    __slots__ = ("rate", "tau", "tat", "queue", "timer")
+
+    def __init__(self, bits_per_s: float, burst_bytes: int) -> None:
+        self.rate = bits_per_s / 8.0  # bytes per second
+        self.tau = burst_bytes / self.rate
+        self.tat: float | None = None
+        self.queue: deque[tuple[NetHdr, bytes, tuple[Fired, ...], int]] = deque()
+        self.timer: TimerHandle | None = None
+
+    def wait(self, now: float, n: int) -> float:
+        """Seconds until a frame (of ``n`` bytes) conforms."""
+        tat = now if self.tat is None else max(self.tat, now)
+        return max(0.0, tat - self.tau - now)
+
+    def conforms(self, now: float, n: int) -> bool:
+        """Take ``n`` bytes if the bucket allows it now."""
+        tat = now if self.tat is None else max(self.tat, now)
+        if tat - self.tau > now + 1e-9:
+            return False
+        self.tat = tat + n / self.rate
+        return True
+
+
+class _FaultDir:
+    """The fault path of one direction: frames held, timers, buckets; ``out`` is the
+    rest of the data path (:meth:`NetDevice._tx_release` / ``_receive_now``)."""
+
+    def __init__(self, name: str, out: Callable[[NetHdr, bytes | memoryview], bool]) -> None:
+        self.name = name
+        self.out = out
+        self.held = 0
+        self.timers: set[TimerHandle] = set()
+        self.reorder: list[_Held] = []
+        self.buckets: dict[str, _Bucket] = {}
+
+    def emit(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        """Let a frame out; frames held for ``reorder`` whose ``depth`` it completes
+        follow it."""
+        ok = self.out(hdr, frame)
+        if self.reorder:
+            due: list[_Held] = []
+            for h in self.reorder:  # bounded: FAULT_HELD_MAX
+                h.left -= 1
+                if h.left <= 0:
+                    due.append(h)
+            for h in due:
+                self.reorder.remove(h)
+                self.held -= 1
+                if h.timer is not None:
+                    h.timer.cancel()
+                    self.timers.discard(h.timer)
+                self.out(h.hdr, h.frame)
+        return ok
+
+    def drop_all(self) -> int:
+        """Drop every held frame and cancel the timers; returns how many were held."""
+        dropped = self.held
+        for t in self.timers:
+            t.cancel()
+        self.timers.clear()
+        self.reorder.clear()
+        for b in self.buckets.values():
+            b.queue.clear()
+            b.timer = None
+        self.held = 0
+        return dropped
 
 
 # --------------------------------------------------------------------------- loopback

@@ -39,7 +39,10 @@ class FrameSink(Protocol):
     """What a backend may call on the device it is attached to."""
 
     def receive(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
-        """Deliver one frame to the driver; False if it was dropped (and counted)."""
+        """Deliver one frame to the driver; False if it was dropped (and counted).
+        With a fault plan a frame may be held (delay, reorder, rate limit): the device
+        keeps a copy, so ``frame`` may be reused as soon as this returns, and True then
+        means "taken"."""
         ...
 
     def rx_buffers_available(self) -> bool:

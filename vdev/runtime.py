@@ -39,21 +39,43 @@ DEVICE_NEEDS_RESET and rings the call doorbell with ``CONFIG_CHANGE`` (0xFFFF), 
 does ``device.notify_config_change()`` (counted ``config_interrupts``; with no call
 doorbell yet, ``config_interrupts_dropped``).
 
-Memory: ``SET_MEM_TABLE`` attaches the kernel's POSIX shm region by name (the kernel
-unlinks it right after the reply, so nothing leaks). Guest-physical address = offset in
+Memory: ``SET_MEM_TABLE`` maps the kernel's sealed memfd, which this process inherited
+(``{"fd": N}``, N named by ``VLAB_MEM_FD``; the fd stays open so that a reset can map it
+again), or attaches a POSIX shm region by name (``{"shm": NAME}``, unlinked by its
+creator right after the reply, so nothing leaks). Guest-physical address = offset in
 the region + ``guest_addr``. Reset (``RESET_DEVICE`` / ``SET_STATUS 0``) stops every
 queue (the chains the device keeps are released first), unmaps the region and calls
 ``device.reset()``; GET_VRING_BASE and SET_VRING_ENABLE 0 stop one queue the same way.
 Kick listeners, call doorbells and the device's watches are transport and stay open
-until the process exits.
+until the process exits. The control peer chooses the doorbell endpoints, so they are
+confined (:func:`endpoint_problem`) to the device's private run directory (the control
+socket's): ``ipc://`` only, no ``..``, no symlink out, never the control socket, never
+a file that is not a socket; a refusal is a BAD_VALUE reply, logged and counted
+(``endpoints_refused``).
+
+Hostile peers are bounded per loop round: at most 64 control requests
+(:meth:`DeviceRuntime._serve_control`), at most
+:data:`hostops.doorbell.RECV_BATCH` doorbell messages per listener, ``budget`` chains
+per ring; what is left waits for the next round (the poller reports the sockets ready
+again), so a flood delays the others by one round, never starves them. Last resort: an
+exception escaping a callback is logged with its traceback and the loop goes on; after
+:data:`MAX_INTERNAL_ERRORS` the process exits with :data:`EXIT_INTERNAL_ERROR`.
 
 Tracing: with ``VLAB_TRACE`` set the session traces the data path
 (:meth:`vdev.session.DeviceSession.trace_from_env`) and :meth:`DeviceRuntime.handle_control`
 takes its traced copy: a ``ctl`` event per request (type, fields, reply or error) and a
 ``status`` event when the status byte changes (``docs/trace-format.md``).
 
+Fault injection (``injector=``, ``python -m vdev ... --faults PLAN``): every control
+request fires ``control.<TYPE>`` before it is served (a ``crash`` or ``hang`` leaves it
+unanswered); a ``refuse_features_ok`` fault makes the next FEATURES_OK write leave the
+bit clear (§3.1.1); ``needs_reset`` takes the broken-ring path (DEVICE_NEEDS_RESET and
+CONFIG_CHANGE); the parent watch stays heard during a ``hang``. The data-path faults
+are the session's (``docs/faults.md``).
+
 Metrics (``GET_METRICS``): ``device`` holds the runtime's counters (below) merged with
-``device.metrics``; ``queues[i]`` holds :meth:`vdev.session.DeviceSession.ring_metrics`
+``device.metrics`` (and the fault injector's ``faults_fired``, ``fault:<action>``);
+``queues[i]`` holds :meth:`vdev.session.DeviceSession.ring_metrics`
 (:class:`~vdev.virtio.queue.DeviceQueueStats` cumulative across resets,
 ``kicks_received``, ``handler_errors``, ``ring_errors``, ``kept``, ``chains_released``
 and ``rule:<RULE>`` per spec rule the driver broke).
@@ -62,6 +84,7 @@ and ``rule:<RULE>`` per spec rule the driver broke).
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import traceback
 from dataclasses import dataclass
@@ -72,10 +95,12 @@ from hostops.barrier import full_barrier
 from hostops.control import ControlServer
 from hostops.doorbell import Doorbell, DoorbellListener
 from hostops.errors import TransportError
+from hostops.fdmem import MEM_FD_ENV, MappedFd, MappingError
 from hostops.process import ParentWatch
 from hostops.shm import SharedRegion
 from hostops.signals import wake_on_signals
 from vdev.device import RING_FEATURES, Device
+from vdev.injector import FaultInjector
 from vdev.session import SESSION_COUNTERS, DeviceSession, Ring
 from vdev.virtio.constants import F, Status, bit
 from vdev.virtio.control import (
@@ -92,7 +117,15 @@ from vdev.virtio.memory import FlatMemory
 from vdev.virtio.ring import RingLayout
 from vdev.virtio.status import describe_status, next_status
 
-__all__ = ["trace_fields", "DeviceRuntime", "serve", "RUNTIME_COUNTERS"]
+__all__ = [
+    "trace_fields",
+    "DeviceRuntime",
+    "serve",
+    "RUNTIME_COUNTERS",
+    "EXIT_INTERNAL_ERROR",
+    "MAX_INTERNAL_ERRORS",
+    "endpoint_problem",
+]
 
 #: The runtime's device-level counters, reported under ``GET_METRICS["device"]``: the
 #: session's (:data:`vdev.session.SESSION_COUNTERS`: kicks, chains, interrupts, kept and
@@ -105,7 +138,18 @@ RUNTIME_COUNTERS = (
     "config_interrupts",  # call doorbells rung with CONFIG_CHANGE
     "config_interrupts_dropped",  # config changes with no call doorbell to ring yet
     "activations",  # DRIVER_OK accepted
+    "internal_errors",  # exceptions that reached the loop's last-resort handler
+    "endpoints_refused",  # SET_VRING_KICK/CALL endpoints outside the run directory
 )
+
+#: Exit status of a device process whose loop hit :data:`MAX_INTERNAL_ERRORS` unexpected
+#: exceptions (EX_SOFTWARE): distinct from 0 (stopped), 1 (start-up failure) and 2 (usage).
+EXIT_INTERNAL_ERROR = 70
+
+#: Unexpected exceptions the loop survives (each logged with its traceback) before the
+#: process gives up with :data:`EXIT_INTERNAL_ERROR`: a fault that repeats every round
+#: (a socket that stays readable and keeps failing) must not spin forever.
+MAX_INTERNAL_ERRORS = 100
 
 _DRIVER_OK = int(Status.DRIVER_OK)
 
@@ -153,11 +197,22 @@ class DeviceRuntime:
         watch_parent: bool = True,
         log: Any = None,
         signal_wakeup: bool = False,
+        injector: FaultInjector | None = None,
+        endpoint_dir: str | None = None,
     ) -> None:
         if device.num_queues < 1:
             raise UsageError(f"{device!r} has no queues")
         self.device = device
         self.control_endpoint = control_endpoint
+        control_path = control_endpoint[6:] if control_endpoint.startswith("ipc://") else ""
+        #: The only directory doorbell endpoints may name (default: the control
+        #: socket's, the session's private run directory); see :func:`endpoint_problem`.
+        self.endpoint_dir = endpoint_dir or (
+            os.path.dirname(os.path.abspath(control_path)) if control_path else ""
+        )
+        self._control_path = os.path.abspath(control_path) if control_path else ""
+        #: The exit status :meth:`run` returns (0, or :data:`EXIT_INTERNAL_ERROR`).
+        self.exit_status = 0
         self.watch_parent = watch_parent
         self.signal_wakeup = signal_wakeup
         self._unwake: Any = None
@@ -172,6 +227,8 @@ class DeviceRuntime:
         self.session.idle_timeout = self.idle_timeout
         self.session.trace_from_env(sys.argv)
         self.tracer = self.session.tracer
+        if injector is not None:
+            self.session.attach_injector(injector)
         self.counters = self.session.counters
         self.rings = self.session.rings
         self.offered = (device.device_features() & ~RING_FEATURES) | RING_FEATURES
@@ -179,7 +236,7 @@ class DeviceRuntime:
         self.driver_features = 0  # last SET_FEATURES (0 if none since reset)
         self.features = 0  # negotiated (valid once FEATURES_OK is set)
         self._wiring = [_Wiring() for _ in range(device.num_queues)]
-        self._region: SharedRegion | None = None
+        self._region: SharedRegion | MappedFd | None = None
         self._memory: FlatMemory | None = None
         self._kick_listeners: dict[str, DoorbellListener] = {}
         self._call_bells: dict[str, Doorbell] = {}
@@ -218,13 +275,32 @@ class DeviceRuntime:
     def run(self) -> int:
         """Bind the control endpoint and serve until :meth:`stop`, SIGTERM (when
         installed by :func:`serve`) or the parent's death. Returns the exit status (0).
-        Everything is closed on the way out, whatever happens."""
+        Everything is closed on the way out, whatever happens.
+
+        Last resort: an exception escaping the loop's callbacks (a bug: bad input
+        never gets there) is logged with its traceback and counted
+        (``internal_errors``), and the loop keeps serving — each control request and
+        each kick batch is handled whole or not at all, so the state stays consistent.
+        After :data:`MAX_INTERNAL_ERRORS` of them the process stops and :meth:`run`
+        returns :data:`EXIT_INTERNAL_ERROR`."""
         try:
             self._open()
-            self.session.run()
+            self.session.run(on_error=self._internal_error)
         finally:
             self.close()
-        return 0
+        return self.exit_status
+
+    def _internal_error(self, e: Exception) -> None:
+        """The loop's last-resort handler (see :meth:`run`)."""
+        n = self.counters["internal_errors"] = self.counters.get("internal_errors", 0) + 1
+        self._log(
+            f"internal error {n}/{MAX_INTERNAL_ERRORS}: {type(e).__name__}: {e}\n"
+            f"{traceback.format_exc()}",
+            kind="internal",
+        )
+        if n >= MAX_INTERNAL_ERRORS:
+            self.exit_status = EXIT_INTERNAL_ERROR
+            self.stop(f"{n} internal errors, the last: {type(e).__name__}: {e}")
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask :meth:`run` to return (signal-handler and thread safe)."""
@@ -243,7 +319,8 @@ class DeviceRuntime:
         if self.watch_parent:
             self._parent = ParentWatch.from_env()
             if self._parent is not None:
-                session.add_source(self._parent, self._on_parent)
+                # heard even while a ``hang`` fault stops everything else
+                session.add_lifeline(self._parent, self._on_parent)
         self._log(
             f"serving {self.device.name} (id {self.device.device_id}, "
             f"{self.device.num_queues} queue(s)) on {self.control_endpoint}"
@@ -331,6 +408,8 @@ class DeviceRuntime:
         try:
             req = decode_request(payload)
             type_ = req.type
+            if self.session.injector is not None:
+                self._control_faults(req)
             result = self._handlers[req.type](req)
             return encode_reply(**result)
         except ProtocolError as e:
@@ -351,6 +430,8 @@ class DeviceRuntime:
             req = decode_request(payload)
             type_ = req.type
             fields = trace_fields(req.fields)
+            if self.session.injector is not None:
+                self._control_faults(req)
             result = self._handlers[req.type](req)
             reply = encode_reply(**result)
             tracer.emit(
@@ -375,6 +456,14 @@ class DeviceRuntime:
         if new_status != old_status:
             tracer.emit("status", old=old_status, new=new_status, names=describe_status(new_status))
         return reply
+
+    def _control_faults(self, req: Request) -> None:
+        """Fire ``control.<TYPE>`` at the fault plan before serving ``req`` (its
+        lifecycle faults are carried out by the session: a crash or hang leaves the
+        request unanswered)."""
+        index = req.fields.get("index")
+        queue = index if isinstance(index, int) and not isinstance(index, bool) else None
+        self.session.fire_faults(f"control.{req.type}", queue=queue)
 
     def _error(self, type_: str, code: str, message: str) -> bytes:
         self.counters["control_errors"] += 1
@@ -466,7 +555,11 @@ class DeviceRuntime:
         r = regions[0]
         if not isinstance(r, dict):
             raise ProtocolError(ErrorCode.BAD_FIELD, "SET_MEM_TABLE: a region must be a map")
-        want = {"guest_addr": int, "size": int, "shm": str}
+        # The region is either a POSIX shm name ("shm") or the memfd this process
+        # inherited from the kernel ("fd", named by VLAB_MEM_FD: no other fd of ours
+        # may be mapped on the peer's word).
+        want: dict[str, type] = {"guest_addr": int, "size": int}
+        want["fd" if "fd" in r else "shm"] = int if "fd" in r else str
         for name, typ in want.items():
             v = r.get(name)
             if not isinstance(v, typ) or isinstance(v, bool):
@@ -480,19 +573,35 @@ class DeviceRuntime:
             raise ProtocolError(
                 ErrorCode.BAD_FIELD, f"SET_MEM_TABLE: unexpected region field(s) {extra}"
             )
-        guest_addr, size, name = r["guest_addr"], r["size"], r["shm"]
+        guest_addr, size = r["guest_addr"], r["size"]
         if size <= 0 or guest_addr < 0 or guest_addr + size > 1 << 64:
             raise ProtocolError(
                 ErrorCode.BAD_VALUE, f"SET_MEM_TABLE: bad region [{guest_addr:#x}, +{size:#x})"
             )
-        try:
-            region = SharedRegion.attach(name, size)
-        except Exception as e:
-            raise ProtocolError(
-                ErrorCode.BAD_ADDRESS,
-                f"SET_MEM_TABLE: cannot attach shared memory {name!r} ({size} bytes): "
-                f"{type(e).__name__}: {e}",
-            ) from None
+        region: SharedRegion | MappedFd
+        if "fd" in r:
+            fd = r["fd"]
+            name = f"fd {fd}"
+            if str(fd) != os.environ.get(MEM_FD_ENV):
+                raise ProtocolError(
+                    ErrorCode.BAD_ADDRESS,
+                    f"SET_MEM_TABLE: fd {fd} is not the memory fd this device inherited",
+                )
+            try:
+                region = MappedFd.map(fd, size)
+            except MappingError as e:
+                raise ProtocolError(ErrorCode.BAD_ADDRESS, f"SET_MEM_TABLE: {e}") from None
+            # the fd stays open: a reset maps it again
+        else:
+            name = r["shm"]
+            try:
+                region = SharedRegion.attach(name, size)
+            except Exception as e:
+                raise ProtocolError(
+                    ErrorCode.BAD_ADDRESS,
+                    f"SET_MEM_TABLE: cannot attach shared memory {name!r} ({size} bytes): "
+                    f"{type(e).__name__}: {e}",
+                ) from None
         if region.size < size:
             got = region.size
             region.close()
@@ -607,13 +716,18 @@ class DeviceRuntime:
         self._wiring[ring.index].call = endpoint
         return {}
 
-    @staticmethod
-    def _check_endpoint(req: Request) -> str:
+    def _check_endpoint(self, req: Request) -> str:
+        """The endpoint of SET_VRING_KICK/CALL, confined to :attr:`endpoint_dir` (the
+        control peer must not make us bind or connect elsewhere: an ``ipc://`` bind
+        replaces the file at its path). A refusal is a BAD_VALUE error reply (logged)."""
         endpoint: str = req["endpoint"]
-        if endpoint and not (endpoint.startswith("ipc://") and len(endpoint) > 6):
+        if not endpoint:
+            return endpoint
+        problem = endpoint_problem(endpoint, self.endpoint_dir, control_path=self._control_path)
+        if problem:
+            self.counters["endpoints_refused"] = self.counters.get("endpoints_refused", 0) + 1
             raise ProtocolError(
-                ErrorCode.BAD_VALUE,
-                f"{req.type}: endpoint {endpoint!r} is not an ipc:// endpoint",
+                ErrorCode.BAD_VALUE, f"{req.type}: endpoint {endpoint!r} refused: {problem}"
             )
         return endpoint
 
@@ -657,6 +771,8 @@ class DeviceRuntime:
         added = new & ~self.status
         if added & Status.FEATURES_OK:
             problem = self._features_problem()
+            if not problem and self.session.take_features_refusal():
+                problem = "refused by fault injection (refuse_features_ok, §3.1.1)"
             if problem:
                 if new & Status.DRIVER_OK:
                     raise ProtocolError(
@@ -762,6 +878,47 @@ class DeviceRuntime:
             bell.ring(CONFIG_CHANGE)
         except TransportError as e:
             self._log(f"call doorbell (config change): {e}", kind="call")
+
+
+def endpoint_problem(endpoint: str, run_dir: str, *, control_path: str = "") -> str:
+    """Why the control peer may not name ``endpoint`` for a doorbell ("" if it may).
+
+    Allowed: ``ipc://PATH`` with PATH absolute, already normalised (no ``.``/``..``
+    components, no ``//``), its directory resolving (symlinks followed) to ``run_dir``'s,
+    not the control socket itself, and PATH either absent or a socket file (a stale
+    one from a previous device process is fine; a symlink or any other file is not:
+    binding would replace it). Everything else (``tcp://``, ``inproc://``, paths
+    elsewhere) is refused.
+    """
+    if not endpoint.startswith("ipc://"):
+        return "only ipc:// endpoints are accepted"
+    path = endpoint[6:]
+    if not path or "\0" in path or not os.path.isabs(path):
+        return "the ipc path must be absolute"
+    if os.path.normpath(path) != path or "/./" in path or path.endswith("/."):
+        return "the ipc path must be normalised (no '.', '..' or '//')"
+    if not run_dir:
+        return "this device has no run directory to confine endpoints to"
+    try:
+        where = os.path.realpath(os.path.dirname(path))
+        home = os.path.realpath(run_dir)
+    except (OSError, ValueError) as e:
+        return f"cannot resolve it: {e}"
+    if where != home:
+        return f"it is outside the device's run directory {run_dir}"
+    if control_path and os.path.abspath(path) == control_path:
+        return "it is the control socket"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        return f"cannot inspect it: {e.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "a file that is not a socket exists at that path"
+    return ""
 
 
 def trace_fields(fields: dict[str, Any]) -> dict[str, Any]:

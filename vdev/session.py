@@ -101,6 +101,18 @@ kept chains; ``kick_recv`` records each kick. A chain's ``seq`` is its avail-rin
 position, ``last_avail`` extended past 16 bits by the ring's own wrap counter
 (:class:`~vdev.virtio.trace.SeqCounter`), the same number the driver gave it. The
 session calls :attr:`DeviceSession.trace_flush` whenever the loop is about to sleep.
+
+Fault injection. With :attr:`DeviceSession.injector` set (:meth:`attach_injector`, a
+:class:`~vdev.injector.FaultInjector` running a fault plan, ``docs/faults.md``) the
+rings are served by the same instrumented drain (tracer or not), which fires
+``ring.pop`` / ``device.request`` after each pop and ``ring.push`` before each used
+entry (kept chains completed later included), :meth:`kick` fires ``notify.kick`` and
+each interrupt decision that would notify fires ``notify.interrupt``; the transports
+fire ``control.<MESSAGE>``. :meth:`fire_faults` carries out the lifecycle actions
+(:meth:`crash`, :meth:`hang`, :meth:`needs_reset`, the FEATURES_OK refusal the
+transport takes with :meth:`take_features_refusal`); :meth:`_push_faulty` writes the
+malicious used entries; the injector's counters join :meth:`metrics`. Without an
+injector and a tracer none of this costs anything: the bare :meth:`_drain` serves.
 """
 
 from __future__ import annotations
@@ -112,13 +124,15 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import IO, Any, NoReturn, Protocol
+from typing import IO, Any, NoReturn, Protocol, cast
 
 from hostops.clock import monotonic
 from hostops.poll import FdSource, Pollable, Poller, Waker
+from hostops.signals import kill_self
 from hostops.trace import DEVICE_ENV, KERNEL_ENV, TraceSink, clock_ns, sink_from_env
 from vdev.device import PENDING, Device, TimerHandle, _source_key
-from vdev.virtio.constants import F, bit
+from vdev.injector import LIFECYCLE_ACTIONS, FaultInjector
+from vdev.virtio.constants import VRING_DESC_F_NEXT, F, bit
 from vdev.virtio.control import ErrorCode
 from vdev.virtio.errors import (
     AddressError,
@@ -128,9 +142,10 @@ from vdev.virtio.errors import (
     Rule,
     UsageError,
 )
+from vdev.virtio.faults import Fired
 from vdev.virtio.memory import GuestMemory
 from vdev.virtio.queue import Chain, DeviceQueue, DeviceQueueStats
-from vdev.virtio.ring import USED_ELEM, RingLayout
+from vdev.virtio.ring import DESC, USED_ELEM, RingLayout
 from vdev.virtio.trace import SeqCounter, Tracer
 
 __all__ = [
@@ -165,6 +180,10 @@ SESSION_COUNTERS = (
 )
 
 _QUEUE_STAT_FIELDS = tuple(f.name for f in fields(DeviceQueueStats) if f.name != "rule_violations")
+
+
+def _no_emit(*args: Any, **kwargs: Any) -> None:
+    """The instrumented drain's ``emit`` when only a fault plan (no tracer) runs."""
 
 
 def _push_batch(dq: DeviceQueue, entries: Sequence[tuple[int, int]]) -> None:
@@ -237,6 +256,13 @@ class Ring:
     tseq: SeqCounter = field(default_factory=SeqCounter)  # traced: avail position, extended
     tsig: int = 0  # traced: used.idx at the last interrupt decision
     tkept: dict[Chain, int] = field(default_factory=dict)  # traced: seq of each kept chain
+    # fault injection (only with an injector): ring faults fired at pop for kept chains,
+    # heads withheld forever, entries held back by out_of_order ([countdown, entries,
+    # jump]), and whether EVENT_IDX is ignored (until the ring stops)
+    kfaults: dict[Chain, list[Fired]] = field(default_factory=dict)
+    withheld: set[int] = field(default_factory=set)
+    held: list[list[Any]] = field(default_factory=list)
+    ignore_event_idx: bool = False
 
     @property
     def running(self) -> bool:
@@ -298,6 +324,14 @@ class DeviceSession:
         self.tracer: Tracer | None = None
         #: Called when the loop is about to sleep (flushes the trace sink).
         self.trace_flush: Callable[[], None] | None = None
+        #: The fault plan's run in this process (None: no faults; see
+        #: :meth:`attach_injector`).
+        self.injector: FaultInjector | None = None
+        #: In-process harnesses only: called (and must raise) instead of SIGKILL when a
+        #: ``crash`` fault fires.
+        self.on_crash: Callable[[str], NoReturn] | None = None
+        self._refuse_features_ok = False  # a refuse_features_ok fault awaits FEATURES_OK
+        self._lifelines: dict[int, tuple[Pollable, Callable[[], None]]] = {}
         device._attach(self)
 
     # ================================================================== tracing
@@ -333,6 +367,138 @@ class DeviceSession:
             self.tracer.emit("proc", event="exit", reason=reason, counters=dict(self.counters))
         if self.trace_flush is not None:
             self.trace_flush()
+
+    # ================================================================== fault injection
+    def attach_injector(self, injector: FaultInjector) -> None:
+        """Run under ``injector``'s fault plan (before the rings start): rings are then
+        served by the instrumented drain, the device's :meth:`~vdev.device.Device.faults`
+        reaches the plan, the injector traces through :attr:`tracer` and logs here, and
+        its counters join :meth:`metrics`. The start is logged and traced (the seed)."""
+        self.injector = injector
+        injector.tracer = self.tracer
+        injector.log = self.log
+        self.device._fault_fire = self.fire_faults
+        self.log(injector.describe())
+        if self.tracer is not None:
+            self.tracer.emit(
+                "proc",
+                event="faults",
+                seed=injector.plan.seed,
+                rules=len(injector.plan.rules),
+                resumed=injector.resumed,
+            )
+
+    def fire_faults(
+        self,
+        kind: str,
+        *,
+        queue: int | None = None,
+        opcode: str | int | None = None,
+        sector: int | None = None,
+        nbytes: int | None = None,
+    ) -> list[Fired]:
+        """Fire one event at the plan (no plan: ``[]``). Lifecycle actions are carried
+        out here (``crash`` does not return, ``hang`` returns when the hang is over or
+        the process is stopping, ``needs_reset`` marks the device broken,
+        ``refuse_features_ok`` arms the refusal of the next FEATURES_OK); the other
+        faults are returned for the caller to carry out."""
+        injector = self.injector
+        if injector is None:
+            return []
+        fired = injector.fire(kind, queue=queue, opcode=opcode, sector=sector, nbytes=nbytes)
+        if not fired:
+            return fired
+        out: list[Fired] = []
+        for f in fired:
+            action = f.action
+            if action not in LIFECYCLE_ACTIONS:
+                out.append(f)
+            elif action == "crash":
+                self.crash(f"fault #{f.seq} crash (rule {f.rule!r}) on {kind}")
+            elif action == "hang":
+                self.hang(f.params.get("s"))
+            elif action == "needs_reset":
+                self.needs_reset(queue, f"fault #{f.seq} needs_reset (rule {f.rule!r}) on {kind}")
+            else:  # refuse_features_ok
+                self._refuse_features_ok = True
+        return out
+
+    def take_features_refusal(self) -> bool:
+        """For the transport, when the driver sets FEATURES_OK (vhost-user: at
+        SET_FEATURES): True once after a ``refuse_features_ok`` fault fired — the device
+        then leaves FEATURES_OK clear (§3.1.1)."""
+        refuse, self._refuse_features_ok = self._refuse_features_ok, False
+        return refuse
+
+    def crash(self, reason: str) -> NoReturn:
+        """Die as a power failure would (:meth:`vdev.device.Device.crash`): log, save the
+        fault run, record and flush the trace, then SIGKILL this process."""
+        self.log(f"crash: {reason}: SIGKILL")
+        if self.injector is not None:
+            self.injector.save_state()
+        if self.tracer is not None:
+            self.tracer.emit(
+                "proc", event="exit", reason=f"crash: {reason}", counters=dict(self.counters)
+            )
+        if self.trace_flush is not None:
+            self.trace_flush()
+        if self.on_crash is not None:
+            self.on_crash(reason)
+        kill_self()
+
+    def hang(self, seconds: float | None) -> None:
+        """Stop serving — rings, control, timers, the device's sources — for ``seconds``
+        (None: until the process is stopped). Only the lifelines (:meth:`add_lifeline`:
+        the parent watch) and the waker (:meth:`stop`, SIGTERM) are still heard, so the
+        process stays alive yet still exits when told to or when its parent dies."""
+        what = "until stopped" if seconds is None else f"for {seconds:g} s"
+        self.log(f"hang: not serving {what}", "hang")
+        if self.trace_flush is not None:
+            self.trace_flush()  # the fault that hung us is in the trace, whatever follows
+        deadline = None if seconds is None else monotonic() + seconds
+        poller = Poller()
+        waker = self.waker
+        if waker is not None:
+            poller.register(waker)
+        for obj, _ in self._lifelines.values():
+            poller.register(obj)
+        while not self.stopping:  # bounded by the deadline or stop()
+            timeout = self.idle_timeout
+            if deadline is not None:
+                left = deadline - monotonic()
+                if left <= 0:
+                    break
+                timeout = min(timeout, left)
+            for ready in poller.poll(timeout):
+                if waker is not None and ready is waker:
+                    waker.drain()
+                    continue
+                entry = self._lifelines.get(id(ready))
+                if entry is not None:
+                    entry[1]()
+                else:  # removed by a lifeline's own callback
+                    poller.unregister(cast(Pollable, ready))
+        if not self.stopping:
+            self.log("hang: over, serving again", "hang")
+
+    def needs_reset(self, queue: int | None, why: str) -> None:
+        """Enter the error state that needs a reset (§2.1.2): no ring is served any more
+        and the transport tells the driver as it does for a broken ring (ZeroMQ:
+        DEVICE_NEEDS_RESET and a config-change interrupt; vhost-user: the err eventfd)."""
+        for ring in self.rings:
+            ring.broken = True
+        self._pending.clear()
+        index = queue if queue is not None and 0 <= queue < len(self.rings) else 0
+        ring = self.rings[index]
+        if self.tracer is not None:
+            self.tracer.emit("ring_broken", index, why=why)
+        self.transport.ring_broken(ring, why)
+
+    def add_lifeline(self, obj: Pollable, callback: Callable[[], None]) -> None:
+        """:meth:`add_source`, and keep listening to ``obj`` during a ``hang`` fault
+        (the parent watch: a hung device still exits when its parent dies)."""
+        self._lifelines[id(obj)] = (obj, callback)
+        self.add_source(obj, callback)
 
     # ================================================================== logging
     def log(self, message: str, kind: str | None = None) -> None:
@@ -373,6 +539,7 @@ class DeviceSession:
 
     def remove_source(self, obj: Pollable) -> None:
         """Stop watching ``obj`` (unknown objects are ignored). Do it before closing it."""
+        self._lifelines.pop(id(obj), None)
         if self._sources.pop(id(obj), None) is not None and self._poller is not None:
             self._poller.unregister(obj)
 
@@ -460,6 +627,7 @@ class DeviceSession:
                 except Exception:
                     pass
         self._sources.clear()
+        self._lifelines.clear()
         self._watches.clear()
         waker, self.waker = self.waker, None
         if waker is not None:
@@ -497,6 +665,7 @@ class DeviceSession:
                 event_idx=bool(features & bit(F.EVENT_IDX)),
                 indirect=bool(features & bit(F.INDIRECT_DESC)),
                 last_avail=ring.base,
+                max_chain=self.device.max_queue_size,  # §2.7.5.3.1 (see DeviceQueue)
             )
         except (AddressError, UsageError) as e:
             raise ProtocolError(ErrorCode.BAD_ADDRESS, f"queue {ring.index}: {e}") from None
@@ -515,6 +684,11 @@ class DeviceSession:
         self._owed.pop(ring, None)
         if ring.kept:
             self._release(ring)
+        if ring.withheld or ring.held or ring.ignore_event_idx:
+            # fault injection: what was withheld or held back is dropped with the ring
+            ring.withheld.clear()
+            ring.held.clear()
+            ring.ignore_event_idx = False
         dq = ring.dq
         if dq is None:
             return
@@ -541,6 +715,7 @@ class DeviceSession:
         chains = list(ring.kept)
         ring.kept.clear()
         ring.tkept.clear()
+        ring.kfaults.clear()
         for chain in chains:
             chain.release()
         n = len(chains)
@@ -577,9 +752,33 @@ class DeviceSession:
         ring.kicks += 1
         if self.tracer is not None:
             self.tracer.emit("kick_recv", index)
+        if self.injector is not None and not self._kick_faults(ring):
+            return True  # drop_interrupt on notify.kick: the kick is ignored
         if ring.dq is not None and not ring.broken:
             self._pending[index] = None
         return True
+
+    def _kick_faults(self, ring: Ring) -> bool:
+        """Fire ``notify.kick`` and carry out its faults; False: ignore the kick."""
+        take = True
+        for f in self.fire_faults("notify.kick", queue=ring.index):
+            action = f.action
+            if action == "drop_interrupt":
+                take = False
+            elif action == "spurious_interrupt":
+                self._send_interrupts(ring, 1)
+            elif action == "interrupt_storm":
+                self._send_interrupts(ring, f.params["n"])
+            elif action == "ignore_event_idx":
+                ring.ignore_event_idx = True
+        return take
+
+    def _send_interrupts(self, ring: Ring, n: int) -> None:
+        """Send ``n`` used-buffer notifications for ``ring`` (faults: whatever was used)."""
+        notify = self._notify
+        for _ in range(n):  # bounded: n <= 2**20 (the plan's schema)
+            self.counters["interrupts"] += 1
+            notify(ring)
 
     def schedule_ring(self, ring: Ring) -> None:
         """Look at ``ring`` in this round even without a kick (it may hold work queued
@@ -608,7 +807,11 @@ class DeviceSession:
         """One round over the pending rings: at most ``budget`` chains each."""
         pending = self._pending
         rings = self.rings
-        drain = self._drain if self.tracer is None else self._drain_traced
+        # tracing and fault injection take the instrumented copy; the hot path stays bare
+        if self.tracer is None and self.injector is None:
+            drain = self._drain
+        else:
+            drain = self._drain_traced
         for index in list(pending):
             if self.stopping:
                 return
@@ -688,11 +891,16 @@ class DeviceSession:
             counters["chains"] += chains
 
     def _drain_traced(self, ring: Ring, dq: DeviceQueue) -> bool:
-        """:meth:`_drain` recording ``pop``/``bad_chain``/``push``/``irq`` events (the
-        same decisions in the same order: tracing must not change behaviour)."""
+        """:meth:`_drain` recording ``pop``/``bad_chain``/``push``/``irq`` events and
+        ``kick_mode`` (what it writes to avail_event / used.flags), the same decisions in
+        the same order: tracing must not change behaviour. It is also
+        the drain of a device under a fault plan (:attr:`injector`), traced or not: the
+        ``ring.pop``, ``device.request`` and ``ring.push`` events fire here."""
         tracer = self.tracer
-        assert tracer is not None
-        emit = tracer.emit
+        emit = tracer.emit if tracer is not None else _no_emit
+        injector = self.injector
+        device_events = not self.device.fault_events  # fire device.request per chain
+        rfaults: list[Fired] = []
         counters = self.counters
         index = ring.index
         kept = ring.kept
@@ -706,6 +914,11 @@ class DeviceSession:
         try:
             while True:
                 dq.disable_notifications()
+                # what the device wrote (§2.7.10): used.flags NO_NOTIFY, or nothing
+                if dq.event_idx:
+                    emit("kick_mode", index, on=False)
+                else:
+                    emit("kick_mode", index, on=False, flags=1)
                 while True:
                     if handled >= budget:
                         self._interrupt_traced(ring, dq)
@@ -718,7 +931,12 @@ class DeviceSession:
                         counters["bad_chains"] += 1
                         self.log(f"queue {index}: bad chain: {e}", "chain")
                         emit("bad_chain", index, seq, e.head, error=str(e))
-                        push(e.head, 0)
+                        if injector is None:
+                            push(e.head, 0)
+                        else:
+                            self._push_faulty(ring, dq, e.head, 0, 0, [])
+                            if ring.broken:
+                                return False
                         emit("push", index, seq, e.head, len=0)
                         continue
                     if chain is None:
@@ -737,6 +955,11 @@ class DeviceSession:
                         rlen=chain.readable_len,
                         wlen=chain.writable_len,
                     )
+                    if injector is not None:
+                        rfaults = self._pop_faults(ring, chain, device_events)
+                        if ring.broken:  # needs_reset: the chain stays unanswered
+                            chain.release()
+                            return False
                     try:
                         written = handle(index, chain)
                     except Exception as e:
@@ -750,32 +973,59 @@ class DeviceSession:
                                 self._overkept(ring, chain)
                             kept[chain] = None
                             ring.tkept[chain] = seq
+                            if rfaults:
+                                ring.kfaults[chain] = rfaults
                             counters["chains_kept"] += 1
                             emit("keep", index, seq, chain.head)
                             continue
                         written = self._check_written(ring, chain, written)
-                    push(chain.head, written)
+                    if injector is None:
+                        push(chain.head, written)
+                    else:
+                        self._push_faulty(
+                            ring, dq, chain.head, written, chain.writable_len, rfaults
+                        )
+                        if ring.broken:
+                            return False
                     emit("push", index, seq, chain.head, len=written)
                     del chain
                     if not chains % INTERRUPT_EVERY:
                         self._interrupt_traced(ring, dq)
                 self._interrupt_traced(ring, dq)
-                if not dq.enable_notifications():
+                more = dq.enable_notifications()
+                # what the device wrote (§2.7.10): avail_event = last_avail, or used.flags 0
+                if dq.event_idx:
+                    emit("kick_mode", index, on=True, avail_event=dq.last_avail)
+                else:
+                    emit("kick_mode", index, on=True, flags=0)
+                if not more:
                     return False
         finally:
             self._draining = None
             counters["chains"] += chains
 
     def _interrupt_traced(self, ring: Ring, dq: DeviceQueue) -> None:
-        """:meth:`_interrupt` recording the decision and what decided it."""
+        """:meth:`_interrupt` recording the decision and what decided it (when traced)
+        and firing ``notify.interrupt`` (under a fault plan)."""
         tracer = self.tracer
-        assert tracer is not None
         old = ring.tsig
         new = dq.used_idx
         sent = dq.should_interrupt()
         if new == old:
             return  # no decision was taken (nothing pushed since the last one)
         ring.tsig = new
+        if tracer is not None:
+            self._trace_irq(tracer, ring, dq, sent, old, new)
+        if self.injector is not None:
+            self._interrupt_faults(ring, sent)
+        elif sent:
+            self.counters["interrupts"] += 1
+            self._notify(ring)
+
+    def _trace_irq(
+        self, tracer: Tracer, ring: Ring, dq: DeviceQueue, sent: bool, old: int, new: int
+    ) -> None:
+        """Record an interrupt decision (``irq``) and what decided it."""
         # the avail ring's flags (word 0) and used_event (word 2 + size), §2.7.6 / §2.7.10
         try:
             words = dq.memory.view(dq.layout.avail, RingLayout.avail_bytes(dq.size))
@@ -791,9 +1041,182 @@ class DeviceSession:
             tracer.emit(
                 "irq", ring.index, sent=sent, old=old, new=new, no_interrupt=bool(flags & 1)
             )
-        if sent:
-            self.counters["interrupts"] += 1
-            self._notify(ring)
+
+    # ================================================================== ring faults
+    def _interrupt_faults(self, ring: Ring, sent: bool) -> None:
+        """An interrupt decision under a fault plan: ``notify.interrupt`` fires when a
+        notification would be sent (or, once ``ignore_event_idx`` fired on the ring, when
+        anything new was used, whatever EVENT_IDX / NO_INTERRUPT say, §2.7.10), and its
+        faults decide how many notifications go: none (``drop_interrupt``), ``n``
+        (``interrupt_storm``), one more (``spurious_interrupt``)."""
+        if not sent and not ring.ignore_event_idx:
+            return
+        count = 1
+        extra = 0
+        for f in self.fire_faults("notify.interrupt", queue=ring.index):
+            action = f.action
+            if action == "drop_interrupt":
+                count = 0
+            elif action == "interrupt_storm":
+                count = f.params["n"] if count else 0
+            elif action == "spurious_interrupt":
+                extra += 1
+            elif action == "ignore_event_idx":
+                ring.ignore_event_idx = True
+        self._send_interrupts(ring, count + extra)
+
+    def _pop_faults(self, ring: Ring, chain: Chain, device_events: bool) -> list[Fired]:
+        """Fire ``ring.pop`` (and ``device.request`` for a device that fires no events of
+        its own) for a chain just popped; the ring faults returned apply to its used
+        entry."""
+        nbytes = chain.readable_len + chain.writable_len
+        out = self.fire_faults("ring.pop", queue=ring.index, nbytes=nbytes)
+        if device_events and not ring.broken:
+            self.fire_faults("device.request", queue=ring.index, nbytes=nbytes)
+        return out
+
+    def _push_faulty(
+        self,
+        ring: Ring,
+        dq: DeviceQueue,
+        head: int,
+        written: int,
+        writable_len: int,
+        pre: list[Fired],
+        fire: bool = True,
+    ) -> None:
+        """Write the used entry of ``head`` as a malicious device would when ring faults
+        fire (``pre``: those fired when it was popped; ``ring.push`` fires now unless
+        ``fire`` is False):
+
+        ``withhold`` (never pushed), ``bad_used_id`` (the ``id`` parameter, default the
+        queue size: out of range, §2.7.8), ``used_id_not_head`` (:meth:`_not_a_head`),
+        ``used_len_too_big`` (writable length + ``extra``, §2.7.8.1), ``double_complete``
+        (the entry twice), ``used_idx_jump`` (used.idx moved by the queue size + ``by``,
+        at most 65535, past anything in flight), ``out_of_order`` (held back until
+        ``depth`` later entries of the ring were pushed)."""
+        faults = pre
+        if fire:
+            faults = pre + self.fire_faults("ring.push", queue=ring.index, nbytes=written)
+        if ring.broken:  # needs_reset fired: nothing more is written
+            return
+        if not faults:
+            dq.push(head, written)
+            if ring.held:
+                self._release_held(ring, dq)
+            return
+        params = {f.action: f.params for f in faults}
+        if "withhold" in params:
+            ring.withheld.add(head)
+            return
+        uid, ulen = head, written
+        if "bad_used_id" in params:
+            uid = params["bad_used_id"].get("id", dq.size)
+        elif "used_id_not_head" in params:
+            uid = self._not_a_head(ring, dq, head)
+        if "used_len_too_big" in params:
+            ulen = min(0xFFFFFFFF, writable_len + params["used_len_too_big"]["extra"])
+        entries = [(uid, ulen)]
+        if "double_complete" in params:
+            entries.append((uid, ulen))
+        jump = 0
+        if "used_idx_jump" in params:
+            jump = min(dq.size + params["used_idx_jump"]["by"], 0xFFFF)
+        if "out_of_order" in params:
+            if len(ring.held) >= dq.size:
+                # a correct driver has at most a queue size in flight (§2.7.6): a hostile
+                # one re-offering heads must not grow this without bound
+                oldest = ring.held.pop(0)
+                self._write_used(dq, oldest[1], oldest[2])
+            ring.held.append([params["out_of_order"]["depth"], entries, jump, head])
+            return
+        self._write_used(dq, entries, jump)
+        if ring.held:
+            self._release_held(ring, dq)
+
+    def _push_many_faulty(
+        self, ring: Ring, dq: DeviceQueue, entries: Sequence[tuple[Chain, int]]
+    ) -> None:
+        """:meth:`complete_many` under a fault plan: ``ring.push`` fires for each entry;
+        when no fault fired the batch is published at once as usual, otherwise entry by
+        entry through :meth:`_push_faulty`."""
+        fired = []
+        for chain, n in entries:
+            pre = ring.kfaults.pop(chain, [])
+            fired.append(pre + self.fire_faults("ring.push", queue=ring.index, nbytes=int(n)))
+        if ring.broken:
+            return
+        if not any(fired):
+            _push_batch(dq, [(chain.head, int(n)) for chain, n in entries])
+            for _ in entries:
+                if ring.held:
+                    self._release_held(ring, dq)
+            return
+        for (chain, n), faults in zip(entries, fired, strict=True):
+            self._push_faulty(ring, dq, chain.head, int(n), chain.writable_len, faults, False)
+
+    def _release_held(self, ring: Ring, dq: DeviceQueue) -> None:
+        """One more entry of ``ring`` was pushed: push the held-back entries whose
+        countdown (``out_of_order`` ``depth``) reached zero."""
+        due = []
+        for h in ring.held:  # bounded: at most a queue size of chains in flight
+            h[0] -= 1
+            if h[0] <= 0:
+                due.append(h)
+        for h in due:
+            ring.held.remove(h)
+            self._write_used(dq, h[1], h[2])
+
+    @staticmethod
+    def _write_used(dq: DeviceQueue, entries: list[tuple[int, int]], jump: int) -> None:
+        """Write ``entries`` (id, len: unchecked, as a malicious device would) one by one
+        into the used ring, then, with ``jump``, move used.idx so that it ran ``jump``
+        entries past where it stood before them."""
+        start = dq.used_idx
+        for entry in entries:
+            _push_batch(dq, [entry])
+        if jump:
+            idx = (start + jump) & 0xFFFF
+            used = dq.memory.view(dq.layout.used, RingLayout.used_bytes(dq.size))
+            try:
+                words = used.cast("H")
+                try:
+                    words[1] = idx
+                finally:
+                    words.release()
+            finally:
+                used.release()
+            dq.used_idx = idx
+
+    def _not_a_head(self, ring: Ring, dq: DeviceQueue, head: int) -> int:
+        """A descriptor index that is not the head of any chain in flight: ``head``'s
+        second descriptor when it has one, else the first index that no chain the device
+        holds (kept, withheld, held back) or that the avail ring still offers starts
+        with; the queue size (out of range) when every index is a head."""
+        size = dq.size
+        try:
+            table = dq.memory.view(dq.layout.desc, RingLayout.desc_bytes(size))
+            _, _, flags, nxt = DESC.unpack_from(table, 16 * head)
+            table.release()
+        except (AddressError, ValueError):
+            flags = nxt = 0
+        if flags & VRING_DESC_F_NEXT and nxt < size and nxt != head:
+            return int(nxt)
+        busy = {head, *ring.withheld, *(c.head for c in ring.kept), *(h[3] for h in ring.held)}
+        try:
+            avail = dq.memory.view(dq.layout.avail, RingLayout.avail_bytes(size))
+            words = avail.cast("H")
+            pending = (words[1] - dq.last_avail) & 0xFFFF
+            for i in range(min(pending, size)):  # bounded by the queue size (§2.7.6)
+                busy.add(words[2 + (dq.last_avail + i) % size])
+            words.release()
+            avail.release()
+        except (AddressError, ValueError):
+            pass
+        for i in range(size):
+            if i not in busy:
+                return i
+        return size
 
     def _overkept(self, ring: Ring, chain: Chain) -> NoReturn:
         """A correct driver has at most a queue size of chains in flight (§2.7.6): more
@@ -813,7 +1236,10 @@ class DeviceSession:
     def _flush(self) -> None:
         """One interrupt decision per ring completed outside its own drain."""
         owed, self._owed = self._owed, {}
-        decide = self._interrupt if self.tracer is None else self._interrupt_traced
+        if self.tracer is None and self.injector is None:
+            decide = self._interrupt
+        else:
+            decide = self._interrupt_traced
         for ring in owed:
             dq = ring.dq
             if dq is not None:
@@ -877,7 +1303,11 @@ class DeviceSession:
         dq = ring.dq
         assert dq is not None, "a ring without a DeviceQueue keeps no chain"
         del kept[chain]
-        dq.push(chain.head, int(used_len))
+        if self.injector is None:
+            dq.push(chain.head, int(used_len))
+        else:
+            pre = ring.kfaults.pop(chain, [])
+            self._push_faulty(ring, dq, chain.head, int(used_len), chain.writable_len, pre)
         if self.tracer is not None:
             seq = ring.tkept.pop(chain, None)
             self.tracer.emit("push", queue, seq, chain.head, len=int(used_len))
@@ -925,7 +1355,10 @@ class DeviceSession:
             return
         dq = ring.dq
         assert dq is not None, "a ring without a DeviceQueue keeps no chain"
-        _push_batch(dq, [(chain.head, int(n)) for chain, n in entries])
+        if self.injector is None:
+            _push_batch(dq, [(chain.head, int(n)) for chain, n in entries])
+        else:
+            self._push_many_faulty(ring, dq, entries)
         if self.tracer is not None:
             for chain, n in entries:
                 seq = ring.tkept.pop(chain, None)
@@ -1065,4 +1498,7 @@ class DeviceSession:
         out = dict(self.counters)
         for name, n in self.device.metrics.snapshot().items():
             out[name] = out.get(name, 0) + int(n)
+        if self.injector is not None:
+            for name, n in self.injector.counters.items():
+                out[name] = out.get(name, 0) + n
         return out

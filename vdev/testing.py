@@ -36,23 +36,50 @@ due timers fire), then reaps every queue and checks the ring invariants:
 * no ring was found broken by the session.
 
 A violation raises :class:`InvariantError` (an ``AssertionError``: the device or the
-session is at fault, not the test). Timers run on the harness's own clock
-(:attr:`DeviceHarness.clock`), which moves only when the test says so: nothing sleeps.
+session is at fault, not the test; its ``rule`` names the invariant). Timers run on the
+harness's own clock (:attr:`DeviceHarness.clock`), which moves only when the test says
+so: nothing sleeps.
+
+Device bugs at the device API are recorded as they happen in
+:attr:`DeviceHarness.device_faults` (an exception out of ``handle()``, a bad length it
+returned, a refused ``complete``): the harness wraps the device's ``handle``,
+``complete`` and ``complete_many`` for that (results and exceptions pass through; the
+wrappers are removed on :meth:`DeviceHarness.close`). Tools such as
+:mod:`vdev.conformance` read these, never the log's wording.
+
+Raw access, for drivers that break the rules on purpose: :meth:`DeviceHarness.layout`,
+:meth:`~DeviceHarness.write_descriptors`, :meth:`~DeviceHarness.publish_raw` (any heads,
+any ``avail.idx``; returns a :class:`RawResult`), :meth:`~DeviceHarness.alloc`;
+:meth:`~DeviceHarness.reset` zeroes the rings and resynchronises the bookkeeping.
+
+The hostile driver (:func:`hostile_driver`, :class:`HostileDriver`) is built on them:
+every kind of :data:`HOSTILE_KINDS` (loops, ``next`` out of range, nested and giant
+indirect tables, huge and out-of-range buffers, readable after writable, avail index
+jumps, kicks before DRIVER_OK, zero-length and garbage chains) is mounted on a freshly
+reset and negotiated device; the device must answer each malformed chain with length 0
+(validation) or DEVICE_NEEDS_RESET (a broken ring), never let anything escape the
+session, and serve a valid request afterwards. Cases are plain seeded ``random`` draws
+(no test dependency); :class:`HostileCase` values can equally come from hypothesis.
+:func:`write_case` lays a case out in any memory (a real device process's shared region
+included).
 """
 
 from __future__ import annotations
 
 import io
+import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
 from hostops.shm import PageAllocator
-from vdev.device import RING_FEATURES, Device
+from vdev.device import PENDING, RING_FEATURES, Device, Pending
 from vdev.session import DeviceSession, Ring
 from vdev.virtio import DriverQueue, F, FlatMemory, RingLayout, bit
-from vdev.virtio.ring import USED_ELEM
+from vdev.virtio.errors import UsageError
+from vdev.virtio.queue import Chain
+from vdev.virtio.ring import DESC, USED_ELEM
 
 __all__ = [
     "DeviceHarness",
@@ -61,15 +88,71 @@ __all__ = [
     "InvariantError",
     "StillPending",
     "HarnessClock",
+    "DeviceFault",
+    "RawResult",
+    "HOSTILE_KINDS",
+    "HostileCase",
+    "HostileDriver",
+    "HostileReport",
+    "hostile_driver",
+    "random_case",
+    "write_case",
+    "CASE_BLOCK_BYTES",
+    "REFUSED_KINDS",
+    "RING_KINDS",
 ]
 
 _ALIGN = 64
+_U32 = 0xFFFF_FFFF
+_COMPLETE_FAULTS = ("stale_complete", "complete_bad_length")
+_U64 = (1 << 64) - 1
 #: Most loop rounds one step runs (a device that always has work left is a bug).
 MAX_ROUNDS = 10_000
 
 
 class InvariantError(AssertionError):
-    """A ring invariant was broken: the device (or the session) is at fault."""
+    """A ring invariant was broken: the device (or the session) is at fault.
+
+    ``rule`` names the invariant for tools that attribute failures (e.g.
+    :mod:`vdev.conformance`): ``"used_len"`` (a used length beyond the chain's writable
+    bytes, §2.7.8.2), ``"double_complete"`` (a head completed twice or never made
+    available, §2.7.8), ``"used_idx"`` (used.idx moved by more than what is in flight),
+    ``"ring_broken"`` (the session declared a ring broken), ``"reaped"`` (the session's
+    count of pushed entries and the driver's disagree), ``"no_progress"`` (work left
+    after :data:`MAX_ROUNDS` rounds)."""
+
+    def __init__(self, message: str, rule: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class DeviceFault:
+    """A device bug the harness saw at the device API, as it happened.
+
+    ``kind``: ``"raised"`` (an exception escaped ``handle()``), ``"bad_length"``
+    (``handle()`` returned something other than PENDING or an int in
+    ``0..writable_len``), ``"complete_bad_length"`` / ``"stale_complete"``
+    (``complete``/``complete_many`` refused: a length beyond the chain, or a chain that
+    is not kept — completed twice or released by a reset). ``queue`` and ``detail``
+    say where and what."""
+
+    kind: str
+    queue: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class RawResult:
+    """What :meth:`DeviceHarness.publish_raw` observed: the used entries the device
+    pushed (``(head, len)``, in used-ring order), the rings the session declared broken
+    (``(queue, why)``: DEVICE_NEEDS_RESET), and the session's counters moved
+    (``chains``: handed to the device, ``bad_chains``: refused by validation)."""
+
+    used: list[tuple[int, int]]
+    broken: list[tuple[int, str]]
+    chains: int
+    bad_chains: int
 
 
 class StillPending(Exception):
@@ -179,6 +262,62 @@ class DeviceHarness:
         self.session = DeviceSession(
             device, self, budget=budget, log_file=self.log, clock=self.clock
         )
+        #: Device bugs seen at the device API, in order (see :class:`DeviceFault`).
+        self.device_faults: list[DeviceFault] = []
+        self._watch_device_api(device)
+
+    def _watch_device_api(self, device: Device) -> None:
+        """Record :class:`DeviceFault` s by wrapping the device's ``handle``,
+        ``complete`` and ``complete_many`` (instance attributes shadowing the methods;
+        behaviour unchanged: results and exceptions pass through)."""
+        faults = self.device_faults
+        session = self.session
+        orig_handle = device.handle
+        orig_complete = device.complete
+        orig_many = device.complete_many
+
+        def handle(queue: int, chain: Chain) -> int | Pending:
+            before = len(faults)
+            try:
+                n = orig_handle(queue, chain)
+            except Exception as e:
+                if not any(f.kind in _COMPLETE_FAULTS for f in faults[before:]):
+                    faults.append(DeviceFault("raised", queue, f"{type(e).__name__}: {e}"))
+                raise
+            if n is not PENDING and (type(n) is not int or not 0 <= n <= chain.writable_len):
+                faults.append(
+                    DeviceFault(
+                        "bad_length",
+                        queue,
+                        f"handle() returned {n!r} for {chain.writable_len} writable bytes",
+                    )
+                )
+            return n
+
+        def refused(queue: int, stale_before: int, e: UsageError) -> None:
+            stale = session.counters["stale_completions"] != stale_before
+            kind = "stale_complete" if stale else "complete_bad_length"
+            faults.append(DeviceFault(kind, queue, str(e)))
+
+        def complete(queue: int, chain: Chain, used_len: int) -> None:
+            stale_before = session.counters["stale_completions"]
+            try:
+                orig_complete(queue, chain, used_len)
+            except UsageError as e:
+                refused(queue, stale_before, e)
+                raise
+
+        def complete_many(queue: int, completions: Sequence[tuple[Chain, int]]) -> None:
+            stale_before = session.counters["stale_completions"]
+            try:
+                orig_many(queue, completions)
+            except UsageError as e:
+                refused(queue, stale_before, e)
+                raise
+
+        device.handle = handle  # type: ignore[method-assign]
+        device.complete = complete  # type: ignore[method-assign]
+        device.complete_many = complete_many  # type: ignore[method-assign]
 
     # ------------------------------------------------------------ the transport's part
     def interrupt(self, ring: Ring) -> None:
@@ -233,7 +372,9 @@ class DeviceHarness:
 
     def reset(self) -> None:
         """Reset the device (as RESET_DEVICE): kept chains are released, the driver's
-        requests in flight are dropped (``released``); :meth:`negotiate` again."""
+        requests in flight are dropped (``released``) and the ring memory is zeroed, as
+        a driver hands fresh rings to the re-negotiated device (a stale ``used.idx``
+        would otherwise be reaped again); :meth:`negotiate` again."""
         self.session.reset()
         for q in self._queues:
             for req in q.inflight.values():
@@ -241,7 +382,117 @@ class DeviceHarness:
                 self._alloc.free(req.block)
             q.inflight.clear()
             q.dq = None
+            q.last_used = 0
+        self.zero_rings()
+        self.broken.clear()
+        self._resync()
         self.features = 0
+
+    # ------------------------------------------------------------ raw access (hooks)
+    def layout(self, queue: int) -> RingLayout:
+        """Where ``queue``'s rings lie in :attr:`memory`."""
+        return self._queue(queue).layout
+
+    def zero_rings(self) -> None:
+        """Zero every ring (descriptor table, avail and used rings)."""
+        for q in self._queues:
+            lay = q.layout
+            view = self.memory.view(lay.desc, lay.end - lay.desc)
+            view[:] = bytes(len(view))
+            view.release()
+
+    def alloc(self, nbytes: int) -> int:
+        """Guest memory for hand-made buffers and tables (64-byte aligned): the
+        address; :meth:`free` it. MemoryError when the harness memory is full."""
+        block = self._alloc.alloc(max(1, nbytes))
+        if block is None:
+            raise MemoryError("harness memory full")
+        return block
+
+    def free(self, addr: int) -> None:
+        """Give back what :meth:`alloc` returned."""
+        self._alloc.free(addr)
+
+    def write_descriptors(
+        self, base: int, descs: Sequence[tuple[int, int, int, int]], first: int = 0
+    ) -> None:
+        """Write raw descriptors ``(addr, len, flags, next)`` (§2.7.5), nothing checked,
+        into a table at guest address ``base`` (a ring's :meth:`layout` ``.desc``, or an
+        indirect table), starting at entry ``first``."""
+        view = self.memory.view(base + 16 * first, 16 * len(descs))
+        for i, (addr, length, flags, nxt) in enumerate(descs):
+            DESC.pack_into(view, 16 * i, addr & _U64, length & _U32, flags & 0xFFFF, nxt & 0xFFFF)
+        view.release()
+
+    def publish_raw(
+        self,
+        queue: int,
+        heads: Sequence[int],
+        *,
+        avail_idx: int | None = None,
+        kick: bool = True,
+        rounds: int = 64,
+    ) -> RawResult:
+        """Put ``heads`` in ``queue``'s avail ring as they are (nothing checked), set
+        ``avail.idx`` (default: advanced by ``len(heads)``; any u16 to test index
+        jumps), kick, and run the session for at most ``rounds`` rounds and due timers
+        (moving the clock). Returns what the device did. The harness's own driver does
+        not know these chains: :meth:`reset` (then :meth:`negotiate`) before using
+        :meth:`submit` again. Exceptions out of the session propagate."""
+        lay = self._queue(queue).layout
+        size = lay.size
+        avail = self.memory.view(lay.avail, RingLayout.avail_bytes(size))
+        used = self.memory.view(lay.used, RingLayout.used_bytes(size))
+        try:
+            idx = int.from_bytes(avail[2:4], "little")
+            for k, head in enumerate(heads[:size]):  # bounded by the queue size
+                pos = 4 + 2 * ((idx + k) % size)
+                avail[pos : pos + 2] = (head & 0xFFFF).to_bytes(2, "little")
+            new = (idx + len(heads)) & 0xFFFF if avail_idx is None else avail_idx & 0xFFFF
+            used_before = int.from_bytes(used[2:4], "little")
+            c = self.session.counters
+            chains0, bad0 = c["chains"], c["bad_chains"]
+            broken0 = len(self.broken)
+            avail[2:4] = new.to_bytes(2, "little")
+            if kick:
+                self.session.kick(queue)
+            self._run_raw(rounds)
+            delta = (int.from_bytes(used[2:4], "little") - used_before) & 0xFFFF
+            entries = [
+                USED_ELEM.unpack_from(used, 4 + 8 * ((used_before + i) % size))
+                for i in range(min(delta, size))  # bounded by the queue size
+            ]
+        finally:
+            avail.release()
+            used.release()
+        self._resync()
+        return RawResult(
+            [(int(h), int(n)) for h, n in entries],
+            self.broken[broken0:],
+            c["chains"] - chains0,
+            c["bad_chains"] - bad0,
+        )
+
+    def _run_raw(self, rounds: int) -> None:
+        """Run the loop without reaping: rounds while work is pending, then due timers
+        (the clock moved to each, bounded)."""
+        s = self.session
+        for _ in range(max(1, rounds)):
+            s.run_once(timeout=0)
+            if not s.has_pending:
+                break
+        for _ in range(rounds):
+            live = [deadline for deadline, _, t, _ in s._timers if t.pending]
+            if not live:
+                break
+            self.clock.now = max(self.clock.now, min(live))
+            s.run_once(timeout=0)
+
+    def _resync(self) -> None:
+        """Take the session's count of pushed entries as reaped (after raw use or a
+        reset, whose pushes the harness's driver never saw)."""
+        c = self.session.counters
+        self._reaped = c["chains"] + c["bad_chains"] - c["chains_kept"] + c["completions"]
 
     # ------------------------------------------------------------ requests
     def submit(
@@ -341,8 +592,13 @@ class DeviceHarness:
         return self.session.metrics()
 
     def close(self) -> None:
-        """Close the session (kept chains released, ``device.close()``)."""
-        self.session.close()
+        """Close the session (kept chains released, ``device.close()``) and remove the
+        wrappers around the device's methods."""
+        try:
+            self.session.close()
+        finally:
+            for name in ("handle", "complete", "complete_many"):
+                self.device.__dict__.pop(name, None)
 
     def __enter__(self) -> DeviceHarness:
         return self
@@ -369,16 +625,19 @@ class DeviceHarness:
                 break
             s.run_once(timeout=0)
         else:
-            raise InvariantError(f"the device still has work after {MAX_ROUNDS} rounds")
+            raise InvariantError(
+                f"the device still has work after {MAX_ROUNDS} rounds", "no_progress"
+            )
         for index in range(len(self._queues)):
             self._reap(index)
         if self.broken:
-            raise InvariantError(f"ring broken: {self.broken}")
+            raise InvariantError(f"ring broken: {self.broken}", "ring_broken")
         c = s.counters
         pushed = c["chains"] + c["bad_chains"] - c["chains_kept"] + c["completions"]
         if pushed != self._reaped:
             raise InvariantError(
-                f"the session pushed {pushed} used entries, the driver reaped {self._reaped}"
+                f"the session pushed {pushed} used entries, the driver reaped {self._reaped}",
+                "reaped",
             )
 
     def _reap(self, index: int) -> None:
@@ -397,24 +656,29 @@ class DeviceHarness:
             if req is None or head in seen:
                 raise InvariantError(
                     f"queue {index}: used entry for head {head}, which is not in flight "
-                    "(completed twice or never made available, §2.7.8)"
+                    "(completed twice or never made available, §2.7.8)",
+                    "double_complete",
                 )
             if length > req.writable_len:
                 raise InvariantError(
                     f"queue {index}: head {head} used length {length} > its "
-                    f"{req.writable_len} writable bytes (§2.7.8.2)"
+                    f"{req.writable_len} writable bytes (§2.7.8.2)",
+                    "used_len",
                 )
             seen.add(head)
         used.release()
         if delta > len(q.inflight):
             raise InvariantError(
-                f"queue {index}: used.idx moved by {delta} with {len(q.inflight)} in flight"
+                f"queue {index}: used.idx moved by {delta} with {len(q.inflight)} in flight",
+                "used_idx",
             )
         got = dq.get_used()
         if dq.broken is not None:
-            raise InvariantError(f"queue {index}: {dq.broken}")
+            raise InvariantError(f"queue {index}: {dq.broken}", "used_idx")
         if len(got) != delta:
-            raise InvariantError(f"queue {index}: reaped {len(got)} of {delta} used entries")
+            raise InvariantError(
+                f"queue {index}: reaped {len(got)} of {delta} used entries", "used_idx"
+            )
         dq.enable_interrupts()
         q.last_used = idx
         for token, length in got:
@@ -426,3 +690,408 @@ class DeviceHarness:
             self._alloc.free(req.block)
             q.done.append(req.completion)
             self._reaped += 1
+
+
+# =========================================================================== hostile driver
+
+#: Chain- and ring-level attacks :func:`hostile_driver` mounts (``HostileCase.kind``).
+HOSTILE_KINDS: tuple[str, ...] = (
+    "loop",  # next pointers form a cycle (§2.7.5.2: TTL = queue size)
+    "next_out_of_range",  # next >= queue size (§2.7.5)
+    "nested_indirect",  # an INDIRECT entry inside an indirect table (§2.7.5.3.1)
+    "indirect_too_big",  # a table longer than the queue, up to giant (§2.7.5.3.1)
+    "indirect_bad_length",  # table length 0 or not a multiple of 16 (§2.7.5.3.1)
+    "indirect_with_next",  # INDIRECT and NEXT together (§2.7.5.3.1)
+    "indirect_not_negotiated",  # INDIRECT without VIRTIO_F_INDIRECT_DESC
+    "huge_length",  # a descriptor of 2..4 GiB
+    "address_outside",  # a buffer beyond driver memory (§2.7.5)
+    "address_wraps",  # addr + len past 2**64
+    "readable_after_writable",  # §2.7.4.2
+    "avail_idx_jump",  # avail.idx more than the queue size ahead (§2.7.6)
+    "head_out_of_range",  # an avail entry naming no descriptor (§2.7.6)
+    "kick_before_driver_ok",  # chains and a kick before negotiation (§3.1.1)
+    "zero_length",  # a zero-length descriptor in an otherwise valid chain
+    "garbage_payload",  # a valid chain full of random bytes
+    "indirect_unaligned",  # a valid indirect table at an address not 16-aligned
+)
+
+#: Kinds whose chain must be refused by validation (completed with length 0) or the
+#: ring declared broken; the device itself must never see them.
+REFUSED_KINDS = frozenset(HOSTILE_KINDS[:11])
+#: Kinds that break the ring: DEVICE_NEEDS_RESET, nothing handed to the device.
+RING_KINDS = frozenset({"avail_idx_jump", "head_out_of_range"})
+#: Most timer rounds spent settling a probe.
+_SETTLE_ROUNDS = 64
+_BLOCK = 8192  # per case: readable data, writable space, indirect tables
+_W_OFF, _T_OFF = 2048, 4096
+_NEXT_F, _WRITE_F, _INDIRECT_F = 1, 2, 4
+
+
+@dataclass(frozen=True)
+class HostileCase:
+    """One attack: ``kind`` (one of :data:`HOSTILE_KINDS`) on ``queue``, shaped by the
+    free parameters ``a`` and ``b`` (any ints: lengths, offsets, counts are derived from
+    them) and ``payload`` (the bytes of the readable buffer, when the kind has one).
+    Build them by hand, with :func:`random_case`, or with a hypothesis strategy."""
+
+    kind: str
+    queue: int = 0
+    a: int = 0
+    b: int = 0
+    payload: bytes = b"\x00" * 16
+
+
+def random_case(rng: random.Random, queues: Sequence[int], kinds: Sequence[str]) -> HostileCase:
+    """A :class:`HostileCase` drawn from ``rng`` (plain seeded ``random``: no
+    hypothesis needed)."""
+    return HostileCase(
+        rng.choice(list(kinds)),
+        rng.choice(list(queues)),
+        rng.getrandbits(32),
+        rng.getrandbits(32),
+        rng.randbytes(rng.randint(1, 64)),
+    )
+
+
+@dataclass
+class HostileReport:
+    """What :func:`hostile_driver` saw. ``cases[kind]``: cases run; ``outcomes[kind]``:
+    outcome -> count, outcomes being ``refused`` (completed with length 0 by
+    validation), ``needs_reset`` (the ring declared broken: DEVICE_NEEDS_RESET),
+    ``answered`` (the device handled it and completed it), ``kept`` (the device still
+    holds it: released by the reset that follows), ``ignored`` (nothing served: kick
+    before DRIVER_OK) and ``raised`` (an exception escaped the session: a failure);
+    ``handler_errors[kind]``: exceptions out of ``handle()`` or bad lengths it returned
+    (device bugs the session contained); ``failures``: one line per broken
+    expectation."""
+
+    device: str
+    seed: int
+    cases: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, dict[str, int]] = field(default_factory=dict)
+    handler_errors: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Cases run."""
+        return sum(self.cases.values())
+
+    @property
+    def ok(self) -> bool:
+        """No expectation was broken."""
+        return not self.failures
+
+    def assert_ok(self) -> None:
+        """One AssertionError listing the first failures (and the seed to replay)."""
+        if self.failures:
+            head = "\n  ".join(self.failures[:10])
+            raise AssertionError(
+                f"{self.device} under the hostile driver (seed {self.seed}): "
+                f"{len(self.failures)} failure(s):\n  {head}"
+            )
+
+
+class HostileDriver:
+    """Aim :class:`HostileCase` s at a device in-process, through a
+    :class:`DeviceHarness` (see :func:`hostile_driver`); :meth:`run` one case at a
+    time (for hypothesis), :attr:`report` accumulates."""
+
+    def __init__(
+        self,
+        device: Device,
+        *,
+        seed: int = 0,
+        queue_size: int | None = None,
+        probe: Callable[[int], tuple[Sequence[bytes], Sequence[int]]] | None = None,
+        handler_errors_fail: bool = False,
+    ) -> None:
+        size = queue_size if queue_size is not None else min(device.max_queue_size, 64)
+        self.harness = h = DeviceHarness(device, queue_size=size, memory_size=1 << 20)
+        self.size = size
+        #: The longest chain the device accepts (its maximum queue size, §2.7.5.3.1).
+        self.chain_cap = max(size, device.max_queue_size)
+        self.probe = probe or (lambda q: ([bytes(16)], [64]))
+        self.handler_errors_fail = handler_errors_fail
+        self.report = HostileReport(type(device).__name__, seed)
+        self._block = h.alloc(_BLOCK)
+        self._end = h.memory.base + h.memory.size
+
+    def close(self) -> None:
+        """Close the harness (and the device)."""
+        self.harness.close()
+
+    def __enter__(self) -> HostileDriver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ one case
+    def run(self, case: HostileCase) -> str:
+        """Mount ``case``, check the device's answer, reset, check a valid request
+        still works. Returns the outcome (also counted in :attr:`report`)."""
+        if case.kind not in HOSTILE_KINDS:
+            raise ValueError(f"unknown hostile case kind {case.kind!r}")
+        h, rep = self.harness, self.report
+        nq = h.device.num_queues
+        q = case.queue % nq
+        rep.cases[case.kind] = rep.cases.get(case.kind, 0) + 1
+        faults0 = len(h.device_faults)
+        where = f"{case.kind} (queue {q}, a={case.a}, b={case.b})"
+        try:
+            outcome = self._mount(case, q, where)
+        except Exception as e:  # escaped the session: the device (or session) died
+            outcome = "raised"
+            rep.failures.append(f"{where}: {type(e).__name__} escaped the session: {e}")
+        bugs = [f for f in h.device_faults[faults0:] if f.kind in ("raised", "bad_length")]
+        if bugs:
+            rep.handler_errors[case.kind] = rep.handler_errors.get(case.kind, 0) + len(bugs)
+            if self.handler_errors_fail:
+                rep.failures.append(f"{where}: device bug: {bugs[0].detail[:120]}")
+        by_kind = rep.outcomes.setdefault(case.kind, {})
+        by_kind[outcome] = by_kind.get(outcome, 0) + 1
+        self._probe(q, where)
+        return outcome
+
+    def _mount(self, case: HostileCase, q: int, where: str) -> str:
+        h, rep, kind = self.harness, self.report, case.kind
+        h.reset()
+        if kind == "kick_before_driver_ok":
+            self._valid_chain(q, case)
+            res = h.publish_raw(q, [0])
+            if res.chains or res.bad_chains or res.used:
+                rep.failures.append(f"{where}: served before DRIVER_OK: {res}")
+                return "answered"
+            return "ignored"
+        offered = h.offered
+        if kind == "indirect_not_negotiated":
+            offered &= ~bit(F.INDIRECT_DESC)
+        h.negotiate(offered)
+        heads, advance = self._build(case, q)
+        res = h.publish_raw(q, heads, avail_idx=advance)  # the ring was reset: idx 0
+        if res.broken:
+            if res.chains and kind in RING_KINDS:
+                rep.failures.append(f"{where}: the device was handed a chain of a bad ring")
+            return "needs_reset"
+        if kind in RING_KINDS:
+            rep.failures.append(f"{where}: the ring was not declared broken: {res}")
+            return "answered" if res.used else "kept"
+        if kind in REFUSED_KINDS:
+            if res.chains or not res.bad_chains:
+                rep.failures.append(f"{where}: malformed chain not refused: {res}")
+                return "answered" if res.used else "kept"
+            if res.used != [(heads[0], 0)]:
+                rep.failures.append(f"{where}: refused chain completed as {res.used}")
+            return "refused"
+        if res.bad_chains:
+            return "refused"
+        return "answered" if res.used else "kept"
+
+    def _probe(self, q: int, where: str) -> None:
+        h, rep = self.harness, self.report
+        try:
+            h.reset()
+            h.negotiate()
+            out, ins = self.probe(q)
+            if len(out) + len(ins) > self.size:
+                out, ins = [], [sum(len(b) for b in out) + sum(ins)]
+            req = h.submit(q, out, ins)
+            for _ in range(_SETTLE_ROUNDS):
+                if req.done or not h.fire_timers():
+                    break
+            if req.released:
+                rep.failures.append(f"after {where}: a valid request was dropped")
+        except Exception as e:
+            rep.failures.append(
+                f"after {where}: a valid request failed: {type(e).__name__}: {e}"[:300]
+            )
+
+    # ------------------------------------------------------------------ building
+    def _valid_chain(self, q: int, case: HostileCase) -> None:
+        h = self.harness
+        write_case(
+            HostileCase("garbage_payload", q, case.a, case.b, case.payload),
+            ring_size=self.size,
+            desc_table=h.layout(q).desc,
+            block=self._block,
+            memory_end=self._end,
+            write_descs=h.write_descriptors,
+            write_bytes=self._write_bytes,
+            chain_cap=self.chain_cap,
+        )
+
+    def _write_bytes(self, addr: int, data: bytes) -> None:
+        view = self.harness.memory.view(addr, len(data))
+        view[:] = data
+        view.release()
+
+    def _build(self, case: HostileCase, q: int) -> tuple[list[int], int | None]:
+        h = self.harness
+        return write_case(
+            case,
+            ring_size=self.size,
+            desc_table=h.layout(q).desc,
+            block=self._block,
+            memory_end=self._end,
+            write_descs=h.write_descriptors,
+            write_bytes=self._write_bytes,
+            chain_cap=self.chain_cap,
+        )
+
+
+#: Bytes of guest memory :func:`write_case` uses from ``block`` on.
+CASE_BLOCK_BYTES = _BLOCK
+
+
+def write_case(
+    case: HostileCase,
+    *,
+    ring_size: int,
+    desc_table: int,
+    block: int,
+    memory_end: int,
+    write_descs: Callable[[int, Sequence[tuple[int, int, int, int]]], None],
+    write_bytes: Callable[[int, bytes], None],
+    chain_cap: int | None = None,
+) -> tuple[list[int], int | None]:
+    """Lay out ``case``'s descriptors (and indirect tables, payload) for a ring of
+    ``ring_size`` whose descriptor table is at guest address ``desc_table``, using the
+    :data:`CASE_BLOCK_BYTES` of guest memory at ``block``; ``memory_end`` is the first
+    address past driver memory. ``write_descs(table_addr, descs)`` and
+    ``write_bytes(addr, data)`` do the writing (into a harness, or into the shared
+    memory of a real device process). Returns the heads to make available and how far
+    to move ``avail.idx`` (None: by the number of heads; more than the queue size for
+    ``avail_idx_jump``). Chains start at descriptor 0. ``kick_before_driver_ok`` lays
+    out a valid chain (the caller kicks before negotiating). ``chain_cap`` is the
+    longest chain the device accepts (its maximum queue size, default ``ring_size``):
+    ``indirect_too_big`` goes past it."""
+    n, b, kind = ring_size, block, case.kind
+    a, bb = case.a & 0xFFFF_FFFF, case.b & 0xFFFF_FFFF
+    table = b + _T_OFF
+    w = b + _W_OFF
+    payload = case.payload[:_W_OFF] or b"\x00"
+    ring: list[tuple[int, int, int, int]]
+    if kind in ("garbage_payload", "avail_idx_jump", "head_out_of_range", "kick_before_driver_ok"):
+        write_bytes(b, payload)
+        wlen = 1 + bb % 1024
+        if n >= 2:
+            ring = [(b, len(payload), _NEXT_F, 1), (w, wlen, _WRITE_F, 0)]
+        else:
+            ring = [(w, wlen, _WRITE_F, 0)]
+        write_descs(desc_table, ring)
+        if kind == "avail_idx_jump":
+            return [0], n + 1 + a % (0xFFFF - n)
+        if kind == "head_out_of_range":
+            return [n + a % (0x10000 - n)], None
+        return [0], None
+    if kind == "loop":
+        k = 1 + a % n
+        ring = [(b + 64 * (i % 16), 16, _NEXT_F, (i + 1) % k) for i in range(k)]
+    elif kind == "next_out_of_range":
+        k = 1 + a % n
+        ring = [(b + 64 * (i % 16), 16, _NEXT_F, i + 1) for i in range(k)]
+        ring[-1] = (b, 16, _NEXT_F, n + bb % (0x10000 - n))
+    elif kind == "nested_indirect":
+        entries = 2 + a % 4
+        tab = [(b, 16, _NEXT_F, i + 1) for i in range(entries)]
+        tab[-1] = (table + 512, 32, _INDIRECT_F, 0)
+        if bb % 2:  # the nested entry first instead
+            tab = [(table + 512, 32, _INDIRECT_F | _NEXT_F, 1), *tab[1:]]
+        write_descs(table, tab)
+        ring = [(table, 16 * len(tab), _INDIRECT_F, 0)]
+    elif kind == "indirect_too_big":
+        entries = max(n, chain_cap or n) + 1 + (a % 4096 if bb % 2 else a % 0x0FFF_FFFF)
+        ring = [(table, 16 * entries, _INDIRECT_F, 0)]
+    elif kind == "indirect_bad_length":
+        length = 0 if a % 4 == 0 else 16 * (1 + a % n) + 1 + bb % 15
+        ring = [(table, length, _INDIRECT_F, 0)]
+    elif kind == "indirect_with_next":
+        write_descs(table, [(b, 16, 0, 0)])
+        ring = [(table, 16, _INDIRECT_F | _NEXT_F, 1 % n), (w, 16, _WRITE_F, 0)]
+    elif kind == "indirect_not_negotiated":
+        write_descs(table, [(b, 16, _NEXT_F, 1), (w, 64, _WRITE_F, 0)])
+        ring = [(table, 32, _INDIRECT_F, 0)]
+    elif kind == "huge_length":
+        ring = [(b, 0x8000_0000 + a % 0x8000_0000, _WRITE_F if bb % 2 else 0, 0)]
+    elif kind == "address_outside":
+        ring = [(memory_end + a * 4096, 1 + bb % 4096, _WRITE_F if a % 2 else 0, 0)]
+    elif kind == "address_wraps":
+        ring = [((1 << 64) - 1 - a % 4096, 16 + bb % 4096, _WRITE_F if bb % 2 else 0, 0)]
+    elif kind == "readable_after_writable":
+        k = 2 + a % max(1, n - 1)
+        if k > n:
+            ring = [(w, 16, _WRITE_F | _NEXT_F, 0)]  # n == 1: loops, refused too
+        else:
+            ring = [(w + 16 * i, 16, _WRITE_F | _NEXT_F, i + 1) for i in range(k)]
+            ring[-1] = (b, 16, 0, 0)  # readable after the writable ones
+    elif kind == "zero_length":
+        write_bytes(b, payload)
+        shapes = [
+            [(b, len(payload), _NEXT_F, 1), (w, 0, _WRITE_F, 0)],
+            [(b, 0, _NEXT_F, 1), (w, 1 + bb % 512, _WRITE_F, 0)],
+            [(b, len(payload), _NEXT_F, 1), (w, 0, _WRITE_F | _NEXT_F, 2), (w, 64, 2, 0)],
+            [(w, 0, _WRITE_F, 0)],
+        ]
+        ring = shapes[a % len(shapes)]
+        if len(ring) > n:
+            ring = shapes[-1]
+    elif kind == "indirect_unaligned":
+        write_bytes(b, payload)
+        off = 8 if a % 2 else 4
+        tab = [(b, len(payload), _NEXT_F, 1), (w, 1 + bb % 1024, _WRITE_F, 0)]
+        write_descs(table + off, tab)
+        ring = [(table + off, 32, _INDIRECT_F, 0)]
+    else:
+        raise ValueError(f"unknown hostile case kind {kind!r}")
+    write_descs(desc_table, ring[:n])
+    return [0], None
+
+
+def hostile_driver(
+    device_or_factory: Device | Callable[[], Device],
+    *,
+    seed: int = 0,
+    cases: int = 200,
+    kinds: Sequence[str] | None = None,
+    queues: Sequence[int] | None = None,
+    queue_size: int | None = None,
+    probe: Callable[[int], tuple[Sequence[bytes], Sequence[int]]] | None = None,
+    handler_errors_fail: bool = False,
+) -> HostileReport:
+    """Aim ``cases`` malformed chains (seeded by ``seed``: the same seed, the same
+    cases) at a device in-process and return a :class:`HostileReport`.
+
+    Every case is mounted on a freshly reset and negotiated device (queue size
+    ``queue_size``, default the device's maximum up to 64): the chains of
+    :data:`HOSTILE_KINDS` are written straight into the ring (the real
+    :class:`~vdev.virtio.queue.DriverQueue` refuses to build them) and kicked; then the
+    driver checks that nothing escaped the session, that malformed chains were
+    completed with length 0 (or the ring declared broken: DEVICE_NEEDS_RESET) without
+    ever reaching ``handle()``, that a broken ring handed the device nothing, that
+    nothing was served before DRIVER_OK; and after a reset, that a valid request (the
+    ``probe`` shape, default 16 readable and 64 writable bytes) is still served.
+    Kinds are taken in turn (every kind runs when ``cases >= len(kinds)``), the queue
+    and parameters are drawn. Exceptions out of ``handle()`` are contained by the
+    session and counted in ``handler_errors``; with ``handler_errors_fail`` they are
+    failures too. The device is closed at the end.
+    """
+    device = device_or_factory if isinstance(device_or_factory, Device) else device_or_factory()
+    rng = random.Random(seed)
+    chosen = list(kinds) if kinds is not None else list(HOSTILE_KINDS)
+    unknown = [k for k in chosen if k not in HOSTILE_KINDS]
+    if unknown or not chosen:
+        device.close()
+        raise ValueError(f"unknown hostile case kinds {unknown} (see HOSTILE_KINDS)")
+    qs = list(queues) if queues is not None else list(range(device.num_queues))
+    with HostileDriver(
+        device,
+        seed=seed,
+        queue_size=queue_size,
+        probe=probe,
+        handler_errors_fail=handler_errors_fail,
+    ) as driver:
+        for i in range(max(0, cases)):
+            case = random_case(rng, qs, [chosen[i % len(chosen)]])
+            driver.run(case)
+        return driver.report

@@ -37,6 +37,14 @@ table (regions mmap'd from the passed fds, ``hostops.fdmem``; guest-physical loo
 *user* addresses, translated by :class:`~vdev.virtio.vhost_user.UserAddressMap`) and
 per ring: size, user addresses, base, kick/call/err eventfds, started, enabled.
 
+Memory the front-end could shrink is refused: a region's fd must be sealed against
+shrinking (``F_SEAL_SHRINK``), or still sealable, and then we add the seal ourselves
+(:func:`hostops.fdmem.require_shrink_seal`); otherwise (a tmpfs or hugetlbfs file, a
+memfd created without ``MFD_ALLOW_SEALING``) SET_MEM_TABLE fails with a logged one-line
+reason and the connection is closed: a front-end's ``ftruncate`` must not be able to
+kill this process with SIGBUS. QEMU's ``memory-backend-memfd`` (what ``vlab vm`` uses)
+seals by default (``seal=on``: SHRINK, GROW and SEAL), so it is accepted as is.
+
 Ring states ("Ring states" in the spec): a ring is *started* by SET_VRING_KICK (an
 eventfd, or bit 8 "no fd": polling mode, the ring is checked every
 :attr:`~VhostUserBackend.poll_interval` seconds by a session timer) and *stopped* by
@@ -68,6 +76,12 @@ the driver negotiated VIRTIO_NET_F_MTU, and the device's MTU follows (an MTU the
 refuses is nacked with REPLY_ACK). Not offered: INFLIGHT_SHMFD, BACKEND_REQ, LOG_SHMFD,
 STATUS, RARP and the rest.
 
+Fault injection (``injector=``, ``--faults PLAN``): every message fires
+``control.<REQUEST>`` before it is served; ``refuse_features_ok`` refuses the next
+SET_FEATURES (there is no FEATURES_OK without the STATUS protocol feature): a nack with
+REPLY_ACK, else the connection ends; ``needs_reset`` writes the ring's err eventfd; the
+parent watch stays heard during a ``hang``.
+
 Tracing: with ``VLAB_TRACE`` set the session traces the data path
 (:meth:`vdev.session.DeviceSession.trace_from_env`), and every message becomes a ``ctl``
 event (request name, payload fields, number of fds, reply or error) — see
@@ -80,8 +94,9 @@ or, when it was launched by :class:`hostops.DeviceProcess`, until that process d
 Counters (:attr:`VhostUserBackend.counters`, logged when a connection ends):
 :data:`BACKEND_COUNTERS` (``connections messages protocol_errors nacks config_reads``,
 the session's counters, ``config_interrupts_unsupported``); the device's own counters
-(``device.metrics``) are logged on the next line, ``connection N device counters: name
-value, ...``.
+(``device.metrics``, and under a fault plan the injector's cumulative ``faults_fired``
+and ``fault:<action>``) are logged on the next line, ``connection N device counters:
+name value, ...``.
 """
 
 from __future__ import annotations
@@ -98,10 +113,11 @@ from typing import Any, Protocol, runtime_checkable
 from hostops.barrier import full_barrier
 from hostops.errors import TransportError
 from hostops.eventfd import EventFd, NotAnEventFd
-from hostops.fdmem import MappedFd, MappingError
+from hostops.fdmem import MappedFd, MappingError, require_shrink_seal
 from hostops.process import ParentWatch
 from hostops.unix import UnixConnection, UnixServer
 from vdev.device import RING_FEATURES, Device
+from vdev.injector import FaultInjector
 from vdev.session import SESSION_COUNTERS, DeviceSession, Ring
 from vdev.virtio.constants import bit
 from vdev.virtio.errors import AddressError, ProtocolError, UsageError
@@ -239,6 +255,7 @@ class VhostUserBackend:
         message_timeout: float = 5.0,
         log: Any = None,
         watch_parent: bool = True,
+        injector: FaultInjector | None = None,
     ) -> None:
         if device.num_queues < 1 or device.num_queues > 256:
             raise UsageError(f"{device!r}: vhost-user rings are numbered 0..255")
@@ -256,6 +273,8 @@ class VhostUserBackend:
         self.session.idle_timeout = self.idle_timeout
         self.session.trace_from_env(sys.argv)
         self.tracer = self.session.tracer
+        if injector is not None:
+            self.session.attach_injector(injector)
         self.counters = self.session.counters
         self.rings = self.session.rings
         self.offered = (
@@ -343,7 +362,8 @@ class VhostUserBackend:
         if self.watch_parent:
             self._parent = ParentWatch.from_env()
             if self._parent is not None:
-                self.session.add_source(self._parent, self._on_parent)
+                # heard even while a ``hang`` fault stops everything else
+                self.session.add_lifeline(self._parent, self._on_parent)
         self._log(
             f"listening on {self.socket_path} ({self.device.num_queues} queue(s), "
             f"features {self.offered:#x})"
@@ -447,6 +467,12 @@ class VhostUserBackend:
         has_reply = req in REPLY_KIND
         acks = hdr.need_reply and bool(self.protocol_features & bit(ProtocolFeature.REPLY_ACK))
         tracer = self.tracer
+        if self.session.injector is not None:
+            # control.<REQUEST>: a crash or hang fault leaves the message unanswered
+            index = getattr(payload, "index", None)
+            self.session.fire_faults(
+                f"control.{req.name}", queue=index if isinstance(index, int) else None
+            )
         try:
             result = handler(hdr, payload, fds)
         except ProtocolError as e:
@@ -497,7 +523,10 @@ class VhostUserBackend:
         session.reset()  # clears the rings, then device.reset()
         summary = ", ".join(f"{k} {self.counters[k]}" for k in _SUMMARY)
         self._log(f"connection {self._conn_no} closed: {reason} (totals: {summary})")
-        device = ", ".join(f"{k} {v}" for k, v in self.device.metrics.snapshot().items())
+        counts = self.device.metrics.snapshot()
+        if session.injector is not None:  # the faults fired so far (cumulative)
+            counts.update(session.injector.counters)
+        device = ", ".join(f"{k} {v}" for k, v in counts.items())
         self._log(f"connection {self._conn_no} device counters: {device or '-'}")
         if self._server is not None and not session.stopping:
             session.add_source(self._server, self._accept)
@@ -554,6 +583,12 @@ class VhostUserBackend:
         if extra:
             raise ProtocolError(
                 ErrorCode.BAD_VALUE, f"features {extra:#x} were never offered (§2.2)"
+            )
+        if self.session.take_features_refusal():
+            # vhost-user has no FEATURES_OK without the STATUS protocol feature (not
+            # offered): the refusal is this message's nack (or the connection's end)
+            raise ProtocolError(
+                ErrorCode.BAD_VALUE, "features refused by fault injection (refuse_features_ok)"
             )
         if value != self.acked_features and any(r.running for r in self.rings):
             raise ProtocolError(_BAD_STATE, "features changed while a ring is running")
@@ -614,6 +649,11 @@ class VhostUserBackend:
         try:
             for i, (region, fd) in enumerate(zip(table.regions, fds, strict=True)):
                 try:
+                    # a region the front-end could still shrink would make our next
+                    # access die of SIGBUS: sealed (F_SEAL_SHRINK), or sealed by us
+                    # now, or refused (QEMU's memory-backend-memfd seals by default)
+                    if not require_shrink_seal(fd):
+                        self._log(f"SET_MEM_TABLE: region {i}: sealed it against shrinking")
                     maps.append(MappedFd.map(fd, region.memory_size, region.mmap_offset))
                 except MappingError as e:
                     raise _Close(f"SET_MEM_TABLE: region {i}: {e}") from None

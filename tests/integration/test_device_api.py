@@ -523,7 +523,7 @@ class VhostUserDriver(Driver):
         features = self.request(Req.GET_FEATURES)
         assert isinstance(features, int) and features & bit(F.EVENT_IDX)
         assert self.request(Req.SET_FEATURES, features) == 0
-        fd = os.memfd_create("relay", os.MFD_CLOEXEC)
+        fd = os.memfd_create("relay", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, REGION)
         self.fds.append(fd)
         m = mmap.mmap(fd, REGION, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

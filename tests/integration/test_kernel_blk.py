@@ -637,14 +637,18 @@ def _kill_under_load(k, fd: int, kill, *, check_data: bool = False) -> None:
 
 
 def test_sigkill_of_the_device_fails_every_caller_with_eio(image):
-    k = kernel.boot(devices=[kernel.Blk(image)])
+    """With ``on_device_death="fail"`` the foundation's behaviour stays: EIO for every
+    caller within 5 s, and for good (the default restarts: test_kernel_recovery.py)."""
+    k = kernel.boot(devices=[kernel.Blk(image, on_device_death="fail")])
     try:
         dev = k.devices[0]
         pid = dev.pid
         fd = k.sys.open("/dev/vda", os.O_RDWR)
         _kill_under_load(k, fd, lambda: os.kill(pid, signal.SIGKILL))
         assert dev.failed is not None and dev.failed.errno == errno.EIO
-        _oserror(errno.EIO, k.sys.pread, fd, 512, 0)  # new requests fail at once
+        assert dev.failed.culprit == "device-gone"
+        err = _oserror(errno.EIO, k.sys.pread, fd, 512, 0)  # new requests fail at once
+        assert err.culprit == "device-gone"
     finally:
         k.shutdown()
     assert not os.path.exists(f"/proc/{pid}")
@@ -675,7 +679,8 @@ def test_ring_features_are_negotiated(k):
 
 def test_device_needs_reset_fails_in_flight_requests(kz):
     """A ring the device cannot trust (avail.idx jumps by more than N): the device sets
-    DEVICE_NEEDS_RESET and rings CONFIG_CHANGE; the kernel fails what is in flight."""
+    DEVICE_NEEDS_RESET and rings CONFIG_CHANGE; the kernel fails what is in flight
+    (EIO, culprit "device-broke-ring"), resets the device and goes on with it."""
     k = kz
     dev = k.devices[0]
     blk, q = dev.block, dev.queues[0]
@@ -695,11 +700,14 @@ def test_device_needs_reset_fails_in_flight_requests(kz):
         idx = U16.unpack_from(buf, lay.avail + 2)[0]
         U16.pack_into(buf, lay.avail + 2, (idx + 3 * lay.size) & 0xFFFF)
     q.notify()
-    err = dev.wait_failed(10)
-    assert err is not None and err.errno == errno.EIO and "reset" in err.strerror
+    pid = dev.pid
+    assert dev.wait_recovered(1, 10)
     assert done.wait(10)
     assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results)
-    _oserror(errno.EIO, blk.read, 0, 512)
+    assert all(r.culprit == "device-broke-ring" and "reset" in r.strerror for r in results)
+    assert dev.failed is None and dev.pid == pid  # reset, not restarted
+    assert dev.recovery["resets"] == 1 and dev.recovery["requests_failed_on_reset"] == 4
+    assert blk.read(0, 512) == _pattern(IMAGE_SIZE, 1)[:512]
     assert dev.metrics()["device"] is not None  # the process itself is alive
     del lay, buf
 

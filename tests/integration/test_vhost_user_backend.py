@@ -250,7 +250,7 @@ class FrontEnd:
 
     # -- memory
     def memfd(self, size: int) -> tuple[int, mmap.mmap]:
-        fd = os.memfd_create("vu-test", os.MFD_CLOEXEC)
+        fd = os.memfd_create("vu-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         self.fds.append(fd)
         m = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

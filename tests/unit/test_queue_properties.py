@@ -213,6 +213,12 @@ class RingMachine(RuleBasedStateMachine):
         for a, ln in wbufs:
             self.buf[a : a + ln] = bytes([SENTINEL]) * ln
         table = base + 0x140 if use_indirect else None
+        if use_indirect and nr + nw > self.n:  # §2.7.5.3.1: no chain longer than the queue
+            with pytest.raises(UsageError):
+                self.d.add(rbufs, wbufs, tok, indirect_table=table)
+            assert self.d.num_free == free_before and self.d.in_flight == inflight_before
+            self.free_slabs.append(slab)
+            return
         if need > free_before:
             with pytest.raises(QueueFull):
                 self.d.add(rbufs, wbufs, tok, indirect_table=table)
@@ -495,8 +501,10 @@ def test_queue_full_then_indirect_fits() -> None:
     assert ch is not None
     v.push(ch.head, 1)
     assert d.get_used() == [("a", 1)]
-    d.add([(0x1000, 1), (0x1010, 1), (0x1020, 1)], [(0x1100, 1)], "c", indirect_table=0x2000)
+    d.add([(0x1000, 1)], [(0x1100, 1)], "c", indirect_table=0x2000)
     assert d.num_free == 1
+    with pytest.raises(UsageError):  # §2.7.5.3.1: a table longer than the queue
+        d.add([(0x1000, 1), (0x1010, 1)], [(0x1100, 1)], "d", indirect_table=0x2000)
 
 
 def test_push_rejects_bad_arguments() -> None:

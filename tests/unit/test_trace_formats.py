@@ -18,7 +18,9 @@ from tools.cli import main as vlab
 from vdev.virtio.trace import Tracer, decode_line
 from vdev.virtio.trace_formats import (
     RingState,
+    check_perfetto,
     format_stats,
+    perfetto_json,
     queue_stats,
     render_ring,
     ring_html,
@@ -36,9 +38,14 @@ KPID, DPID = 100, 200
 # --------------------------------------------------------------------------- validators
 
 
-def validate_trace_events(doc: dict[str, Any]) -> dict[str, int]:
-    """Check ``doc`` against the Trace Event format rules the Perfetto importer needs;
-    returns how many events of each phase it has."""
+def validate_trace_events(doc: dict[str, Any] | str) -> dict[str, int]:
+    """Check ``doc`` (the JSON text as written, or the object) against the Trace Event
+    format rules and every condition Perfetto's importer fails or warns on
+    (:func:`check_perfetto`); returns how many events of each phase it has."""
+    text = doc if isinstance(doc, str) else json.dumps(doc)
+    assert check_perfetto(text) == []
+    if isinstance(doc, str):
+        doc = json.loads(doc)
     assert isinstance(doc, dict) and isinstance(doc.get("traceEvents"), list)
     phases: dict[str, int] = {}
     async_open: dict[tuple[Any, Any, Any], float] = {}
@@ -257,8 +264,9 @@ def test_perfetto_is_valid_and_links_the_processes() -> None:
     assert phases["b"] == phases["e"] == adds
     pops = sum(e["kind"] == "pop" for e in events)
     reaps = sum(e["kind"] == "reap" for e in events if e["q"] == 1 or e["dev"] == "vda")
-    # publish -> pop for every vda pop (the net trace has no publish), push -> reap
-    assert phases["s"] == phases["f"] == (pops - 6) + reaps
+    # publish -> pop for every pop (from the add where the trace has no publish, as the
+    # net one here), push -> reap
+    assert phases["s"] == phases["f"] == pops + reaps
     assert phases["X"] == len(events)
     names = {e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M"}
     assert {f"kernel {KPID}", f"vda device {DPID}", "vda q0", "eth0 q1"} <= names
@@ -334,6 +342,61 @@ def test_ring_reconstruction_across_a_wrap() -> None:
     assert mid.chains[0] == [[0x9000, 16, 1], [0xA000, 512, 1], [0x9010, 1, 2]]
 
 
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_ring_event_indices_and_flags_from_the_writes(event_idx: bool) -> None:
+    """With kick_mode / irq_mode in the trace, avail_event / used_event and the flags
+    words are the values written, not what the other side last read."""
+    lines: list[str] = []
+    clock = Clock()
+    drv = Tracer(lines.append, clock, pid=KPID, kpid=KPID, dev="vda", side="driver")
+    dev = Tracer(lines.append, clock, pid=DPID, kpid=KPID, dev="vda", side="device")
+    dev.emit("ctl", 0, type="SET_VRING_NUM", fields={"index": 0, "num": 8}, reply={})
+    marks = [len(lines)]  # the model is looked at after these many events
+    for s in range(3):
+        drv.emit("add", 0, s, s, descs=[[0x1000, 16, 2]], indirect=None, ids=[s], payload=None)
+        drv.emit("publish", 0, old=s, new=s + 1, count=1, first_seq=s)
+        drv.emit("kick", 0, sent=True, old=s, new=s + 1, event=99)  # a stale read
+        if event_idx:
+            dev.emit("kick_mode", 0, on=False)
+        else:
+            dev.emit("kick_mode", 0, on=False, flags=1)
+        marks.append(len(lines))
+        dev.emit("pop", 0, s, s, descs=[[0x1000, 16, 2, False]], rlen=0, wlen=16)
+        dev.emit("push", 0, s, s, len=16)
+        dev.emit("irq", 0, sent=True, old=s, new=s + 1, event=77)  # a stale read
+        if event_idx:
+            dev.emit("kick_mode", 0, on=True, avail_event=s + 1)
+            drv.emit("irq_mode", 0, on=False)
+        else:
+            dev.emit("kick_mode", 0, on=True, flags=0)
+            drv.emit("irq_mode", 0, on=False, flags=1)
+        marks.append(len(lines))
+        drv.emit("reap", 0, s, s, len=16, lat_ns=1, payload=None)
+        if event_idx:
+            drv.emit("irq_mode", 0, on=True, used_event=s + 1)
+        else:
+            drv.emit("irq_mode", 0, on=True, flags=0)
+        marks.append(len(lines))
+    steps = ring_steps(sort_events(decode_line(x) for x in lines), "vda", 0)
+    assert len(steps) == len(lines)
+    seen: list[tuple[Any, ...]] = []
+    for m in marks:
+        st = RingState()
+        for _, ops in steps[:m]:
+            st.apply(ops)
+        seen.append((st.avail_event, st.used_event, st.avail_flags, st.used_flags))
+    if event_idx:  # (avail_event, used_event, avail.flags, used.flags)
+        want = [(0, 0, 0, 0)]
+        for s in range(3):
+            want += [(s, s, 0, 0), (s + 1, s, 0, 0), (s + 1, s + 1, 0, 0)]
+    else:
+        want = [(0, 0, 0, 0)] + [(0, 0, 0, 1), (0, 0, 1, 0), (0, 0, 0, 0)] * 3
+    assert seen == want
+    text = render_ring(st)
+    assert f"avail_event {want[-1][0]}  used_event {want[-1][1]}" in text
+    assert "avail.flags 0  used.flags 0" in text
+
+
 def test_ring_text_and_html() -> None:
     events = build_trace(size=4, n=6)
     steps = ring_steps(events, "vda", 0)
@@ -391,3 +454,140 @@ def test_ring_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert vlab(["trace", "ring", str(path), "--queue", "vda:0", "--at", "3"]) == 0
     out = capsys.readouterr().out
     assert "after event 3/" in out and "avail.idx 1" in out
+
+
+# --------------------------------------------------------------------------- Perfetto rules
+
+
+def _doc(*events: dict[str, Any], **top: Any) -> str:
+    """A Trace Event document with a named process 1 and thread (1, 2) and ``events``."""
+    meta = [
+        {"name": "process_name", "ph": "M", "ts": 0, "pid": 1, "tid": 0, "args": {"name": "p"}},
+        {"name": "thread_name", "ph": "M", "ts": 0, "pid": 1, "tid": 2, "args": {"name": "t"}},
+    ]
+    return json.dumps({"traceEvents": meta + list(events), **top})
+
+
+def _x(ts: float, dur: float, name: str = "x") -> dict[str, Any]:
+    return {"name": name, "cat": "c", "ph": "X", "ts": ts, "dur": dur, "pid": 1, "tid": 2}
+
+
+def _fl(ph: str, ts: float, fid: Any = 7, **more: Any) -> dict[str, Any]:
+    ev = {"name": "f", "cat": "flow", "ph": ph, "id": fid, "ts": ts, "pid": 1, "tid": 2}
+    if ph == "f":
+        ev["bp"] = "e"
+    return {**ev, **more}
+
+
+def _async(ph: str, ts: float, rid: Any = 3, name: str = "r") -> dict[str, Any]:
+    return {"name": name, "cat": "request", "ph": ph, "id": rid, "ts": ts, "pid": 1, "tid": 2}
+
+
+GOOD = (_x(1, 1), _fl("s", 1.5), _x(3, 1), _fl("f", 3), _async("b", 1), _async("e", 4))
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("[" + _doc(*GOOD) + "]", "must be a JSON object"),
+        (_doc(*GOOD)[:-5], "not one complete JSON document"),
+        (_doc(*GOOD) + "{}", "not one complete JSON document"),
+        (json.dumps({"events": []}), "no traceEvents array"),
+        (_doc(*GOOD, displayTimeUnit="ns"), "json_display_time_unit"),
+        (_doc(*GOOD, _x(9, 1, name="\U0001f600")), "surrogate"),
+        (_doc(*GOOD, {"name": "x", "ts": 9, "pid": 1, "tid": 2}), "no ph"),
+        (_doc(*GOOD, {"name": "x", "ph": "Q", "ts": 9, "pid": 1, "tid": 2}), "phase 'Q'"),
+        (_doc(*GOOD, {**_x(9, 1), "ts": "soon"}), "ts is not a number"),
+        (_doc(*GOOD, {**_x(9, 1), "dur": None}), "dur is not a number"),
+        (_doc(*GOOD, {k: v for k, v in _x(9, 1).items() if k != "dur"}), "X without dur"),
+        (_doc(*GOOD, _x(9, -1)), "slice_negative_duration"),
+        (_doc(*GOOD, {**_x(9, 1), "pid": -1}), "pid -1"),
+        (_doc(*GOOD, {**_x(9, 1), "pid": 1 << 32}), "pid 4294967296"),
+        (_doc(*GOOD, {**_x(9, 1), "args": [1]}), "args is not an object"),
+        (_doc(*GOOD, {**_x(9, 1), "bind_id": 4}), "flow_without_direction"),
+        (_doc(*GOOD, _x(9, 2), _x(10, 2)), "slice_spill_overlapping_complete_event"),
+        (_doc(*GOOD, *[_x(9, 0) for _ in range(513)]), "slice_max_depth_exceeded"),
+        (_doc(*GOOD, {k: v for k, v in _async("b", 5).items() if k != "id"}), "without pid or id"),
+        (_doc(*GOOD, _async("b", 5, rid=9)), "never ends"),
+        (_doc(*GOOD, _async("e", 5, rid=9)), "async end without a begin"),
+        (_doc(*GOOD, _async("b", 5, rid=9), _async("e", 6, rid=9, name="q")), "without a begin"),
+        (_doc(*GOOD, _async("b", 5, rid=9), _async("b", 6, rid=9)), "begun twice"),
+        (_doc(*GOOD, _fl("s", 3.5, fid=8)), "has no end"),
+        (_doc(*GOOD, _fl("s", 1.2), _fl("f", 3.5)), "flow_duplicate_id"),
+        (_doc(*GOOD, _fl("f", 1.5, fid=8), _fl("s", 3.5, fid=8)), "flow_end_without_start"),
+        (_doc(*GOOD, _fl("t", 1.5, fid=8)), "flow_step_without_start"),
+        (_doc(*GOOD, _fl("s", 1.5, fid="zz")), "flow_invalid_id"),
+        (_doc(*GOOD, _fl("s", 1.5, fid=8), _fl("f", 3.5, fid=8, bp=None)), "bp 'e'"),
+        (_doc(_fl("s", 0.5, fid=8), *GOOD, _fl("f", 3.5, fid=8)), "flow_no_enclosing_slice"),
+        (_doc(*GOOD, _fl("s", 2.5, fid=8), _fl("f", 3.5, fid=8)), "flow_no_enclosing_slice"),
+        (_doc(*GOOD, {"name": "c", "ph": "C", "ts": 9, "pid": 1, "tid": 0}), "counter without"),
+        (
+            _doc(*GOOD, {"name": "c", "ph": "C", "ts": 9, "pid": 1, "tid": 0, "args": {"n": "x"}}),
+            "is not a number",
+        ),
+        (
+            _doc(*GOOD, {"name": "thread_name", "ph": "M", "pid": 1, "tid": 5, "args": {}}),
+            "args.name",
+        ),
+        (_doc(*GOOD, {**_x(9, 1), "tid": 5}), "has no thread_name"),
+        (_doc(*GOOD, {**_x(9, 1), "pid": 4, "tid": 4}), "process 4 has no process_name"),
+        (_doc(*GOOD, {"name": "i", "ph": "i", "ts": 9, "pid": 1, "tid": 2, "s": "x"}), "scope"),
+    ],
+)
+def test_check_perfetto_names_each_importer_problem(text: str, problem: str) -> None:
+    assert check_perfetto(_doc(*GOOD)) == []
+    found = check_perfetto(text)
+    assert found and any(problem in p for p in found), found
+
+
+def test_check_perfetto_follows_the_importers_order_at_one_timestamp() -> None:
+    # at one ts the importer takes X (longest first) before flows, so a flow stamped
+    # with its slice's start is enclosed even when written before the slice
+    text = _doc(_fl("s", 1), _x(1, 1), _fl("f", 3), _x(3, 0.5))
+    assert check_perfetto(text) == []
+    # but a zero-length slice ranks with the flows: file order decides, and the flow
+    # would bind to the slice before
+    assert (
+        "flow_no_enclosing_slice"
+        in check_perfetto(_doc(_fl("s", 1), _x(1, 1), _fl("f", 3), _x(3, 0)))[0]
+    )
+    # adjacent slices do not overlap; two zero-length ones at one ts stack
+    assert check_perfetto(_doc(_x(1, 1), _x(2, 1), _x(5, 0), _x(5, 0))) == []
+
+
+def test_perfetto_json_replaces_what_the_importer_cannot_read() -> None:
+    events = build_trace()
+    odd = dict(events[0], note="smile \U0001f600 lone \udc80 ok é →")
+    text = perfetto_json([odd, *events[1:]])
+    assert check_perfetto(text) == []
+    assert "\\ud83d" not in text and "\\udc80" not in text
+    arg = json.loads(text)["traceEvents"]
+    notes = [e["args"]["note"] for e in arg if e.get("args", {}).get("note")]
+    assert notes == ["smile \ufffd\ufffd lone \ufffd ok é →"]
+    assert "displayTimeUnit" not in json.loads(text)
+
+
+def test_perfetto_flows_never_go_back_in_time() -> None:
+    """A device may pop a chain before the driver's publish event is stamped (it is
+    stamped after the store), and the driver may reap before the push is stamped: the
+    arrows then start at the add / the pop, which always come first."""
+    lines: list[str] = []
+    clock = Clock()
+    drv = Tracer(lines.append, clock, pid=KPID, kpid=KPID, dev="vda", side="driver")
+    dev = Tracer(lines.append, clock, pid=DPID, kpid=KPID, dev="vda", side="device")
+    dev.emit("ctl", 0, type="SET_VRING_NUM", fields={"index": 0, "num": 4}, reply={})
+    drv.emit("add", 0, 0, 0, descs=[[0x1000, 16, 2]], indirect=None, ids=[0], payload=None)
+    dev.emit("pop", 0, 0, 0, descs=[[0x1000, 16, 2, False]], rlen=0, wlen=16)
+    drv.emit("publish", 0, old=0, new=1, count=1, first_seq=0)
+    drv.emit("reap", 0, 0, 0, len=16, lat_ns=1, payload=None)
+    dev.emit("push", 0, 0, 0, len=16)
+    events = sort_events(decode_line(x) for x in lines)
+    text = perfetto_json(events)
+    assert check_perfetto(text) == []
+    doc = json.loads(text)
+    xs = {e["ts"]: e["name"] for e in doc["traceEvents"] if e["ph"] == "X"}
+    arrows: dict[int, dict[str, str]] = {}
+    for e in doc["traceEvents"]:
+        if e["ph"] in ("s", "f"):
+            arrows.setdefault(e["id"], {})[e["ph"]] = xs[e["ts"]]
+    assert sorted((a["s"], a["f"]) for a in arrows.values()) == [("add", "pop"), ("pop", "reap")]

@@ -11,7 +11,8 @@ ours. Every message is one msgpack map:
 types, and the fields its reply carries. :func:`decode_request` checks a request against
 it and raises :class:`ProtocolError` naming the problem (the receiver turns that into an
 error reply and keeps serving); :func:`decode_reply` raises :class:`RemoteError` when
-the peer answered with an error.
+the peer answered with an error, and :func:`check_reply` checks a success reply's fields
+against :data:`REPLY_TYPES` the same way (the kernel never trusts a reply's shape).
 
 Session order (checked by the device, see :mod:`vdev.device`): GET_DEVICE_INFO and
 GET_FEATURES at any time; SET_FEATURES before FEATURES_OK; SET_MEM_TABLE, then per queue
@@ -36,6 +37,8 @@ __all__ = [
     "ErrorCode",
     "Request",
     "RemoteError",
+    "REPLY_TYPES",
+    "check_reply",
     "encode_request",
     "decode_request",
     "encode_reply",
@@ -87,6 +90,18 @@ REQUESTS: dict[str, tuple[dict[str, type], tuple[str, ...]]] = {
     "RESET_DEVICE": ({}, ()),
     # Ours, not vhost-user's: the device's counters (device and per queue).
     "GET_METRICS": ({}, ("device", "queues")),
+}
+
+#: The types of the reply fields named in :data:`REQUESTS` (the kernel checks every
+#: reply against them with :func:`check_reply`, as the device checks requests). A reply
+#: field named in :data:`REQUESTS` but not typed here is only checked to be present.
+REPLY_TYPES: dict[str, dict[str, type]] = {
+    "GET_DEVICE_INFO": {"device_id": int, "num_queues": int, "max_queue_size": int, "name": str},
+    "GET_FEATURES": {"features": int},
+    "GET_CONFIG": {"data": bytes},
+    "GET_VRING_BASE": {"base": int},
+    "GET_STATUS": {"status": int},
+    "GET_METRICS": {"device": dict, "queues": list},
 }
 
 _U64 = (1 << 64) - 1
@@ -167,6 +182,29 @@ def decode_request(data: bytes) -> Request:
     if extra:
         raise ProtocolError(ErrorCode.BAD_FIELD, f"{type_}: unexpected field(s) {extra}")
     return Request(type_, fields)
+
+
+def check_reply(type_: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Check the fields of a success reply to a ``type_`` request against the schema
+    (:data:`REQUESTS` names them, :data:`REPLY_TYPES` types them: ints are u64 and never
+    bool). Returns ``fields``; raises :class:`ProtocolError` (``BAD_FIELD`` /
+    ``BAD_VALUE``) naming the message and the field. Fields the schema does not name
+    are ignored (a newer device may say more); an unknown ``type_`` is
+    ``ProtocolError(UNKNOWN_MESSAGE)``."""
+    entry = REQUESTS.get(type_)
+    if entry is None:
+        raise ProtocolError(ErrorCode.UNKNOWN_MESSAGE, f"no reply schema for {type_!r}")
+    types = REPLY_TYPES.get(type_, {})
+    for name in entry[1]:
+        if name not in fields:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{type_} reply: field {name!r} is missing")
+        want = types.get(name)
+        if want is not None:
+            try:
+                _check_type(name, fields[name], want)
+            except ProtocolError as e:
+                raise ProtocolError(e.code, f"{type_} reply: {e.message}") from None
+    return fields
 
 
 def encode_reply(**fields: Any) -> bytes:

@@ -50,6 +50,7 @@ class Rule(Enum):
     INDIRECT_WITH_NEXT = "§2.7.5.3.1: INDIRECT and NEXT may not both be set"
     INDIRECT_NOT_NEGOTIATED = "§2.7.5.3.1: INDIRECT used without VIRTIO_F_INDIRECT_DESC"
     INDIRECT_LENGTH = "§2.7.5.3.1: indirect table length must be a non-zero multiple of 16"
+    CHAIN_TOO_LONG = "§2.7.5.3.1: a chain (indirect table included) exceeds the queue size"
     ADDRESS_OUT_OF_RANGE = "§2.7.5: buffer (addr, len) must lie inside driver memory"
     LENGTH_OVERFLOW = "§2.7.5: total chain length must fit in 32 bits"
     # Rules the device must follow, checked by the driver (§2.7.8, §2.7.13).

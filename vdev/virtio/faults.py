@@ -32,6 +32,7 @@ when the event arrived::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -47,6 +48,7 @@ __all__ = [
     "ACTIONS",
     "CONTROL_MESSAGES",
     "FaultPlanError",
+    "FaultStateError",
     "FaultEvent",
     "Fired",
     "FaultRule",
@@ -271,6 +273,7 @@ _WHEN_KEYS = frozenset(
 )
 _RULE_KEYS = frozenset({"name", "when", "what", "set_state"})
 _PLAN_KEYS = frozenset({"version", "seed", "initial_state", "rules"})
+_STATE_FORMAT = "vlab-fault-run/1"  # FaultPlan.export_run's format tag
 _SECTOR = 512  # §5.2.6: sectors are 512 bytes whatever the block size
 
 
@@ -280,6 +283,11 @@ _SECTOR = 512  # §5.2.6: sectors are 512 bytes whatever the block size
 class FaultPlanError(ValueError):
     """A fault plan is invalid (the plan's author is at fault). The message is one line
     naming the rule (``rule 'name' (#i)``, or ``plan``) and the field."""
+
+
+class FaultStateError(ValueError):
+    """A saved run state (:meth:`FaultPlan.import_run`) is corrupt or belongs to another
+    plan (the state file is at fault). The message is one line naming the field."""
 
 
 # --------------------------------------------------------------------------- records
@@ -620,6 +628,9 @@ class FaultPlan:
         self.events = 0
         self.fired_total = 0
         self.warnings: list[str] = []
+        #: The seed was drawn (neither the plan nor the caller gave one): a saved run
+        #: of this plan may bring its own (:meth:`import_run` with ``adopt_seed``).
+        self.seed_drawn = False
         reach = _reachable(initial_state, rules)
         for r in rules:
             if r.state is not None and r.state not in reach:
@@ -670,9 +681,12 @@ class FaultPlan:
                     f"{_where(r.index, r.name)}: name: duplicate of rule #{names[r.name]}"
                 )
             names[r.name] = r.index
+        drawn = seed is None and plan_seed is None
         if seed is None:
             seed = plan_seed if plan_seed is not None else random.randrange(1 << 63)
-        return cls(rules, seed=seed, initial_state=initial, version=version, clock=clock)
+        plan = cls(rules, seed=seed, initial_state=initial, version=version, clock=clock)
+        plan.seed_drawn = drawn
+        return plan
 
     @classmethod
     def from_text(
@@ -717,6 +731,113 @@ class FaultPlan:
         return FaultPlan.from_dict(
             self.to_dict(), seed=self.seed if seed is None else seed, clock=self.clock
         )
+
+    # -- run state (a device process restarted on the same run continues it)
+
+    def fingerprint(self) -> str:
+        """A digest of the plan as data (rules, seed, initial state): a saved run state
+        is only accepted by the plan it was saved from."""
+        return self._fingerprint(self.seed)
+
+    def _fingerprint(self, seed: int) -> str:
+        data = self.to_dict()
+        data["seed"] = seed
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def export_run(self) -> dict[str, Any]:
+        """The state of this run as plain data (JSON-able): the plan's fingerprint, the
+        state, the event and fired counts, the start time, the RNG's state and per rule
+        its ``matches``, ``fired`` and Gilbert-Elliott chain state.
+        :meth:`import_run` on a fresh run of the same plan continues it exactly."""
+        version, words, gauss = self.rng.getstate()
+        return {
+            "format": _STATE_FORMAT,
+            "plan": self.fingerprint(),
+            "seed": self.seed,
+            "state": self.state,
+            "events": self.events,
+            "fired_total": self.fired_total,
+            "start_time": self.start_time,
+            "rng": [version, list(words), gauss],
+            "rules": {r.name: [r.matches, r.fired, r.ge_bad] for r in self.rules},
+        }
+
+    def import_run(self, d: Any) -> None:
+        """Continue the run :meth:`export_run` saved. Everything is checked before
+        anything changes: :class:`FaultStateError` (one line naming the field) for data
+        that is malformed or saved from another plan or seed. A plan whose seed was
+        drawn (:attr:`seed_drawn`) takes the saved run's seed."""
+
+        def bad(fld: str, msg: str) -> FaultStateError:
+            return FaultStateError(f"state: {fld}: {msg}")
+
+        if not isinstance(d, Mapping):
+            raise bad("(top)", f"must be an object, got {type(d).__name__}")
+        if d.get("format") != _STATE_FORMAT:
+            raise bad("format", f"not a fault-plan run state (want {_STATE_FORMAT!r})")
+        saved_seed = d.get("seed")
+        seed = self.seed
+        if (
+            self.seed_drawn
+            and isinstance(saved_seed, int)
+            and not isinstance(saved_seed, bool)
+            and 0 <= saved_seed < 1 << 64
+        ):
+            seed = saved_seed
+        if d.get("plan") != self._fingerprint(seed) or saved_seed != seed:
+            raise bad("plan", "saved from another plan or seed")
+        state = d.get("state")
+        if not (isinstance(state, str) and _NAME_RE.match(state)):
+            raise bad("state", f"must be a state name, got {state!r}")
+        counts: dict[str, int] = {}
+        for key in ("events", "fired_total"):
+            v = d.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(key, f"must be an integer >= 0, got {v!r}")
+            counts[key] = v
+        start = d.get("start_time")
+        if start is not None and not _is_num(start):
+            raise bad("start_time", f"must be a number or null, got {start!r}")
+        rng = d.get("rng")
+        # random.Random's state: (version, 625 words of 32 bits, gauss_next)
+        if not (
+            isinstance(rng, list)
+            and len(rng) == 3
+            and _is_int(rng[0])
+            and isinstance(rng[1], list)
+            and len(rng[1]) == 625
+            and all(_is_int(w) and 0 <= w < 1 << 32 for w in rng[1])
+            and (rng[2] is None or _is_num(rng[2]))
+        ):
+            raise bad("rng", "not a saved random.Random state")
+        probe = random.Random()
+        try:
+            probe.setstate((rng[0], tuple(rng[1]), rng[2]))
+        except (ValueError, TypeError) as e:
+            raise bad("rng", str(e)) from None
+        rules = d.get("rules")
+        if not isinstance(rules, Mapping) or set(rules) != {r.name for r in self.rules}:
+            raise bad("rules", "must name exactly the plan's rules")
+        per_rule: dict[str, tuple[int, int, bool]] = {}
+        for name, v in rules.items():
+            if not (
+                isinstance(v, list)
+                and len(v) == 3
+                and all(_is_int(x) and x >= 0 for x in v[:2])
+                and isinstance(v[2], bool)
+            ):
+                raise bad(f"rules.{name}", f"must be [matches, fired, ge_bad], got {v!r}")
+            per_rule[name] = (v[0], v[1], v[2])
+        self.seed = seed
+        self.seed_drawn = False
+        self.state = state
+        self.events = counts["events"]
+        self.fired_total = counts["fired_total"]
+        self.start_time = None if start is None else float(start)
+        self.rng = probe
+        for r in self.rules:
+            r.matches, r.fired, r.ge_bad = per_rule[r.name]
 
     # -- running
 

@@ -267,7 +267,9 @@ class DriverQueue:
     ``memory`` maps the rings and buffers; ``layout`` says where the rings are. On
     construction the rings are zeroed (the driver owns them until DRIVER_OK).
     ``event_idx`` and ``indirect`` say whether VIRTIO_RING_F_EVENT_IDX and
-    VIRTIO_RING_F_INDIRECT_DESC were negotiated.
+    VIRTIO_RING_F_INDIRECT_DESC were negotiated. ``max_chain`` is the longest chain
+    (indirect table included) the device accepts: its maximum queue size (§2.7.5.3.1;
+    default and minimum: this ring's size).
     """
 
     def __init__(
@@ -277,10 +279,12 @@ class DriverQueue:
         *,
         event_idx: bool = False,
         indirect: bool = False,
+        max_chain: int | None = None,
     ) -> None:
         self.memory = memory
         self.layout = layout
         self.size = n = layout.size
+        self.max_chain = max(n, max_chain or n)
         self.event_idx = event_idx
         self.indirect = indirect
         self._desc, self._avail, self._used = _ring_views(memory, layout)
@@ -330,8 +334,9 @@ class DriverQueue:
 
         With ``indirect_table`` (a guest address with room for 16 bytes per buffer, and
         INDIRECT_DESC negotiated) the chain goes into that table and takes a single ring
-        descriptor. Raises :class:`QueueFull` if not enough descriptors are free,
-        :class:`UsageError` for empty chains or bad lengths, and the recorded
+        descriptor; the table may not hold more buffers than the queue has entries
+        (§2.7.5.3.1). Raises :class:`QueueFull` if not enough descriptors are free,
+        :class:`UsageError` for empty chains, bad lengths or too long a table, and the recorded
         :class:`DeviceSpecError` once the queue is broken.
         """
         if self.broken is not None:
@@ -352,8 +357,10 @@ class DriverQueue:
         if indirect_table is not None:
             if not self.indirect:
                 raise UsageError("INDIRECT_DESC was not negotiated")
-            if count > 0xFFFF or 16 * count > _U32_MAX:
-                raise UsageError("indirect table too long")
+            if count > self.max_chain:  # §2.7.5.3.1: no chain longer than the queue size
+                raise UsageError(
+                    f"indirect table of {count} entries is longer than the queue ({self.max_chain})"
+                )
             if not free:
                 raise QueueFull("no free descriptor")
             table = self.memory.view(indirect_table, 16 * count)
@@ -547,6 +554,14 @@ class DeviceQueue:
     ``last_avail`` is the next available index to process (SET_VRING_BASE). The used
     index starts from what the used ring holds, so a restarted device continues where
     the ring stands.
+
+    ``max_chain`` caps the descriptors of one chain, indirect table included
+    (§2.7.5.3.1: "no descriptor chain longer than the Queue Size of the device"; default
+    and minimum: this ring's size). A device passes its *maximum* queue size: a driver
+    may pick a smaller ring yet size its requests by what the device advertised (Linux
+    takes virtio-blk's ``seg_max`` from the config space, which a device derives from
+    its maximum), and QEMU itself accepts up to 1024. Either way a giant table is
+    refused by its length, before it is mapped or walked.
     """
 
     def __init__(
@@ -557,10 +572,12 @@ class DeviceQueue:
         event_idx: bool = False,
         indirect: bool = False,
         last_avail: int = 0,
+        max_chain: int | None = None,
     ) -> None:
         self.memory = memory
         self.layout = layout
         self.size = n = layout.size
+        self.max_chain = max(n, max_chain or n)
         self.event_idx = event_idx
         self.indirect = indirect
         self._desc, self._avail, self._used = _ring_views(memory, layout)
@@ -651,6 +668,15 @@ class DeviceQueue:
                     raise ChainError(Rule.INDIRECT_WITH_NEXT, head, f"descriptor {i}")
                 if length == 0 or length % 16:
                     raise ChainError(Rule.INDIRECT_LENGTH, head, f"length {length}")
+                # §2.7.5.3.1: the whole chain, indirect table included, holds at most
+                # the device's queue size; checked before the table is mapped or walked
+                if length // 16 + len(raw) > self.max_chain:
+                    raise ChainError(
+                        Rule.CHAIN_TOO_LONG,
+                        head,
+                        f"indirect table of {length // 16} entries after {len(raw)} "
+                        f"descriptor(s), at most {self.max_chain}",
+                    )
                 try:
                     table = memory.view(addr, length)
                 except AddressError as e:

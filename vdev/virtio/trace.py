@@ -88,12 +88,16 @@ KINDS: dict[str, str] = {
     "publish": "driver published avail.idx: old, new (u16), count",
     "kick": "driver kick decision: sent, old, new, event (avail_event) or no_notify",
     "kick_recv": "device received a kick for the queue",
+    "kick_mode": "device wrote its kick suppression (§2.7.10): on, avail_event (EVENT_IDX, "
+    "written when on) or flags (used.flags written)",
     "pop": "device popped a chain: seq, head, descs, rlen, wlen",
     "bad_chain": "device rejected a chain: seq, head, error (completed with length 0)",
     "keep": "device kept a chain to complete later (PENDING): seq, head",
     "push": "device pushed a used entry: seq, head, len",
     "irq": "device interrupt decision: sent, old, new, event (used_event) or no_interrupt",
     "irq_recv": "driver took an interrupt for the queue: reaped",
+    "irq_mode": "driver wrote its interrupt suppression (§2.7.10): on, used_event (EVENT_IDX, "
+    "written when on) or flags (avail.flags written)",
     "reap": "driver reaped a used entry: seq, head, len, lat_ns (since add), payload "
     "(net rx: frame_hex, frame_len)",
     "ctl": "control message: type, fields, reply or error",
@@ -102,7 +106,8 @@ KINDS: dict[str, str] = {
     "proc": "device process start / exit: event, argv or code",
     "ring_broken": "a ring was found broken: why",
     "fail": "the driver failed the device (died, needs reset, broke the rules): error",
-    "fault": "generic fault-injection hook: name, details",
+    "fault": "a fault of a fault plan fired (docs/faults.md): name (the action), details "
+    "(rule, seq, params, event, fields)",
 }
 
 #: The keys every event has, in order.

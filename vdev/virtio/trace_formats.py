@@ -18,7 +18,9 @@ slice (``b``/``e``, ``cat: request``) from its ``add`` to its ``reap``; flow arr
 (``s``/``f``, ``bp: e``) go from the ``publish`` that made a chain visible to its
 ``pop`` in the device process, and from the ``push`` to its ``reap``; a counter track
 per queue holds the ring occupancy (chains published and not yet used). Times are in
-microseconds (fractions keep the nanoseconds).
+microseconds (fractions keep the nanoseconds). :func:`perfetto_json` is the text to
+write; :func:`check_perfetto` checks a text against every condition under which
+Perfetto's JSON importer fails or counts a problem (docs/trace-format.md lists them).
 
 *pcapng* (:func:`to_pcapng`, draft-ietf-opsawg-pcapng): a Section Header Block, one
 Interface Description Block (LINKTYPE_ETHERNET, nanosecond timestamps) per (device,
@@ -40,16 +42,19 @@ descriptor table (from ``add``'s ``descs`` and ``ids``; an indirect chain takes 
 descriptor pointing at its table), the available ring (slot ``seq mod size``, avail.idx
 from ``publish``), the used ring (one slot per ``push``, in the device's order), the
 device's last-seen avail index (``pop`` / ``bad_chain``), the driver's last-seen used
-index (``reap``) and the event indices as last observed (``kick``'s ``event`` is
-avail_event, ``irq``'s is used_event). ``SET_VRING_NUM`` starts the queue over with its
-size. Applying the writes in order gives the rings after any event;
-:func:`render_ring` draws them as text and :func:`ring_html` as one self-contained HTML
-page whose slider replays the same writes.
+index (``reap``), and the event indices and flags words as each side writes them
+(``kick_mode``: the device's avail_event / used.flags; ``irq_mode``: the driver's
+used_event / avail.flags; a trace without them falls back to what the other side last
+read: ``kick``'s ``event`` is avail_event, ``irq``'s is used_event).
+``SET_VRING_NUM`` starts the queue over with its size. Applying the writes in order
+gives the rings after any event; :func:`render_ring` draws them as text and
+:func:`ring_html` as one self-contained HTML page whose slider replays the same writes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -61,6 +66,8 @@ __all__ = [
     "sort_events",
     "queue_key",
     "to_perfetto",
+    "perfetto_json",
+    "check_perfetto",
     "to_pcapng",
     "queue_stats",
     "format_stats",
@@ -88,6 +95,7 @@ _EPB_FLAGS = 2
 _INBOUND, _OUTBOUND = 1, 2  # epb_flags bits 0-1
 _SNAPLEN = 262144
 _MAX_DESCS = 1 << 16  # a chain never has more (§2.7.5.3.1: an indirect table's bound)
+_U32 = 0xFFFFFFFF
 
 
 def _int(v: Any) -> int | None:
@@ -156,6 +164,7 @@ def to_perfetto(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
     # requests: async slices add -> reap; flows publish -> pop and push -> reap
     adds: dict[tuple[Any, ...], dict[str, Any]] = {}
     publishes: dict[tuple[Any, ...], dict[str, Any]] = {}
+    pops: dict[tuple[Any, ...], dict[str, Any]] = {}
     pushes: dict[tuple[Any, ...], dict[str, Any]] = {}
     open_req: dict[tuple[Any, ...], int] = {}
     next_id = 1
@@ -164,6 +173,8 @@ def to_perfetto(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     def flow(src: dict[str, Any], dst: dict[str, Any], name: str) -> None:
         nonlocal next_id
+        if src["ts"] > dst["ts"]:
+            return  # an arrow back in time: Perfetto would count an end without a start
         fid, next_id = next_id, next_id + 1
         stid, sts = slice_at[id(src)]
         dtid, dts = slice_at[id(dst)]
@@ -175,12 +186,15 @@ def to_perfetto(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
         occ = occupancy.setdefault(qk, [0, 0])
         occ[0] += pub
         occ[1] += used
+        kpid = _int(ev.get("kpid"))
+        pid = kpid if kpid is not None and 0 < kpid <= _U32 else ev["pid"]
+        pnames.setdefault(pid, f"kernel {pid}")  # every process track has a name
         out.append(
             {
                 "name": f"{ev.get('dev')} q{ev.get('q')} occupancy",
                 "ph": "C",
                 "ts": us(ev["ts"]),
-                "pid": ev.get("kpid") if _int(ev.get("kpid")) is not None else ev["pid"],
+                "pid": pid,
                 "tid": 0,
                 "args": {"in_flight": max(0, occ[0] - occ[1])},
             }
@@ -214,7 +228,14 @@ def to_perfetto(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
                     publishes[(*qk, s)] = ev
                 count(ev, qk, n, 0)
         elif kind in ("pop", "bad_chain") and seq is not None:
-            src = publishes.get((*qk, seq))
+            key = (*qk, seq)
+            pops[key] = ev
+            src = publishes.get(key)
+            if src is None or src["ts"] > ev["ts"]:
+                # the driver stamps its publish after the store that let the device
+                # pop: an arrow must not go back in time (Perfetto would drop it),
+                # so it starts at the add, which is always stamped before
+                src = adds.get(key)
             if src is not None:
                 flow(src, ev, "publish→pop")
         elif kind == "push" and seq is not None:
@@ -223,6 +244,9 @@ def to_perfetto(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
         elif kind == "reap" and seq is not None:
             key = (*qk, seq)
             src = pushes.pop(key, None)
+            pop = pops.pop(key, None)
+            if src is None or src["ts"] > ev["ts"]:
+                src = pop  # the push was stamped after the driver reaped it: from the pop
             if src is not None:
                 flow(src, ev, "push→reap")
             rid_done = open_req.pop(key, None)
@@ -278,7 +302,238 @@ def to_perfetto(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "args": {"name": tname},
             }
         )
-    return {"traceEvents": meta + out, "displayTimeUnit": "ns"}
+    # no "displayTimeUnit": Perfetto ignores it and counts it (json_display_time_unit)
+    return {"traceEvents": meta + out}
+
+
+_SURROGATE_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def perfetto_json(events: Sequence[dict[str, Any]]) -> str:
+    """:func:`to_perfetto` as the JSON text to write (ASCII, one line): a character
+    outside the Basic Multilingual Plane or a lone surrogate in any string (a frame
+    summary, a control message's field) becomes U+FFFD, because Perfetto's JSON parser
+    refuses ``\\uD800``-``\\uDFFF`` escapes and fails the whole import."""
+    text = json.dumps(to_perfetto(events), separators=(",", ":"))
+    return _SURROGATE_ESCAPE.sub(r"\1\\ufffd", text)
+
+
+#: Trace Event phases the Perfetto importer handles (json_trace_parser.cc).
+_PHASES = frozenset("BEXbenIiRCMstfTP")
+_MAX_DEPTH = 512  # slice_tracker.h: deeper slices are dropped (slice_max_depth_exceeded)
+
+
+def _ts_ns(value: Any) -> int | None:
+    """A Trace Event time in µs as the importer turns it into ns (an integral value
+    times 1000, else rounded), or None when it is not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+        return int(value) * 1000 if value == int(value) else round(value * 1000)
+    return value * 1000
+
+
+def check_perfetto(text: str) -> list[str]:
+    """Every condition under which Perfetto's JSON importer fails a trace or counts a
+    problem (an error, data-loss or info stat), checked on ``text``; returns one
+    message per problem found (at most 50), empty when the trace imports cleanly.
+    docs/trace-format.md lists the conditions and the importer sources they come from.
+    """
+    problems: list[str] = []
+
+    def bad(msg: str) -> None:
+        if len(problems) < 50:
+            problems.append(msg)
+
+    start = text.lstrip()[:1]
+    if start != "{":
+        return [f'the file must be a JSON object {{"traceEvents": [...]}}, not {start!r}']
+    if _SURROGATE_ESCAPE.search(text):
+        bad("a \\u escape of a surrogate: the importer's string parser fails the import")
+    try:
+        doc = json.loads(text)
+    except ValueError as e:  # incomplete, trailing data, bad syntax
+        return [f"not one complete JSON document: {e}"]
+    if not isinstance(doc, dict) or not isinstance(doc.get("traceEvents"), list):
+        return ["no traceEvents array"]
+    if "displayTimeUnit" in doc:
+        bad("displayTimeUnit is set: counted as json_display_time_unit (and ignored)")
+    if "systemTraceEvents" in doc and not isinstance(doc["systemTraceEvents"], str):
+        bad("systemTraceEvents is not a string")
+    order: list[tuple[int, int, int, dict[str, Any]]] = []
+    for i, ev in enumerate(doc["traceEvents"]):
+        where = f"traceEvents[{i}]"
+        if not isinstance(ev, dict):
+            bad(f"{where}: not an object")
+            continue
+        if not ev:
+            continue  # {} is skipped silently
+        ph = ev.get("ph")
+        if not isinstance(ph, str) or not ph:
+            bad(f"{where}: no ph (json_tokenizer_failure)")
+            continue
+        ph = ph[0]
+        if ph not in _PHASES:
+            bad(f"{where}: phase {ph!r} is not one the importer handles")
+            continue
+        ts = _ts_ns(ev.get("ts"))
+        if ts is None and ph != "M":
+            bad(f"{where}: ts is not a number (json_tokenizer_failure)")
+            continue
+        if ts is not None and ts < 0:
+            bad(f"{where}: negative ts")
+        for key in ("dur", "tts", "tdur"):
+            if key in ev and _ts_ns(ev[key]) is None:
+                bad(f"{where}: {key} is not a number (json_tokenizer_failure)")
+        for key in ("pid", "tid"):
+            v = ev.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _U32:
+                bad(f"{where}: {key} {v!r} is not an integer in 0..2^32-1 (it becomes 0)")
+        if "args" in ev and not isinstance(ev["args"], dict):
+            bad(f"{where}: args is not an object")
+        if "bind_id" in ev and not (ev.get("flow_in") is True or ev.get("flow_out") is True):
+            bad(f"{where}: bind_id without flow_in / flow_out (flow_without_direction)")
+        if ph == "X":
+            if _ts_ns(ev.get("dur")) is None:
+                bad(f"{where}: X without dur (json_parser_failure)")
+                continue
+            if ev["dur"] < 0:
+                bad(f"{where}: negative dur (slice_negative_duration)")
+                continue
+        # the order the importer parses in: by ts, then E first and X longest first
+        # (the sorter's slow mode, on as soon as the trace has an X), then file order
+        if ph == "E":
+            rank = -(1 << 62)
+        elif ph == "X":
+            rank = -(_ts_ns(ev["dur"]) or 0)
+        else:
+            rank = 0
+        order.append((ts or 0, rank, i, ev))
+    order.sort(key=lambda t: t[:3])
+    stacks: dict[tuple[Any, Any], list[list[Any]]] = {}  # thread -> [start, end, name]
+    async_open: dict[tuple[Any, ...], int] = {}
+    flows_begun: set[tuple[Any, ...]] = set()
+    flows_ended: set[tuple[Any, ...]] = set()
+    named_pids: set[Any] = set()
+    named_threads: set[tuple[Any, Any]] = set()
+    used: set[tuple[Any, Any]] = set()
+    for ts, _, i, ev in order:
+        where = f"traceEvents[{i}] ({ev.get('ph')} {ev.get('name')!r})"
+        ph = ev["ph"][0]
+        pid, tid = ev.get("pid"), ev.get("tid")
+        thread = (pid, tid if tid else pid)  # tid 0 means the process's main thread
+        raw_args = ev.get("args")
+        args: dict[str, Any] = raw_args if isinstance(raw_args, dict) else {}
+        if ph == "M":
+            name = ev.get("name")
+            if name in ("process_name", "thread_name"):
+                if not isinstance(args.get("name"), str) or not args.get("name"):
+                    bad(f"{where}: args.name is not a non-empty string (json_parser_failure)")
+                elif name == "process_name":
+                    named_pids.add(pid)
+                else:
+                    named_threads.add(thread)
+            elif name in ("process_sort_index", "thread_sort_index"):
+                if _ts_ns(args.get("sort_index")) is None:
+                    bad(f"{where}: sort_index is not a number (json_parser_failure)")
+            continue
+        if ph in "XBEiIR":
+            used.add(thread)
+        if ph == "X":
+            dur = _ts_ns(ev["dur"]) or 0
+            stack = stacks.setdefault(thread, [])
+            while stack:  # slice_tracker.cc MaybeCloseStack: pop what ended before
+                top_start, top_end, top_name = stack[-1]
+                if top_end < ts or (top_end == ts and not (top_end == top_start and dur == 0)):
+                    stack.pop()
+                    continue
+                if ts + dur > top_end:
+                    bad(
+                        f"{where}: overlaps {top_name!r} at {top_start} ns on its thread "
+                        "without nesting (slice_spill_overlapping_complete_event)"
+                    )
+                break
+            if len(stack) >= _MAX_DEPTH:
+                bad(f"{where}: slices nested deeper than 512 (slice_max_depth_exceeded)")
+            stack.append([ts, ts + dur, ev.get("name")])
+        elif ph in "ben":
+            cookie, id2 = ev.get("id"), ev.get("id2")
+            if cookie is None and isinstance(id2, dict):
+                cookie = id2.get("local", id2.get("global"))
+            if "pid" not in ev or cookie is None:
+                bad(f"{where}: async event without pid or id (json_parser_failure)")
+                continue
+            akey = (pid, ev.get("cat"), ev.get("name"), str(cookie))
+            if ph == "b":
+                if akey in async_open:
+                    bad(f"{where}: async slice begun twice while open")
+                async_open[akey] = ts
+            elif ph == "e":
+                if akey not in async_open:
+                    bad(f"{where}: async end without a begin of the same name, cat and id")
+                else:
+                    async_open.pop(akey)
+        elif ph in "stf":
+            fid = ev.get("id")
+            if isinstance(fid, str):
+                try:
+                    fid = int(fid, 16)
+                except ValueError:
+                    fid = None
+            if isinstance(fid, bool) or not isinstance(fid, int) or fid < 0:
+                bad(f"{where}: flow id is not a number or hex string (flow_invalid_id)")
+                continue
+            fkey = (fid, ev.get("cat"), ev.get("name"))
+            if ph == "s":
+                if fkey in flows_begun:
+                    bad(f"{where}: flow id begun twice (flow_duplicate_id)")
+                flows_begun.add(fkey)
+            elif fkey not in flows_begun:
+                stat = "flow_end_without_start" if ph == "f" else "flow_step_without_start"
+                bad(f"{where}: flow {'end' if ph == 'f' else 'step'} before its start ({stat})")
+            elif ph == "f":
+                if fkey in flows_ended:
+                    bad(f"{where}: flow id ended twice")
+                flows_ended.add(fkey)
+            if ph == "f" and ev.get("bp") != "e":
+                bad(f"{where}: flow end without bp 'e' binds to the next slice, not its own")
+            stack = stacks.get(thread) or []
+            if not stack or not stack[-1][0] <= ts <= stack[-1][1]:
+                bad(f"{where}: no slice encloses the flow on its thread (flow_no_enclosing_slice)")
+        elif ph == "C":
+            values = list(args.values())
+            if not values:
+                bad(f"{where}: counter without args (json_parser_failure)")
+            for v in values:
+                if _ts_ns(v) is None and not (isinstance(v, str) and _is_number(v)):
+                    bad(f"{where}: counter value {v!r} is not a number (json_parser_failure)")
+            used.add((pid, pid))
+        elif ph in "iIR":
+            scope = ev.get("s", "t")
+            if scope not in ("g", "p", "t"):
+                bad(f"{where}: instant scope {scope!r} (json_parser_failure)")
+        elif ph == "T" and _ts_ns(ev.get("dur")) is None:
+            bad(f"{where}: thread state without dur (json_parser_failure)")
+    for akey in list(async_open)[:5]:
+        bad(f"async slice {akey} never ends (shown as not finished)")
+    for fkey in list(flows_begun - flows_ended)[:5]:
+        bad(f"flow {fkey} has no end")
+    for thread in sorted(used - named_threads, key=str)[:5]:
+        if thread[0] != thread[1]:
+            bad(f"thread {thread} has no thread_name")
+    for pid in sorted({p for p, _ in used} - named_pids, key=str)[:5]:
+        bad(f"process {pid} has no process_name")
+    return problems
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- pcapng
@@ -541,8 +796,9 @@ class RingState:
     """A split virtqueue (§2.7) as the trace says it is: ``desc`` (id → (addr, len,
     flags, next)), ``avail`` (slot → head), ``used`` (slot → (id, len)), ``avail_idx``,
     ``used_idx`` (u16), ``last_avail`` (device), ``last_used`` (driver),
-    ``avail_event`` / ``used_event`` as last observed (None: never), ``chains`` (head
-    → the buffers of the chain, for an indirect one its table), ``size``."""
+    ``avail_event`` / ``used_event`` and the flags words ``avail_flags`` (driver's) /
+    ``used_flags`` (device's) as last written (None: unknown), ``chains`` (head → the
+    buffers of the chain, for an indirect one its table), ``size``."""
 
     def __init__(self, size: int = 0) -> None:
         self._reset(size)
@@ -558,6 +814,8 @@ class RingState:
         self.last_used = 0
         self.avail_event: int | None = None
         self.used_event: int | None = None
+        self.avail_flags: int | None = None
+        self.used_flags: int | None = None
         self.chains: dict[int, list[list[int]]] = {}
 
     def apply(self, ops: Iterable[Op]) -> None:
@@ -581,6 +839,8 @@ class RingState:
                 "last_used",
                 "avail_event",
                 "used_event",
+                "avail_flags",
+                "used_flags",
             ):
                 setattr(self, what, op[1])
 
@@ -589,17 +849,28 @@ def ring_steps(
     events: Sequence[dict[str, Any]], dev: str, q: int, kpid: int | None = None
 ) -> list[tuple[dict[str, Any], list[Op]]]:
     """The events of queue ``q`` of ``dev`` (of kernel ``kpid``; default the first
-    one seen) in time order, each with its writes to the ring model."""
-    steps: list[tuple[dict[str, Any], list[Op]]] = []
-    size = 0
-    pushed = popped = reaped = 0
+    one seen) in time order, each with its writes to the ring model.
+
+    The event indices and flags words come from the writes themselves (``kick_mode``:
+    the device's ``avail_event`` / used.flags, ``irq_mode``: the driver's ``used_event``
+    / avail.flags) when the trace records that side's writes; they then start at 0
+    when the queue is set up (the driver zeroes new rings). A trace that does not
+    (older files; a Linux guest's driver half) falls back to the value the other side
+    last read (``kick``'s ``event`` is avail_event, ``irq``'s is used_event)."""
+    mine: list[dict[str, Any]] = []
     for ev in events:
         if ev.get("dev") != dev or ev.get("q") != q:
             continue
         if kpid is None:
             kpid = ev.get("kpid")
-        if ev.get("kpid") != kpid:
-            continue
+        if ev.get("kpid") == kpid:
+            mine.append(ev)
+    dev_writes = any(ev["kind"] == "kick_mode" for ev in mine)
+    drv_writes = any(ev["kind"] == "irq_mode" for ev in mine)
+    steps: list[tuple[dict[str, Any], list[Op]]] = []
+    size = 0
+    pushed = popped = reaped = 0
+    for ev in mine:
         ops: list[Op] = []
         kind = ev["kind"]
         seq, head = _int(ev.get("seq")), _int(ev.get("head"))
@@ -611,6 +882,10 @@ def ring_steps(
                 size = num
                 pushed = popped = reaped = 0
                 ops.append(("reset", size))
+                if dev_writes:
+                    ops += [("avail_event", 0), ("used_flags", 0)]
+                if drv_writes:
+                    ops += [("used_event", 0), ("avail_flags", 0)]
         elif not size:
             pass  # no size known yet: nothing to place
         elif kind == "add" and seq is not None and head is not None and 0 <= head < size:
@@ -636,10 +911,12 @@ def ring_steps(
             new = _int(ev.get("new"))
             if new is not None:
                 ops.append(("avail_idx", new & 0xFFFF))
-        elif kind == "kick":
+        elif kind == "kick" and not dev_writes:
             event = _int(ev.get("event"))
             if event is not None:
                 ops.append(("avail_event", event & 0xFFFF))
+        elif kind == "kick_mode":
+            _mode_ops(ev, "avail_event", "used_flags", ops)
         elif kind in ("pop", "bad_chain"):
             popped += 1
             ops.append(("last_avail", popped & 0xFFFF))
@@ -648,10 +925,12 @@ def ring_steps(
             ops.append(("used", pushed % size, head, length))
             pushed += 1
             ops.append(("used_idx", pushed & 0xFFFF))
-        elif kind == "irq":
+        elif kind == "irq" and not drv_writes:
             event = _int(ev.get("event"))
             if event is not None:
                 ops.append(("used_event", event & 0xFFFF))
+        elif kind == "irq_mode":
+            _mode_ops(ev, "used_event", "avail_flags", ops)
         elif kind == "reap":
             reaped += 1
             ops.append(("last_used", reaped & 0xFFFF))
@@ -659,10 +938,30 @@ def ring_steps(
     return steps
 
 
+def _mode_ops(ev: dict[str, Any], event_key: str, flags_key: str, ops: list[Op]) -> None:
+    """The writes of a ``kick_mode`` / ``irq_mode`` event: the event index (u16) or
+    the flags word (u16) it names (§2.7.10); a disable under EVENT_IDX writes nothing."""
+    event = _int(ev.get(event_key))
+    if event is not None:
+        ops.append((event_key, event & 0xFFFF))
+    flags = _int(ev.get("flags"))
+    if flags is not None:
+        ops.append((flags_key, flags & 0xFFFF))
+
+
 def _in_window(slot: int, start: int, end: int, size: int) -> bool:
     """Whether ring slot ``slot`` lies in [start, end) of free-running u16 indices."""
     span = (end - start) & 0xFFFF
     return (slot - start) % size < span if span < size else True
+
+
+def _flags_text(flags: int | None, name: str) -> str:
+    """A ring's flags word: ``?`` (unknown), ``0`` or its bit 0's name (§2.7.6/§2.7.8)."""
+    if flags is None:
+        return "?"
+    if flags == 1:
+        return f"1 ({name})"
+    return str(flags)
 
 
 def render_ring(state: RingState, title: str = "") -> str:
@@ -676,6 +975,10 @@ def render_ring(state: RingState, title: str = "") -> str:
         f"device last_avail {state.last_avail}  driver last_used {state.last_used}  "
         f"avail_event {state.avail_event if state.avail_event is not None else '?'}  "
         f"used_event {state.used_event if state.used_event is not None else '?'}"
+    )
+    lines.append(
+        f"avail.flags {_flags_text(state.avail_flags, 'NO_INTERRUPT')}  "
+        f"used.flags {_flags_text(state.used_flags, 'NO_NOTIFY')}"
     )
     lines.append(
         f"in flight: {(state.avail_idx - state.used_idx) & 0xFFFF} published, "
@@ -739,11 +1042,13 @@ const D=__DATA__;
 const s=document.getElementById('s');s.max=D.steps.length-1;
 document.getElementById('total').textContent=D.steps.length;
 function state(k){let st={size:0,desc:{},avail:{},used:{},chains:{},avail_idx:0,used_idx:0,
-last_avail:0,last_used:0,avail_event:null,used_event:null,touched:new Set()};
+last_avail:0,last_used:0,avail_event:null,used_event:null,avail_flags:null,used_flags:null,
+touched:new Set()};
 for(let i=0;i<=k;i++){for(const op of D.steps[i][1]){const w=op[0];
 if(i===k)st.touched.add(w+':'+op[1]);
 if(w==='reset'){const t=st.touched;st={size:op[1],desc:{},avail:{},used:{},chains:{},avail_idx:0,
-used_idx:0,last_avail:0,last_used:0,avail_event:null,used_event:null,touched:t};}
+used_idx:0,last_avail:0,last_used:0,avail_event:null,used_event:null,avail_flags:null,
+used_flags:null,touched:t};}
 else if(w==='desc')st.desc[op[1]]=op.slice(2);else if(w==='chain')st.chains[op[1]]=op[2];
 else if(w==='avail')st.avail[op[1]]=op[2];else if(w==='used')st.used[op[1]]=op.slice(2);
 else st[w]=op[1];}}return st;}
@@ -755,7 +1060,8 @@ document.getElementById('size').textContent=n;
 document.getElementById('ev').textContent=D.steps[k][0];
 document.getElementById('idx').textContent='avail.idx '+st.avail_idx+'  used.idx '+st.used_idx+
 '  device last_avail '+st.last_avail+'  driver last_used '+st.last_used+'  avail_event '+
-(st.avail_event??'?')+'  used_event '+(st.used_event??'?');
+(st.avail_event??'?')+'  used_event '+(st.used_event??'?')+'  avail.flags '+
+(st.avail_flags??'?')+'  used.flags '+(st.used_flags??'?');
 let h='<table><tr><th colspan=5>descriptor table</th></tr>'+
 '<tr><th>id</th><th>addr</th><th>len</th><th>flags</th><th>next</th></tr>';
 for(const i of Object.keys(st.desc).map(Number).sort((a,b)=>a-b)){const d=st.desc[i];
