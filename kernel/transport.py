@@ -89,6 +89,11 @@ What can go wrong with a device, and what the interrupt thread does about it:
   wakes every :data:`TICK_S` and looks at the used ring; entries still unreaped one
   tick later had no interrupt: they are reaped and counted
   (``lost_interrupts_recovered``, per queue and in :attr:`VirtioTransport.recovery`).
+  A receive queue always has buffers out, so it is watched differently
+  (:attr:`KernelQueue.watch_used`): at each wake-up of the interrupt thread (at least
+  one per :data:`IDLE_POLL_S`) a used ring holding unreaped entries starts the ticks.
+  With EVENT_IDX one lost interrupt would otherwise stall a receive queue for good (the
+  device's next notification waits for a used_event the driver never moves on).
   An idle device costs what it did before (one wake-up per :data:`IDLE_POLL_S`).
 
 A reset or restart (:meth:`VirtioTransport._recover`, interrupt thread) pauses every
@@ -326,6 +331,9 @@ class KernelQueue:
         #: are in flight (request queues; not receive queues, whose buffers wait for
         #: traffic).
         self.watch = False
+        #: A receive queue's watch (with :attr:`watch`): ticks run while its used ring
+        #: holds unreaped entries, not while chains are in flight (they always are).
+        self.watch_used = False
         #: Completions found by the periodic check, their interrupt never came.
         self.lost_interrupts_recovered = 0
         self._seen: list[tuple[Any, float] | None] = [None] * self.size
@@ -804,7 +812,9 @@ class VirtioTransport:
         for q in self.queues:
             if q is not None and (q.watch or q.timeout_s is not None):
                 dq = q.dq
-                if dq is not None and dq.in_flight:
+                if dq is None:
+                    continue
+                if dq.has_used() if q.watch_used else dq.in_flight:
                     busy = True
                     break
         if not busy:

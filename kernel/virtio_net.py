@@ -35,8 +35,9 @@ Recovery (see :mod:`kernel.transport`). After the device was reset or restarted 
 receive buffer is posted again (a merged packet being assembled is dropped) and the
 frames that were in flight to the device are dropped and counted (``tx_dropped_reset``:
 TCP retransmits them, UDP may lose them, as on a real link); ``transmit`` during the
-reset is ENOBUFS (also ``tx_dropped_reset``). The transmit queue is watched for lost
-interrupts and has the spec's ``request_timeout``. A device process that picked its
+reset is ENOBUFS (also ``tx_dropped_reset``). Both queues are watched for lost
+interrupts (the receive queue by its used ring, :attr:`KernelQueue.watch_used`); the
+transmit queue has the spec's ``request_timeout``. A device process that picked its
 own MAC is restarted with that MAC (``--mac``), so the stack's neighbours stay right.
 
 Link state. With STATUS negotiated the config-change interrupt re-reads the status
@@ -245,6 +246,7 @@ class NetLink:
         rxq.on_reset = self._rx_reset
         txq.on_reset = self._tx_reset
         txq.watch = True  # lost transmit interrupts are looked for while frames are out
+        rxq.watch = rxq.watch_used = True  # and lost receive interrupts, once seen used
         txq.timeout_s = getattr(t.spec, "request_timeout", None)
         t.on_release(self._release)
 

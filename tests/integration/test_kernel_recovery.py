@@ -275,6 +275,39 @@ def test_lost_interrupts_are_recovered(image: str) -> None:
         assert dev.failed is None
 
 
+def test_lost_receive_interrupts_are_recovered() -> None:
+    """Every receive interrupt is dropped (``drop_interrupt`` on the receive queue): with
+    EVENT_IDX one lost interrupt would stall the queue for good; the used-ring watch of
+    the receive queue reaps the frames anyway and every UDP round trip succeeds."""
+    plan = {
+        "seed": 4,
+        "rules": [
+            {
+                "when": {"event": "notify.interrupt", "queue": 0},
+                "what": {"action": "drop_interrupt"},
+            }
+        ],
+    }
+    with kernel.boot(devices=[kernel.Net(backend="loopback", faults=plan)]) as k:
+        dev = k.devices[0]
+        server, client = k.sys.socket(), k.sys.socket()
+        k.sys.bind(server, ("10.0.0.2", 7))
+        k.sys.settimeout(server, TIMEOUT)
+        k.sys.settimeout(client, TIMEOUT)
+        for i in range(3):
+            msg = f"round {i}".encode()
+            k.sys.sendto(client, msg, ("10.0.0.2", 7))
+            data, peer = k.sys.recvfrom(server, 2048)
+            assert data == msg
+            k.sys.sendto(server, data.upper(), peer)
+            assert k.sys.recvfrom(client, 2048)[0] == msg.upper()
+        k.sys.close(server)
+        k.sys.close(client)
+        assert dev.queues[0].lost_interrupts_recovered >= 3  # one per round at least
+        assert dev.metrics()["device"]["fault:drop_interrupt"] >= 1
+        assert dev.failed is None
+
+
 # --------------------------------------------------------------------------- ring breakage
 
 
