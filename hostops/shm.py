@@ -18,8 +18,11 @@ mapped the region** (or right after handing the peer a file descriptor). From th
 the memory lives exactly as long as some process maps it, so a SIGKILL of anyone leaves
 nothing in ``/dev/shm``. The window between create and that confirmation is covered by
 :func:`sweep_stale_segments`, which removes segments whose creator pid is dead (run it
-at start-up). Using a region as a context manager unlinks it on exit when this side
-created it.
+at start-up). One exception: a kernel attached to a device process it did not start
+(``kernel.Attach``) keeps the name linked while it is attached, because a restarted
+device must map the same memory again by name; it unlinks it at shutdown, and a
+SIGKILLed kernel's segment is swept the same way. Using a region as a context manager
+unlinks it on exit when this side created it.
 
 Closing: :meth:`SharedRegion.close` releases the mapping. Callers must release the
 sub-views they sliced out of :attr:`SharedRegion.buf` (``with region.buf[a:b] as v`` or

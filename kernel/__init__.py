@@ -35,6 +35,11 @@ Any device ``python -m vdev`` runs is ``kernel.Custom("KIND" or "pkg.module:Clas
 the device id the device reports (``kernel.register_driver``, ``vlab.drivers`` entry
 points). Transports beyond ZeroMQ and vhost-user: ``kernel.register_transport``.
 
+A device process somebody else runs (``python -m vdev KIND ... --control ENDPOINT
+--shm-by-name``, like a vhost-user back-end daemon) is ``kernel.Attach(ENDPOINT)``: the
+kernel connects to it, learns what it is from the device, and when it restarts waits
+for it (``reconnect_timeout``) and resubmits what was in flight.
+
 Example::
 
     import os, kernel
@@ -57,9 +62,10 @@ from .errors import (
     DeviceProbeError,
     KernelError,
 )
-from .specs import Blk, Custom, DeviceSpec, Net, VhostUserBlk, VhostUserNet
+from .specs import Attach, Blk, Custom, DeviceSpec, Net, VhostUserBlk, VhostUserNet
 from .syscalls import Syscalls
 from .transport import KernelQueue, VirtioTransport
+from .transport_attach import AttachTransport
 from .transport_vhost_user import VhostUserTransport
 from .transport_zmq import ZmqTransport
 from .virtio_net import NetDriver, NetLink
@@ -75,6 +81,7 @@ __all__ = [
     "Net",
     "VhostUserNet",
     "Custom",
+    "Attach",
     "RngDriver",
     "register_transport",
     "NetDriver",
@@ -90,6 +97,7 @@ __all__ = [
     "VirtioTransport",
     "ZmqTransport",
     "VhostUserTransport",
+    "AttachTransport",
     "KernelError",
     "DeviceProbeError",
     "DeviceControlError",

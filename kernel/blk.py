@@ -67,6 +67,49 @@ the resubmitted requests. If the journal overflowed (or a replay failed), the ne
 FLUSH fails with EIO (culprit "device-gone", as Linux's errseq reports a lost
 writeback once) instead of promising what the image may not hold.
 
+Integrity mode (opt-in: ``kernel.Blk(..., integrity=True)``; :attr:`BlockDevice.integrity`).
+virtio-blk has no integrity protection: a device that acknowledges a write it dropped or
+tore, or returns altered read data with status OK, goes unnoticed. In this mode the
+driver keeps, in kernel memory, the CRC32 (``zlib.crc32``) of every 512-byte sector it
+last wrote and had acknowledged, and builds on the journal above:
+
+* a read whose sectors have CRCs is verified on completion. A mismatch is read once
+  more (a one-off corruption heals); still wrong and the journal holds those sectors,
+  the caller gets the journal's data and the sectors are rewritten from it
+  (``integrity_repaired``); otherwise the read fails with EIO, culprit "device-error"
+  (``integrity_errors``) -- wrong data is never returned as success;
+* before a FLUSH goes out, every journaled sector is read back and compared with the
+  journal; what differs is rewritten and read back again, at most
+  :data:`INTEGRITY_RETRIES` rounds; if it still differs the FLUSH is not sent and the
+  fsync fails with EIO (culprit "device-error"). A read-back the device fails (IOERR,
+  UNSUPP, a timeout) counts as different: it is rewritten and read again. So a dropped
+  or torn write is repaired by the next fsync, and an acknowledged fsync means the data
+  was read back (sectors a newer write is already on its way to are left to that
+  write's own fsync).
+
+All of it runs on the interrupt thread through the asynchronous machinery (the async
+:meth:`BlockDevice.submit` API is protected as the sync one): the read-back and the
+rewrites are *urgent* requests, dispatched ahead of the software queue behind a
+*barrier* -- while one is up, nothing else is dispatched, so a rewrite never races a
+newer write. Reads racing writes are no false alarms: a write being submitted voids
+its sectors' CRCs until it is acknowledged, and a read only compares CRCs at most as
+new as the write generation at its submission; sectors two writes were in flight to at
+once are left unverified. Counters (:data:`INTEGRITY_COUNTERS`): ``integrity_checked``
+(sectors compared), ``integrity_mismatches`` (sectors found different, each time),
+``integrity_repaired`` (sectors made right from the journal), ``integrity_errors``
+(reads and fsyncs failed), ``integrity_evicted``.
+
+Limits and cost: only data written by this kernel since boot is protected (nothing else
+has a CRC); the CRC map holds at most :data:`INTEGRITY_MAX_SECTORS` sectors -- beyond
+it the oldest entries are dropped (``integrity_evicted``) and those sectors are no
+longer verified; DISCARDed sectors and zeroed ranges larger than 2 MiB are not
+verified. Repair needs the journal, hence VIRTIO_BLK_F_FLUSH: without it, a mismatch
+that a second read does not heal is EIO. The price: a CRC per sector read and written,
+about 150 bytes of memory per sector in the map (20 MiB at the bound), and an fsync
+reads back everything written since the previous one (twice the I/O of a
+write-then-fsync workload). Measured on 64 KiB I/O: writes and reads some 40 % slower
+(the CRCs and the map), an fsync after 16 MiB of writes some 7 times longer.
+
 Batching: ``submit(..., kick=False)`` adds chains without publishing them;
 :meth:`BlockDevice.kick` publishes them all with one ``kick_prepare`` (and at most one
 doorbell, usually none with EVENT_IDX while the device is busy).
@@ -76,7 +119,8 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -99,6 +143,9 @@ __all__ = [
     "BLK_DRIVER_FEATURES",
     "JOURNAL_MAX_BYTES",
     "MAX_BLOCK_SIZE",
+    "INTEGRITY_MAX_SECTORS",
+    "INTEGRITY_RETRIES",
+    "INTEGRITY_COUNTERS",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,6 +200,29 @@ _FLUSH = int(BlkType.FLUSH)
 #: Acknowledged writes not yet covered by a completed FLUSH that the driver keeps (per
 #: disk) to replay after a device restart; beyond it the next FLUSH fails with EIO.
 JOURNAL_MAX_BYTES = 64 << 20
+#: Integrity mode: sectors whose CRC32 the driver keeps (the most recently written; when
+#: a write would exceed it, the oldest entries are dropped and those sectors are no
+#: longer verified). 2^17 sectors = 64 MiB of data (as the journal), about 150 bytes
+#: of memory each.
+INTEGRITY_MAX_SECTORS = 1 << 17
+#: Integrity mode: rewrite + read-back rounds an fsync tries before it fails with EIO.
+INTEGRITY_RETRIES = 3
+#: Integrity mode counters (in :attr:`BlockDevice.counters`).
+INTEGRITY_COUNTERS = (
+    "integrity_checked",  # sectors compared with what this kernel wrote
+    "integrity_mismatches",  # sectors found different (each time)
+    "integrity_repaired",  # sectors made right again from the journal
+    "integrity_errors",  # reads / fsyncs failed with EIO because of a mismatch
+    "integrity_evicted",  # CRCs dropped at INTEGRITY_MAX_SECTORS (no longer verified)
+)
+_CRC_MASK = 0xFFFFFFFF
+_ZERO_SECTOR = bytes(SECTOR_SIZE)
+_ZERO_CRC = zlib.crc32(_ZERO_SECTOR)
+_WRITE_ZEROES = int(BlkType.WRITE_ZEROES)
+#: A DISCARD / WRITE_ZEROES of more sectors than this is tracked as one range (not per
+#: sector) and leaves its sectors unverified.
+_BIG_RANGE = 4096
+_DISCARD = int(BlkType.DISCARD)
 #: What an expired request's ``fail`` gets at the reset (never delivered: its caller
 #: was told ETIMEDOUT already).
 _RELEASE = OSError(errno.ETIMEDOUT, "timed out")
@@ -230,6 +300,14 @@ class _Req:
         "replay",
         "jseq",
         "wave",
+        "igen",
+        "tracked",
+        "reread",
+        "fix",
+        "urgent",
+        "hold",
+        "checked",
+        "verify",
     )
 
     def __init__(
@@ -262,6 +340,15 @@ class _Req:
         self.replay = False  # a journaled write sent again after a device restart
         self.jseq = 0  # FLUSH: the journal sequence number it covers
         self.wave = 0  # replay: its wave (replays that overlap go in later waves)
+        # -- integrity mode (see BlockDevice's "integrity" section)
+        self.igen = 0  # IN: the write generation when submitted (CRCs newer are skipped)
+        self.tracked = False  # a write counted in the in-flight map (CRCs of its sectors)
+        self.reread = False  # IN: already read again after a mismatch
+        self.fix = False  # a rewrite of the journal's data (not journaled again)
+        self.urgent = False  # an integrity request: dispatched ahead, past the barrier
+        self.hold = False  # holds the integrity barrier until it finishes
+        self.checked = False  # FLUSH: the journal's read-back is done (or not needed)
+        self.verify = False  # IN: an fsync's read-back (its callback compares the data)
 
     def complete(self, used_len: int) -> None:
         """The device returned this chain (interrupt thread)."""
@@ -281,6 +368,23 @@ class _Req:
             self.parent.part_done(error)
         elif self.callback is not None:
             _deliver(self.callback, error)
+
+
+class _Check:
+    """One fsync's read-back of the journal (integrity mode): ``expect`` maps each
+    journaled sector to the bytes the device must hold (None: zeros); rounds of
+    read-back, then rewrite of what differs, until all match or the rounds run out."""
+
+    __slots__ = ("flush", "expect", "left", "bad", "round", "repaired", "todo")
+
+    def __init__(self, flush: _Req, expect: dict[int, memoryview | None]) -> None:
+        self.flush = flush
+        self.expect = expect
+        self.left = 0  # requests of the current step not yet finished
+        self.bad: list[int] = []  # sectors found different in this step
+        self.round = 0  # rewrite rounds so far
+        self.repaired: set[int] = set()  # sectors rewritten
+        self.todo: list[int] = []  # sectors the next read-back covers
 
 
 class BlockDevice:
@@ -393,9 +497,23 @@ class BlockDevice:
         self._wave_left: list[int] = []  # replays not yet completed, per wave
         #: Journal counters: ``journal_replayed`` writes sent again after a restart,
         #: ``journal_overflows``, ``flush_errors_reported``.
+        #: Integrity counters (:data:`INTEGRITY_COUNTERS`, zero without integrity).
         self.counters: dict[str, int] = dict.fromkeys(
-            ("journal_replayed", "journal_overflows", "flush_errors_reported"), 0
+            ("journal_replayed", "journal_overflows", "flush_errors_reported", *INTEGRITY_COUNTERS),
+            0,
         )
+        # -- integrity mode (opt-in: the spec's ``integrity``)
+        #: Whether reads are verified against CRCs of what was written and fsync reads
+        #: the journal back before its FLUSH (``kernel.Blk(..., integrity=True)``).
+        self.integrity = bool(getattr(transport.spec, "integrity", False))
+        self._crc: OrderedDict[int, int] = OrderedDict()  # sector -> gen << 32 | crc32
+        self._wbusy: dict[int, int] = {}  # sector -> writes in flight to it
+        self._wbig: list[tuple[int, int]] = []  # [first, end) of big ranges in flight
+        self._contested: set[int] = set()  # sectors two writes were in flight to at once
+        self._igen = 0  # write generation: grows with every finished write
+        self._ilock = Lock()  # guards the four above and _barriers
+        self._barriers = 0  # integrity work in progress: only urgent requests dispatch
+        self._urgent: deque[_Req] = deque()  # integrity requests, ahead of the rest
         queue.refill = self._refill
         queue.on_failed = self._on_failed
         queue.on_reset = self._on_reset
@@ -459,6 +577,8 @@ class BlockDevice:
         reqs = self._build(op, offset, length_or_data, callback)
         if reqs is None:
             return
+        if self.integrity:
+            self._track_submit(reqs)
         q = self.queue
         with q.lock:
             err = q.failed
@@ -467,6 +587,9 @@ class BlockDevice:
                 self._pending.extend(reqs)
                 need = self._dispatch_locked(kick and not q.completing)
         if err is not None:
+            for r in reqs:
+                if r.tracked:
+                    self._untrack(r, False)
             # Refused outright (never via the callback: a callback that resubmits on
             # error would otherwise recurse without end once the device is gone).
             raise copy_error(err)
@@ -599,10 +722,26 @@ class BlockDevice:
         indirect = self._indirect
         inline = self._inline
         add = q.add
-        while pending:
-            r = pending[0]
+        urgent = self._urgent
+        while True:
+            # journal replays first, then integrity requests; while integrity work is in
+            # progress (a barrier) nothing else goes
+            if self._replaying:
+                src = pending
+            elif urgent:
+                src = urgent
+            elif self._barriers:
+                break
+            else:
+                src = pending
+            if not src:
+                break
+            r = src[0]
             if self._replaying and (not r.replay or r.wave > self._wave):
                 break  # journaled writes first, wave by wave: later writes still win
+            if r.rtype == _FLUSH and self.integrity and not r.checked and not self._replaying:
+                if self._check_start(r):
+                    continue  # the journal's read-back goes first, behind a barrier
             resubmit = r.slot >= 0  # back from a reset: slot and data are in place
             if not resubmit and not slots:
                 break
@@ -660,7 +799,7 @@ class BlockDevice:
             else:
                 readable = [header]
                 writable = [status]
-            pending.popleft()
+            src.popleft()
             try:
                 add(readable, writable, r, indirect_table=slot + _S_TABLE if use_table else None)
             except VirtioError as e:  # broken queue or a driver bug: fail this one request
@@ -690,7 +829,8 @@ class BlockDevice:
     def _on_failed(self, error: OSError) -> None:
         q = self.queue
         with q.lock:
-            reqs = list(self._pending)
+            reqs = list(self._urgent) + list(self._pending)
+            self._urgent.clear()
             self._pending.clear()
         for r in reqs:
             r.fail(copy_error(error))
@@ -702,17 +842,27 @@ class BlockDevice:
         a timeout: their callers see success), or fail with ``error`` (the device broke
         the ring); one whose caller was told it timed out only gives its buffers back."""
         again: list[_Req] = []
+        urgent: list[_Req] = []
         for r in tokens:
             if r.replay:  # a replay of an earlier reset: the whole journal goes again
                 r.replay = False
                 r.fail(_RELEASE)
             elif r.expired or error is not None:
                 r.fail(copy_error(error) if error is not None else _RELEASE)
+            elif r.urgent:
+                urgent.append(r)
             else:
+                if r.rtype == _FLUSH:
+                    r.checked = False  # read the journal back again after the replays
                 again.append(r)
         q = self.queue
         with q.lock:
+            self._urgent.extendleft(reversed(urgent))
             pending = self._pending
+            if self.integrity:
+                for r in pending:
+                    if r.rtype == _FLUSH:
+                        r.checked = False  # the replays below: read the journal back again
             if self._replaying:  # replays not yet dispatched: replaced below
                 keep = [r for r in pending if not r.replay]
                 pending.clear()
@@ -789,6 +939,342 @@ class BlockDevice:
         self._journal.clear()
         self._jbytes = 0
 
+    # ------------------------------------------------------------------ integrity
+    # Everything of the integrity mode is here; see the module docstring. The CRC map
+    # holds, per sector, ``gen << 32 | crc32`` of the data of the last acknowledged
+    # write; a write being submitted removes its sectors' entries (their content is in
+    # flux) and counts itself in ``_wbusy``; its acknowledgement stores the new CRCs with
+    # a new generation. A read compares only entries at most as new as the generation at
+    # its submission (a write acknowledged while the read was on its way may or may not
+    # be in what it returns).
+
+    def _track_submit(self, reqs: list[_Req]) -> None:
+        """Requests being submitted: a read notes the write generation, a write marks
+        its sectors as being written."""
+        with self._ilock:
+            gen = self._igen
+            for r in reqs:
+                if r.rtype == _IN:
+                    r.igen = gen
+                elif r.rtype != _FLUSH:
+                    self._track_locked(r)
+
+    def _track_locked(self, r: _Req) -> None:
+        """A write (OUT, WRITE_ZEROES, DISCARD) goes out: its sectors' CRCs are void,
+        and a second write in flight to a sector makes the outcome unknown (no CRC)."""
+        r.tracked = True
+        first = r.sector
+        n = r.nbytes // SECTOR_SIZE if r.nbytes else r.nsect
+        crc = self._crc
+        if n > _BIG_RANGE:
+            end = first + n
+            for s in [s for s in crc if first <= s < end]:  # bounded: INTEGRITY_MAX_SECTORS
+                del crc[s]
+            self._wbig.append((first, end))
+            return
+        busy = self._wbusy
+        for s in range(first, first + n):
+            crc.pop(s, None)
+            b = busy.get(s, 0)
+            if b:
+                self._contested.add(s)
+            busy[s] = b + 1
+
+    def _busy(self, s: int) -> bool:
+        """Whether a write to sector ``s`` is in flight (``_ilock`` held)."""
+        return s in self._wbusy or any(a <= s < b for a, b in self._wbig)
+
+    def _untrack(self, r: _Req, ok: bool) -> None:
+        """A tracked write finished; acknowledged (``ok``), its sectors' CRCs become
+        those of its data -- unless another write to them was in flight meanwhile."""
+        first = r.sector
+        n = r.nbytes // SECTOR_SIZE if r.nbytes else r.nsect
+        src = r.src if ok and r.rtype == _OUT and not r.zero else None
+        zero = ok and (r.zero or r.rtype == _WRITE_ZEROES)
+        evicted = 0
+        with self._ilock:
+            if not r.tracked:
+                return
+            r.tracked = False
+            self._igen += 1
+            if n > _BIG_RANGE:
+                self._wbig.remove((first, first + n))
+                return  # a big range stays unverified
+            stamp = self._igen << 32
+            crc = self._crc
+            busy = self._wbusy
+            contested = self._contested
+            for i in range(n):
+                s = first + i
+                b = busy.get(s, 1) - 1
+                if b:
+                    busy[s] = b
+                    continue
+                busy.pop(s, None)
+                if s in contested:
+                    contested.discard(s)
+                elif src is not None:
+                    crc[s] = stamp | zlib.crc32(src[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE])
+                elif zero:
+                    crc[s] = stamp | _ZERO_CRC
+            limit = INTEGRITY_MAX_SECTORS
+            while len(crc) > limit:
+                crc.popitem(last=False)  # the oldest: no longer verified
+                evicted += 1
+        if evicted:
+            self.counters["integrity_evicted"] += evicted
+
+    def _bad_sectors(self, r: _Req, data: bytes) -> list[tuple[int, int]]:
+        """The sectors of read ``r`` whose data differs from its CRC: ``(index in the
+        request, the CRC expected)``."""
+        mv = memoryview(data)
+        limit = (r.igen + 1) << 32  # entries of generation <= r.igen
+        bad: list[tuple[int, int]] = []
+        checked = 0
+        with self._ilock:
+            crc = self._crc
+            for i in range(r.nbytes // SECTOR_SIZE):
+                e = crc.get(r.sector + i)
+                if e is None or e >= limit:
+                    continue
+                checked += 1
+                want = e & _CRC_MASK
+                if zlib.crc32(mv[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE]) != want:
+                    bad.append((i, want))
+        self.counters["integrity_checked"] += checked
+        self.counters["integrity_mismatches"] += len(bad)
+        return bad
+
+    def _read_again(self, r: _Req) -> None:
+        """Send read ``r`` again (its slot and buffer are in place; ``refill`` runs
+        after the batch of completions)."""
+        q = self.queue
+        with q.lock:
+            err = q.failed
+            if err is None:
+                self._pending.appendleft(r)
+                return
+        self._finish(r, copy_error(err), None)
+
+    def _journal_sectors(self, sectors: list[int]) -> dict[int, bytes] | None:
+        """The journal's newest bytes of each of ``sectors``, or None when it does not
+        hold them all (flushed since, or discarded)."""
+        want = set(sectors)
+        found: dict[int, bytes] = {}
+        for _seq, rtype, sector, nbytes, data, _zero, nsect in reversed(list(self._journal)):
+            end = sector + (nbytes // SECTOR_SIZE if rtype == _OUT else nsect)
+            for s in [s for s in want if sector <= s < end]:
+                if rtype == _DISCARD:
+                    return None  # its content is the device's choice
+                if data is None:
+                    found[s] = _ZERO_SECTOR
+                else:
+                    o = (s - sector) * SECTOR_SIZE
+                    found[s] = bytes(data[o : o + SECTOR_SIZE])
+                want.discard(s)
+            if not want:
+                return found
+        return None
+
+    def _read_repair(self, r: _Req, data: bytes, bad: list[tuple[int, int]]) -> bytes | None:
+        """A read still wrong after a second read: its data with the bad sectors taken
+        from the journal (and those rewritten on the device, ahead of anything else),
+        or None when the journal does not hold what was acknowledged."""
+        found = self._journal_sectors([r.sector + i for i, _ in bad])
+        if found is None:
+            return None
+        patched = bytearray(data)
+        fix: list[int] = []
+        with self._ilock:
+            for i, want in bad:
+                s = r.sector + i
+                good = found[s]
+                if zlib.crc32(good) != want:
+                    return None
+                patched[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE] = good
+                e = self._crc.get(s)
+                if e is not None and e & _CRC_MASK == want:  # no newer write on its way
+                    fix.append(s)
+            reqs = self._fix_writes_locked(fix, found.__getitem__, _ignore, hold=True)
+        self.counters["integrity_repaired"] += len(bad)
+        self._inject(reqs)
+        return bytes(patched)
+
+    def _runs(self, sectors: list[int]) -> list[tuple[int, int]]:
+        """Sorted ``sectors`` as ``(first, count)`` runs of at most one request."""
+        most = self.max_request_bytes // SECTOR_SIZE
+        runs: list[tuple[int, int]] = []
+        for s in sectors:
+            if runs and runs[-1][0] + runs[-1][1] == s and runs[-1][1] < most:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((s, 1))
+        return runs
+
+    def _fix_writes_locked(
+        self,
+        sectors: list[int],
+        data_of: Callable[[int], bytes | memoryview | None],
+        callback: Callback,
+        hold: bool,
+    ) -> list[_Req]:
+        """Writes of the journal's data to ``sectors`` (urgent; ``hold``: each keeps
+        the barrier up until it finished). ``_ilock`` held."""
+        out: list[_Req] = []
+        for first, n in self._runs(sorted(sectors)):
+            parts = [data_of(s) for s in range(first, first + n)]
+            blob = b"".join(_ZERO_SECTOR if p is None else p for p in parts)
+            r = _Req(self, _OUT, first, len(blob), callback, None, 0, memoryview(blob))
+            r.fix = r.urgent = True
+            r.hold = hold
+            if hold:
+                self._barriers += 1
+            self._track_locked(r)
+            out.append(r)
+        return out
+
+    def _inject(self, reqs: list[_Req]) -> None:
+        """Queue integrity requests ahead of everything else and dispatch."""
+        if not reqs:
+            return
+        q = self.queue
+        with q.lock:
+            err = q.failed
+            need = False
+            if err is None:
+                self._urgent.extend(reqs)
+                need = self._dispatch_locked(not q.completing)
+        if err is not None:
+            for r in reqs:
+                r.fail(copy_error(err))
+            return
+        if self._rejected:
+            self._fail_rejected()
+        if need:
+            q.notify()
+
+    def _journal_image(self) -> dict[int, memoryview | None]:
+        """What the journal says the device holds: sector -> its bytes (None: zeros);
+        discarded sectors and big zeroed ranges are left out."""
+        expect: dict[int, memoryview | None] = {}
+        for _seq, rtype, sector, nbytes, data, _zero, nsect in list(self._journal):
+            if rtype == _OUT:
+                mv = memoryview(data) if data is not None else None
+                for i in range(nbytes // SECTOR_SIZE):
+                    o = i * SECTOR_SIZE
+                    expect[sector + i] = mv[o : o + SECTOR_SIZE] if mv is not None else None
+            elif nsect > _BIG_RANGE or rtype == _DISCARD:
+                end = sector + nsect
+                if nsect > len(expect):
+                    for s in [s for s in expect if sector <= s < end]:
+                        del expect[s]
+                else:
+                    for s in range(sector, end):
+                        expect.pop(s, None)
+            else:
+                for s in range(sector, sector + nsect):
+                    expect[s] = None
+        return expect
+
+    def _check_start(self, f: _Req) -> bool:
+        """FLUSH ``f`` reached the head of the queue (queue lock held): read back every
+        journaled sector first, behind a barrier. False when there is nothing to check."""
+        f.checked = True
+        expect = self._journal_image()
+        with self._ilock:
+            for s in [s for s in expect if self._busy(s)]:
+                del expect[s]  # a newer write is on its way: its own fsync checks it
+            if not expect:
+                return False
+            self._barriers += 1
+        chk = _Check(f, expect)
+        self._urgent.extend(self._check_reads(chk, sorted(expect)))
+        return True
+
+    def _check_reads(self, chk: _Check, sectors: list[int]) -> list[_Req]:
+        out: list[_Req] = []
+        for first, n in self._runs(sectors):
+
+            def cb(result: Any, first: int = first, n: int = n) -> None:
+                self._check_read_done(chk, first, n, result)
+
+            r = _Req(self, _IN, first, n * SECTOR_SIZE, cb, None)
+            r.urgent = r.verify = True
+            out.append(r)
+        chk.left = len(out)
+        return out
+
+    def _check_read_done(self, chk: _Check, first: int, n: int, result: Any) -> None:
+        bad: list[int] = []
+        if not isinstance(result, bytes | bytearray) or len(result) != n * SECTOR_SIZE:
+            bad = list(range(first, first + n))  # not read: rewrite it and look again
+        else:
+            mv = memoryview(result)
+            for i in range(n):
+                want = chk.expect[first + i]
+                got = mv[i * SECTOR_SIZE : (i + 1) * SECTOR_SIZE]
+                if got != (_ZERO_SECTOR if want is None else want):
+                    bad.append(first + i)
+            self.counters["integrity_checked"] += n
+        with self._ilock:
+            chk.bad += bad
+            chk.left -= 1
+            if chk.left:
+                return
+            bad = sorted(chk.bad)
+            chk.bad = []
+        if not bad:
+            self._check_end(chk, None)
+            return
+        self.counters["integrity_mismatches"] += len(bad)
+        err = self.queue.failed
+        if err is None and chk.round >= INTEGRITY_RETRIES:
+            self.counters["integrity_errors"] += 1
+            err = io_error(
+                errno.EIO,
+                f"{self.name}: {len(bad)} written sector(s) (first {bad[0]}) still differ "
+                f"after {chk.round} rewrites (integrity)",
+                culprit="device-error",
+            )
+        if err is not None:
+            self._check_end(chk, err)
+            return
+        chk.round += 1
+        chk.repaired.update(bad)
+        chk.todo = bad
+
+        def written(result: Any) -> None:
+            with self._ilock:
+                chk.left -= 1
+                if chk.left:
+                    return
+            self._inject(self._check_reads(chk, chk.todo))
+
+        with self._ilock:
+            reqs = self._fix_writes_locked(bad, chk.expect.__getitem__, written, hold=False)
+            chk.left = len(reqs)
+        self._inject(reqs)
+
+    def _check_end(self, chk: _Check, err: OSError | None) -> None:
+        """The read-back is over: the FLUSH goes (or fails with ``err``)."""
+        f = chk.flush
+        q = self.queue
+        found = False
+        if err is not None:
+            with q.lock:
+                try:
+                    self._pending.remove(f)
+                    found = True
+                except ValueError:  # failed with the device already
+                    pass
+        else:
+            self.counters["integrity_repaired"] += len(chk.repaired)
+        with self._ilock:
+            self._barriers -= 1
+        if found:
+            self._finish(f, copy_error(err) if err is not None else None, None)
+        self._refill()
+
     # ------------------------------------------------------------------ completion
     def _complete(self, r: _Req, used_len: int) -> None:
         buf = self._buf
@@ -810,8 +1296,25 @@ class BlockDevice:
             else:
                 dma = r.dma
                 data = buf[dma : dma + n].tobytes()  # the one copy out of shared memory
+                if self.integrity and not r.verify and not r.expired:
+                    bad = self._bad_sectors(r, data)
+                    if bad:
+                        if not r.reread:  # once: a one-off corruption heals
+                            r.reread = True
+                            self._read_again(r)
+                            return
+                        fixed = self._read_repair(r, data, bad)
+                        if fixed is None:
+                            self.counters["integrity_errors"] += 1
+                            err = io_error(
+                                errno.EIO,
+                                f"{self.name}: read of sector {r.sector + bad[0][0]} does not "
+                                "match what was written (integrity)",
+                                culprit="device-error",
+                            )
+                        data = fixed
                 parent = r.parent
-                if parent is not None and parent.parts is not None:
+                if parent is not None and parent.parts is not None and data is not None:
                     parent.parts[r.part_off] = data
                     data = None
         elif used_len < 1:
@@ -830,7 +1333,7 @@ class BlockDevice:
                 )
             else:
                 self._journal_trim(r.jseq)
-        elif self.has_flush and not r.replay:
+        elif self.has_flush and not r.replay and not r.fix:
             self._journal_add(r)  # acknowledged, not yet durable
         self._finish(r, err, data)
 
@@ -851,6 +1354,12 @@ class BlockDevice:
         if r.slot >= 0:
             self._slots.append(r.slot)  # deque.append is thread-safe
             r.slot = -1
+        if r.tracked:
+            self._untrack(r, err is None)
+        if r.hold:
+            r.hold = False
+            with self._ilock:
+                self._barriers -= 1
         r.src = None
         if r.expired:
             return  # its caller was told already (ETIMEDOUT)

@@ -20,7 +20,11 @@ EINVAL     negative offset or count, bad ``whence``, ``lseek`` to a negative pos
 EEXIST     ``O_CREAT | O_EXCL`` (the node exists)
 ENOTDIR    ``O_DIRECTORY``
 ENXIO      ``write``/``pwrite`` starting at or past the end of the device
-EIO        the device answered IOERR, broke the ring rules, needs a reset, or died
+EIO        the device answered IOERR, broke the ring rules, needs a reset, or died;
+           with ``kernel.Blk(..., integrity=True)`` also a read whose data does not
+           match what this kernel wrote (and the journal cannot supply), or an
+           ``fsync`` whose read-back could not be made right (culprit
+           "device-error"; see :mod:`kernel.blk`, "Integrity mode")
 =========  ====================================================================
 
 Other open flags (``O_CREAT`` without ``O_EXCL``, ``O_TRUNC``, ``O_SYNC``, ``O_DIRECT``,

@@ -7,9 +7,11 @@ behind (``/dev/shm/vlab-*`` segments, runtime directories of dead processes), cr
 a private 0700 :class:`~hostops.rundir.RuntimeDir` for the endpoints and logs, starts
 every device process at once (their start-up overlaps), then probes them one by one on
 the virtio bus (:mod:`kernel.bus`): device ``i`` of a kind gets the name ``<prefix>a``,
-``<prefix>b``, ... (``vda``, ``vdb`` for disks). If any device fails to come up,
-everything already started is torn down and :class:`~kernel.errors.DeviceProbeError`
-says which device failed and why (with its log).
+``<prefix>b``, ... (``vda``, ``vdb`` for disks). A device the kernel attaches to
+(``kernel.Attach(ENDPOINT)``, :mod:`kernel.transport_attach`) is named in the same
+sequence once it has said what it is (its device id: ``vda``, ``eth0``, ``rng0``). If
+any device fails to come up, everything already started is torn down and
+:class:`~kernel.errors.DeviceProbeError` says which device failed and why (with its log).
 
 The returned :class:`Kernel` owns all of it. :meth:`Kernel.shutdown` -- idempotent,
 safe from any thread -- closes every fd, resets each device (best effort), stops its
@@ -19,7 +21,8 @@ KeyboardInterrupt), SIGTERM (``hostops.signals.on_terminate``) and interpreter e
 (``register_atexit``). A SIGKILL of the user's process leaves nothing either: a
 device's memory is an anonymous memfd (vhost-user: the same; no shm name to leak), the
 device processes notice their parent's death, and the next :func:`boot` sweeps the
-runtime directory.
+runtime directory -- and the shm segments of attached devices (named after the dead
+kernel's pid; an attached device keeps running and is reset by the next kernel).
 
 A device that dies, hangs (a request older than the spec's ``request_timeout``), breaks
 the ring protocol or sets DEVICE_NEEDS_RESET is reset or restarted by its transport
@@ -57,6 +60,7 @@ from .net.stack import Stack
 from .specs import DeviceSpec
 from .syscalls import Syscalls
 from .transport import KernelQueue, VirtioTransport
+from .transport_attach import AttachTransport
 from .transport_vhost_user import VhostUserTransport
 from .transport_zmq import ZmqTransport
 from .virtio_net import NetLink
@@ -75,6 +79,7 @@ __all__ = [
 TRANSPORTS: dict[str, type[VirtioTransport]] = {
     ZmqTransport.kind: ZmqTransport,
     VhostUserTransport.kind: VhostUserTransport,
+    AttachTransport.kind: AttachTransport,
 }
 _transports_lock = Lock()
 
@@ -396,22 +401,31 @@ def boot(
     try:
         k._install_handlers()
         counters: dict[str, int] = {}
+
+        def next_name(prefix: str, naming: str) -> str:
+            i = counters.get(prefix, 0)
+            counters[prefix] = i + 1
+            return device_name(prefix, i, naming)
+
         for spec in specs:
-            i = counters.get(spec.name_prefix, 0)
-            counters[spec.name_prefix] = i + 1
             cls = TRANSPORTS.get(spec.transport)
             if cls is None:
                 raise ValueError(f"{spec!r}: unknown transport {spec.transport!r}")
-            t = cls(
-                device_name(spec.name_prefix, i, spec.naming),
-                spec,
-                k.rundir,
-                region_size=region_size,
-            )
-            if tracer is not None:
+            # an attached device is named once it said what it is (launch asks it)
+            named_by_device = issubclass(cls, AttachTransport)
+            if named_by_device:
+                name = f"attach{len(k._transports)}"  # until it said what it is
+            else:
+                name = next_name(spec.name_prefix, spec.naming)
+            t = cls(name, spec, k.rundir, region_size=region_size)
+            if tracer is not None and not named_by_device:
                 t.tracer = tracer.bind(t.name)
             k._transports.append(t)
             t.launch()
+            if isinstance(t, AttachTransport):
+                t.rename(next_name(*t.naming()))
+                if tracer is not None:
+                    t.tracer = tracer.bind(t.name)
         for t in k._transports:
             driver = bus.probe(t)
             dev = VirtioDevice(t, driver)

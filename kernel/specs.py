@@ -15,7 +15,9 @@ New kinds (``Net``, ``Custom("pkg.module:Class", **opts)``) subclass
 ``transport`` says how the kernel reaches the device: ``"zmq"`` (the default: a device
 process the kernel starts, :mod:`kernel.transport_zmq`) or ``"vhost-user"`` (a back-end
 somebody else started, listening on a Unix socket: :class:`VhostUserBlk`,
-:class:`VhostUserNet`, :mod:`kernel.transport_vhost_user`). vhost-user has no device id
+:class:`VhostUserNet`, :mod:`kernel.transport_vhost_user`) or ``"attach"`` (a device
+process of ours somebody else started with ``--shm-by-name``: :class:`Attach`,
+:mod:`kernel.transport_attach`; the device itself says what it is). vhost-user has no device id
 on the wire, so such a spec also says what the device is (``device_id``). Like QEMU, a
 vhost-user front-end may own part of the device itself: ``frontend_features`` are
 feature bits the front-end implements (offered to the driver whatever the back-end
@@ -46,6 +48,8 @@ __all__ = [
     "Net",
     "VhostUserNet",
     "Custom",
+    "Attach",
+    "DEFAULT_RECONNECT_TIMEOUT_S",
     "NET_BACKENDS",
     "DEATH_POLICIES",
     "DEFAULT_REQUEST_TIMEOUT_S",
@@ -225,12 +229,21 @@ class Blk(DeviceSpec):
     ``readonly`` starts the device with ``--readonly`` (it then offers
     VIRTIO_BLK_F_RO and the kernel refuses writes with EROFS); ``queue_size`` is the
     ring size requested (a power of two, capped by the device's maximum).
+
+    ``integrity`` (default False) turns on the block layer's integrity mode
+    (:mod:`kernel.blk`, "Integrity"): CRC32 of every sector this kernel wrote, reads
+    verified (re-read, repaired from the write journal, or EIO -- never wrong data),
+    and every fsync reads its journaled writes back and rewrites what differs before
+    the FLUSH goes out. It costs a CRC per 512 bytes read or written, about 150 bytes
+    of memory per written sector (at most ``kernel.blk.INTEGRITY_MAX_SECTORS``), and
+    an fsync reads back everything written since the previous one.
     """
 
     path: str | None = None
     readonly: bool = False
     queue_size: int = 128
     memory_size: int | None = None
+    integrity: bool = field(default=False, kw_only=True)
 
     kind: ClassVar[str] = "blk"
     name_prefix: ClassVar[str] = "vd"
@@ -249,6 +262,8 @@ class Blk(DeviceSpec):
         q = self.queue_size
         if not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
             raise ValueError(f"Blk: queue_size {q!r} is not a power of two in 1..32768")
+        if not isinstance(self.integrity, bool):
+            raise ValueError(f"Blk: integrity {self.integrity!r} is not True or False")
 
     @classmethod
     def memory(
@@ -659,3 +674,116 @@ class Custom(DeviceSpec):
             else:
                 args += [flag, str(value)]
         return args
+
+
+#: Default seconds the kernel waits for an attached device that went away to come back.
+DEFAULT_RECONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True, init=False)
+class Attach(DeviceSpec):
+    """A device process somebody else started and keeps running, like a vhost-user
+    back-end daemon: ``python -m vdev KIND ... --control ENDPOINT --shm-by-name``. The
+    kernel connects to ``endpoint`` (an ``ipc://`` path), learns what the device is from
+    GET_DEVICE_INFO (the driver binds by device id, as always) and shares its memory by
+    POSIX shm name; it neither starts nor stops the process
+    (:mod:`kernel.transport_attach`).
+
+    When the device goes away (its control channel stops answering while requests are
+    in flight, or it comes back without its state: restarted on the same endpoint) the
+    kernel waits up to ``reconnect_timeout`` seconds for the endpoint to answer again,
+    brings the device up again and resubmits what was in flight (``on_device_death=
+    "restart"``, within ``restart_budget``); a device that does not come back in time
+    fails with EIO, culprit ``"device-gone"``.
+
+    Names: ``name_prefix`` (default: from the device id -- ``vda``, ``vdb`` for disks,
+    ``eth0`` for NICs, ``<device name>0`` otherwise: ``rng0``). ``queue_size`` is the
+    ring size the driver asks for (capped by the device); ``ip`` / ``gateway`` configure
+    the interface when the device is a NIC. The device's own options (image, fault
+    plan, ...) are its command line's, not the kernel's.
+    """
+
+    endpoint: str
+    prefix: str
+    queue_size: int
+    reconnect_timeout: float
+    ip: str
+    gateway: str | None
+
+    transport: ClassVar[str] = "attach"
+
+    def __init__(
+        self,
+        endpoint: str,
+        /,
+        *,
+        name_prefix: str | None = None,
+        queue_size: int = 128,
+        on_device_death: str = "restart",
+        request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+        restart_budget: tuple[int, float] = DEFAULT_RESTART_BUDGET,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT_S,
+        ip: str = "10.0.0.2/24",
+        gateway: str | None = None,
+    ) -> None:
+        object.__setattr__(self, "on_device_death", on_device_death)
+        object.__setattr__(self, "request_timeout", request_timeout)
+        object.__setattr__(self, "restart_budget", restart_budget)
+        object.__setattr__(self, "faults", None)
+        _check_recovery_options("Attach", self)
+        if not isinstance(endpoint, str) or not endpoint.startswith("ipc://"):
+            raise ValueError(f"Attach: endpoint {endpoint!r} is not an ipc:// endpoint")
+        path = endpoint[len("ipc://") :]
+        if not os.path.isabs(path) or os.path.normpath(path) != path or "\0" in path:
+            raise ValueError(
+                f"Attach: endpoint {endpoint!r} must name an absolute, normalised socket path"
+            )
+        # the kernel's doorbells go next to it (<path>.kick, <path>.call): sun_path < 108
+        if len(os.fsencode(path)) + len(".kick") >= 107:
+            raise ValueError(
+                f"Attach: socket path {path!r} is too long (the doorbells beside it need "
+                "5 more bytes; Unix socket paths hold 107)"
+            )
+        if name_prefix is not None and (
+            not isinstance(name_prefix, str) or not _PREFIX.match(name_prefix)
+        ):
+            raise ValueError(f"Attach: name_prefix {name_prefix!r} is not [a-z][a-z0-9]*")
+        q = queue_size
+        if isinstance(q, bool) or not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
+            raise ValueError(f"Attach: queue_size {q!r} is not a power of two in 1..32768")
+        t = reconnect_timeout
+        if isinstance(t, bool) or not isinstance(t, int | float) or not t > 0:
+            raise ValueError(f"Attach: reconnect_timeout {t!r} is not a positive number")
+        if not isinstance(ip, str):
+            raise ValueError(f"Attach: ip must be a string like '10.0.0.2/24', got {ip!r}")
+        _parse_ipv4_cidr(ip, "ip", "Attach")
+        if gateway is not None:
+            if not isinstance(gateway, str):
+                raise ValueError(f"Attach: gateway must be a string, got {gateway!r}")
+            _parse_ipv4_cidr(gateway + "/32", "gateway", "Attach")
+        object.__setattr__(self, "endpoint", endpoint)
+        object.__setattr__(self, "prefix", name_prefix or "")
+        object.__setattr__(self, "queue_size", q)
+        object.__setattr__(self, "reconnect_timeout", float(t))
+        object.__setattr__(self, "ip", ip)
+        object.__setattr__(self, "gateway", gateway)
+
+    @property
+    def name_prefix(self) -> str:  # type: ignore[override]
+        """The prefix given, or "" (the kernel names the device from its device id once
+        it has asked it: ``vd``, ``eth``, or the device's own name)."""
+        return self.prefix
+
+    def device_args(self) -> list[str]:
+        """Not started by the kernel: there is no command line."""
+        raise TypeError("an attached device is not started by the kernel")
+
+    def argv(
+        self,
+        control_endpoint: str,
+        *,
+        faults_file: str | None = None,
+        faults_state: str | None = None,
+    ) -> list[str]:
+        """Not started by the kernel: there is no command line."""
+        raise TypeError("an attached device is not started by the kernel")

@@ -6,14 +6,17 @@ Theory of operation
 kernel knows about one device, and the only object that talks to it. This module holds
 the part that does not depend on *how* the kernel talks to the device -- the region
 layout and DMA allocator, the queues, the interrupt thread's reaping loop, failure
-handling, shutdown order and the counters. Two transports fill in the rest:
+handling, shutdown order and the counters. The transports fill in the rest:
 
 * :class:`~kernel.transport_zmq.ZmqTransport` -- our own device process (``python -m
   vdev ...``): msgpack control channel, ZeroMQ doorbells, a sealed memfd region, a pidfd
   for the process;
 * :class:`~kernel.transport_vhost_user.VhostUserTransport` -- any vhost-user back-end
   (qemu-storage-daemon, ``python -m vdev ... --vhost-user``): a Unix socket, a memfd
-  passed with ``SCM_RIGHTS``, an eventfd per ring and direction.
+  passed with ``SCM_RIGHTS``, an eventfd per ring and direction;
+* :class:`~kernel.transport_attach.AttachTransport` -- a ZmqTransport for a device
+  process somebody else started (``python -m vdev ... --shm-by-name``,
+  ``kernel.Attach(EP)``): a named shm region, and reconnection when it restarts.
 
 A transport subclass answers only "how do I say this to the device": the bring-up steps
 (:meth:`~VirtioTransport.launch`, :meth:`~VirtioTransport.get_device_info`,

@@ -37,7 +37,15 @@ import kernel
 from tools.errors import CliError
 from tools.table import render_table
 
-__all__ = ["run", "pattern", "run_device", "find_demo", "BUILTIN_DEMOS", "DemoFunc"]
+__all__ = [
+    "run",
+    "pattern",
+    "tcp_digest_round_trip",
+    "run_device",
+    "find_demo",
+    "BUILTIN_DEMOS",
+    "DemoFunc",
+]
 
 CHUNK = 64 << 10
 #: Bytes the demo sends over its TCP connection.
@@ -237,17 +245,27 @@ def _tcp(k: kernel.Kernel, addr: str) -> bool:
     """A TCP connection over the same NIC: the client sends TCP_BYTES, the server (a
     thread) answers with the SHA-256 of what it got; True if it matches."""
     data = os.urandom(TCP_BYTES)
+    good = tcp_digest_round_trip(k, addr, data) == hashlib.sha256(data).digest()
+    return _report(f"TCP {TCP_BYTES >> 10} KiB to {addr}:8080, SHA-256 echoed back", good)
+
+
+def tcp_digest_round_trip(
+    k: kernel.Kernel, addr: str, data: bytes, port: int = 8080, timeout_s: float = 10.0
+) -> bytes:
+    """Send ``data`` over a TCP connection to a server thread on ``addr:port`` of the
+    same kernel, which answers with the SHA-256 of what it received; returns that
+    digest. OSErrors of either side are raised."""
     listener = k.sys.socket(2, 1)  # AF_INET, SOCK_STREAM
     client = k.sys.socket(2, 1)
     try:
-        k.sys.bind(listener, (addr, 8080))
+        k.sys.bind(listener, (addr, port))
         k.sys.listen(listener, 1)
-        k.sys.settimeout(listener, 10.0)
+        k.sys.settimeout(listener, timeout_s)
 
         def serve() -> bytes:
             conn, _ = k.sys.accept(listener)
             try:
-                k.sys.settimeout(conn, 10.0)
+                k.sys.settimeout(conn, timeout_s)
                 h = hashlib.sha256()
                 while chunk := k.sys.recv(conn, 65536):
                     h.update(chunk)
@@ -258,17 +276,16 @@ def _tcp(k: kernel.Kernel, addr: str) -> bool:
 
         with ThreadPoolExecutor(1) as pool:
             server = pool.submit(serve)
-            k.sys.settimeout(client, 10.0)
-            k.sys.connect(client, (addr, 8080))
+            k.sys.settimeout(client, timeout_s)
+            k.sys.connect(client, (addr, port))
             k.sys.sendall(client, data)
             k.sys.shutdown(client, 1)  # SHUT_WR: the server sees the end of the data
-            digest = k.sys.recv(client, 64)
-            server.result(timeout=10.0)
+            digest = bytes(k.sys.recv(client, 64))
+            server.result(timeout=timeout_s)
+        return digest
     finally:
         k.sys.close(client)
         k.sys.close(listener)
-    good = digest == hashlib.sha256(data).digest()
-    return _report(f"TCP {TCP_BYTES >> 10} KiB to {addr}:8080, SHA-256 echoed back", good)
 
 
 def _counters(dev: kernel.VirtioDevice) -> None:

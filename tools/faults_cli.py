@@ -4,9 +4,13 @@
   YAML), print its rules, seed and warnings; a bad plan is one line naming the rule and
   the field, exit 2.
 * ``vlab faults matrix [--workload blk|net|both] [--seeds N] [--seed S] [--only K,...]
-  [--jobs J] [--timeout S] [--json]`` -- :mod:`tools.faults_matrix`: every built-in fault
-  kind against a real workload; a progress bar on stderr, the table (or ``--json``) on
-  stdout; exit 1 when a row lost data, hung or crashed the kernel.
+  [--jobs J] [--timeout S] [--integrity on|off] [--json]`` -- :mod:`tools.faults_matrix`:
+  every built-in fault kind against a real workload; a progress bar on stderr, the table
+  (or ``--json``) on stdout; exit 1 when a row lost data, hung or crashed the kernel.
+  ``--integrity`` (default ``on``) runs the blk workload's disk in the block layer's
+  integrity mode (``kernel.Blk(..., integrity=True)``), which repairs or reports the
+  silent faults ``drop_write``, ``torn_write`` and ``corrupt_read``; ``off`` shows what
+  the plain driver does (it loses data under them).
 """
 
 from __future__ import annotations
@@ -56,6 +60,12 @@ def add_parser(sub: Any, float_type: Any) -> None:
     m.add_argument("--jobs", type=_positive_int, default=1, help="rows at a time (default 1)")
     m.add_argument(
         "--timeout", type=float_type, default=60.0, help="watchdog per row, s (default 60)"
+    )
+    m.add_argument(
+        "--integrity",
+        choices=("on", "off"),
+        default="on",
+        help="blk: the block layer's integrity mode (default on; off: the plain driver)",
     )
     m.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
@@ -122,6 +132,7 @@ def _matrix(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         timeout_s=args.timeout,
         progress=progress,
+        integrity=args.integrity == "on",
     )
     if args.json:
         print(json.dumps(result, indent=1))

@@ -15,6 +15,11 @@ Workloads:
 * ``blk`` -- :data:`BLK_WRITES` writes of :data:`BLK_CHUNK` bytes (a distinct pattern per
   write) with an ``fsync`` after every :data:`BLK_FSYNC_EVERY`, a final ``fsync``, then
   a read of every write; after the kernel is down, the image is read from the host.
+  The disk runs the block layer's integrity mode (``kernel.Blk(..., integrity=True)``:
+  reads verified against CRCs of what was written, every fsync reads the journal back
+  and rewrites what a device dropped or tore), so that silent device faults
+  (``drop_write``, ``torn_write``, ``corrupt_read``) are repaired or reported;
+  ``--integrity off`` runs the plain driver, which loses data under them.
 * ``net`` -- a NIC on the loopback backend (every frame crosses the device twice):
   :data:`UDP_ROUNDS` UDP echo round trips (a UDP application retries: up to
   :data:`UDP_TRIES` sends per round), :data:`PINGS` pings (same retries) and a TCP
@@ -325,41 +330,11 @@ def _net_workload(k: Any, calls: _Calls) -> None:
 
 
 def _tcp(k: Any, calls: _Calls) -> None:
-    from concurrent.futures import ThreadPoolExecutor
+    from tools.demo import tcp_digest_round_trip
 
     data = hashlib.sha256(b"tcp").digest() * (TCP_BYTES // 32)
-    listener = k.sys.socket(2, 1)
-    client = k.sys.socket(2, 1)
-    try:
-        k.sys.bind(listener, (NET_IP, 8080))
-        k.sys.listen(listener, 1)
-        k.sys.settimeout(listener, 20.0)
-
-        def serve() -> bytes:
-            conn, _ = k.sys.accept(listener)
-            try:
-                k.sys.settimeout(conn, 20.0)
-                h = hashlib.sha256()
-                while chunk := k.sys.recv(conn, 65536):
-                    h.update(chunk)
-                k.sys.sendall(conn, h.digest())
-                return h.digest()
-            finally:
-                k.sys.close(conn)
-
-        with ThreadPoolExecutor(1) as pool:
-            fut = pool.submit(serve)
-            k.sys.settimeout(client, 20.0)
-            k.sys.connect(client, (NET_IP, 8080))
-            k.sys.sendall(client, data)
-            k.sys.shutdown(client, 1)
-            digest = k.sys.recv(client, 64)
-            fut.result(timeout=25.0)
-        if digest != hashlib.sha256(data).digest():
-            calls.lost.append("tcp: the stream arrived altered")
-    finally:
-        k.sys.close(client)
-        k.sys.close(listener)
+    if tcp_digest_round_trip(k, NET_IP, data, timeout_s=20.0) != hashlib.sha256(data).digest():
+        calls.lost.append("tcp: the stream arrived altered")
 
 
 def _count_fired(trace_path: str) -> int:
@@ -379,9 +354,10 @@ def _count_fired(trace_path: str) -> int:
     return fired
 
 
-def child_row(kind_name: str, workload: str, seed: int) -> dict[str, Any]:
+def child_row(kind_name: str, workload: str, seed: int, integrity: bool = True) -> dict[str, Any]:
     """Run one row in this process; the row's result (outcome kernel-crash when a
-    non-OSError escapes)."""
+    non-OSError escapes). ``integrity``: the blk workload's disk runs the block layer's
+    integrity mode (``kernel.Blk(..., integrity=True)``)."""
     import kernel
 
     kind = _BY_NAME[kind_name]
@@ -396,7 +372,9 @@ def child_row(kind_name: str, workload: str, seed: int) -> dict[str, Any]:
             if workload == "blk":
                 with open(image, "wb") as f:
                     f.truncate(BLK_IMAGE)
-                spec: Any = kernel.Blk(image, faults=plan, request_timeout=REQUEST_TIMEOUT_S)
+                spec: Any = kernel.Blk(
+                    image, faults=plan, request_timeout=REQUEST_TIMEOUT_S, integrity=integrity
+                )
             else:
                 spec = kernel.Net(
                     backend="loopback",
@@ -451,10 +429,10 @@ def child_row(kind_name: str, workload: str, seed: int) -> dict[str, Any]:
 
 
 def run_row(
-    kind: str, workload: str, seed: int, timeout_s: float = ROW_TIMEOUT_S
+    kind: str, workload: str, seed: int, timeout_s: float = ROW_TIMEOUT_S, integrity: bool = True
 ) -> dict[str, Any]:
     """Run one row in a child process with a watchdog; never raises for the row's own
-    failures (they are its outcome)."""
+    failures (they are its outcome). ``integrity``: see :func:`child_row`."""
     argv = [
         sys.executable,
         "-m",
@@ -465,6 +443,8 @@ def run_row(
         workload,
         "--seed",
         str(seed),
+        "--integrity",
+        "on" if integrity else "off",
     ]
     base = {"fault": kind, "workload": workload, "requests_affected": 0, "fired": 0}
     proc = subprocess.Popen(
@@ -519,8 +499,10 @@ def run_matrix(
     jobs: int = 1,
     timeout_s: float = ROW_TIMEOUT_S,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    integrity: bool = True,
 ) -> dict[str, Any]:
-    """Every row for ``seeds`` seeds starting at ``seed``; ``jobs`` rows at a time.
+    """Every row for ``seeds`` seeds starting at ``seed``; ``jobs`` rows at a time
+    (``integrity``: the blk disk's integrity mode, :func:`child_row`).
     Returns ``{"seed", "seeds", "rows": [...]}``."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -531,7 +513,7 @@ def run_matrix(
     def one(i: int) -> None:
         nonlocal done
         k, w, s = todo[i]
-        r = run_row(k, w, s, timeout_s)
+        r = run_row(k, w, s, timeout_s, integrity)
         r["seed"] = s
         rows[i] = r
         done += 1
@@ -577,8 +559,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--row", required=True, choices=sorted(_BY_NAME))
     p.add_argument("--workload", required=True, choices=("blk", "net"))
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--integrity", choices=("on", "off"), default="on")
     a = p.parse_args(argv)
-    result = child_row(a.row, a.workload, a.seed)
+    result = child_row(a.row, a.workload, a.seed, a.integrity == "on")
     print(json.dumps(result), flush=True)
     return 0
 

@@ -24,6 +24,11 @@ the same endpoint; the MTU is 1500 unless ``--mtu`` (68..65535) says otherwise.
 
 The process binds a control server at ENDPOINT (``ipc://...``) and serves the kernel
 until SIGTERM or until the process that launched it dies (SIGINT is ignored). With
+``--shm-by-name`` (every kind, with ``--control``) it is a device started by hand for a
+kernel to attach to (``kernel.Attach(ENDPOINT)``, like a vhost-user back-end daemon):
+it maps the kernel's memory by POSIX shm name (it inherited no memfd), reports its pid
+in GET_DEVICE_INFO and serves one attached kernel after another; the attaching kernel
+puts its doorbells next to ENDPOINT (``<ENDPOINT>.kick``, ``<ENDPOINT>.call``). With
 ``--vhost-user`` it is instead a vhost-user back-end listening on SOCKET_PATH (see
 :mod:`vdev.vhost_user`), serving one front-end (e.g. QEMU) after another until SIGTERM
 or SIGINT; the socket file is removed on exit. A bad
@@ -218,6 +223,12 @@ def _add_transport(kind: argparse.ArgumentParser) -> None:
         type=_socket_path,
         help="serve as a vhost-user back-end on this Unix socket (e.g. for QEMU)",
     )
+    kind.add_argument(
+        "--shm-by-name",
+        action="store_true",
+        help="with --control: a device started by hand for a kernel to attach to "
+        "(kernel.Attach(ENDPOINT)): map memory by POSIX shm name, report the pid",
+    )
     faults = kind.add_argument_group("fault injection (docs/faults.md)")
     faults.add_argument(
         "--faults",
@@ -388,6 +399,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG} {what}: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     try:
+        if getattr(args, "shm_by_name", False) and args.vhost_user is not None:
+            raise UsageFailure(
+                f"{PROG} {kind}: --shm-by-name goes with --control, not --vhost-user"
+            )
         injector = _load_faults(args, device, kind)
     except UsageFailure as e:
         device.close()
@@ -435,6 +450,10 @@ def _serve(
     from vdev import serve
 
     try:
+        if getattr(args, "shm_by_name", False):
+            from vdev.runtime import serve as serve_attachable
+
+            return serve_attachable(device, args.control, injector=injector, shm_by_name=True)
         if injector is None:
             return serve(device, control=args.control, vhost_user=args.vhost_user)
         if args.vhost_user is not None:

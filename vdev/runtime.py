@@ -43,7 +43,17 @@ Memory: ``SET_MEM_TABLE`` maps the kernel's sealed memfd, which this process inh
 (``{"fd": N}``, N named by ``VLAB_MEM_FD``; the fd stays open so that a reset can map it
 again), or attaches a POSIX shm region by name (``{"shm": NAME}``, unlinked by its
 creator right after the reply, so nothing leaks). Guest-physical address = offset in
-the region + ``guest_addr``. Reset (``RESET_DEVICE`` / ``SET_STATUS 0``) stops every
+the region + ``guest_addr``.
+
+A device started by hand to be attached to (``python -m vdev KIND --control EP
+--shm-by-name``, ``kernel.Attach(EP)``: ``shm_by_name=True``) inherited no fd: it maps
+its memory by POSIX shm name only -- ``{"fd": N}`` is refused, and the name must be one
+our kernels create (``/vlab-...``, :data:`SHM_NAME_RE`), so a control peer cannot make it
+map and write into some other program's segment. The attaching kernel keeps the name
+linked while it is attached (a restarted device maps it again). GET_DEVICE_INFO then
+also carries the device's ``pid`` (the kernel did not start it and cannot know it).
+
+Reset (``RESET_DEVICE`` / ``SET_STATUS 0``) stops every
 queue (the chains the device keeps are released first), unmaps the region and calls
 ``device.reset()``; GET_VRING_BASE and SET_VRING_ENABLE 0 stop one queue the same way.
 Kick listeners, call doorbells and the device's watches are transport and stay open
@@ -84,6 +94,7 @@ and ``rule:<RULE>`` per spec rule the driver broke).
 from __future__ import annotations
 
 import os
+import re
 import stat
 import sys
 import traceback
@@ -125,7 +136,12 @@ __all__ = [
     "EXIT_INTERNAL_ERROR",
     "MAX_INTERNAL_ERRORS",
     "endpoint_problem",
+    "SHM_NAME_RE",
 ]
+
+#: The POSIX shm names a ``shm_by_name`` device maps: those of
+#: :meth:`hostops.shm.SharedRegion.create` (``/vlab-<pid>-<tag>-<hex>``).
+SHM_NAME_RE = re.compile(r"/vlab-[0-9]+-[A-Za-z0-9_.]{1,32}-[0-9a-f]{1,64}\Z")
 
 #: The runtime's device-level counters, reported under ``GET_METRICS["device"]``: the
 #: session's (:data:`vdev.session.SESSION_COUNTERS`: kicks, chains, interrupts, kept and
@@ -181,7 +197,10 @@ class DeviceRuntime:
     the process was not launched by ``hostops.DeviceProcess``). ``signal_wakeup`` makes
     the session's Waker the process's signal wake-up fd while it runs (see
     :func:`hostops.signals.wake_on_signals`; main thread only, used by :func:`serve`).
-    The rings, the loop and the device's event sources are :attr:`session`'s.
+    ``shm_by_name``: the device was started on its own to be attached to
+    (``--shm-by-name``): it maps memory by POSIX shm name only and reports its pid (see
+    the module docstring). The rings, the loop and the device's event sources are
+    :attr:`session`'s.
     """
 
     #: Seconds the poller sleeps at most when idle (stop() and the parent watch wake it
@@ -199,6 +218,7 @@ class DeviceRuntime:
         signal_wakeup: bool = False,
         injector: FaultInjector | None = None,
         endpoint_dir: str | None = None,
+        shm_by_name: bool = False,
     ) -> None:
         if device.num_queues < 1:
             raise UsageError(f"{device!r} has no queues")
@@ -214,6 +234,8 @@ class DeviceRuntime:
         #: The exit status :meth:`run` returns (0, or :data:`EXIT_INTERNAL_ERROR`).
         self.exit_status = 0
         self.watch_parent = watch_parent
+        #: Memory by POSIX shm name only, pid in GET_DEVICE_INFO (``--shm-by-name``).
+        self.shm_by_name = shm_by_name
         self.signal_wakeup = signal_wakeup
         self._unwake: Any = None
         self.session = DeviceSession(
@@ -497,12 +519,15 @@ class DeviceRuntime:
     # -- info and features
     def _get_device_info(self, req: Request) -> dict[str, Any]:
         d = self.device
-        return {
+        info: dict[str, Any] = {
             "device_id": int(d.device_id),
             "num_queues": len(self.rings),
             "max_queue_size": int(d.max_queue_size),
             "name": str(d.name),
         }
+        if self.shm_by_name:  # the optional field (control.OPTIONAL_REPLY_TYPES)
+            info["pid"] = os.getpid()
+        return info
 
     def _get_features(self, req: Request) -> dict[str, Any]:
         return {"features": self.offered}
@@ -559,6 +584,12 @@ class DeviceRuntime:
         # inherited from the kernel ("fd", named by VLAB_MEM_FD: no other fd of ours
         # may be mapped on the peer's word).
         want: dict[str, type] = {"guest_addr": int, "size": int}
+        if self.shm_by_name and "fd" in r:
+            raise ProtocolError(
+                ErrorCode.BAD_FIELD,
+                "SET_MEM_TABLE: this device was started with --shm-by-name (it inherited no "
+                "fd): give the region's POSIX shm name ('shm')",
+            )
         want["fd" if "fd" in r else "shm"] = int if "fd" in r else str
         for name, typ in want.items():
             v = r.get(name)
@@ -594,6 +625,12 @@ class DeviceRuntime:
             # the fd stays open: a reset maps it again
         else:
             name = r["shm"]
+            if self.shm_by_name and not SHM_NAME_RE.match(name):
+                raise ProtocolError(
+                    ErrorCode.BAD_ADDRESS,
+                    f"SET_MEM_TABLE: shared memory name {name[:80]!r} is not a virtio-lab "
+                    "region's (/vlab-<pid>-<tag>-<hex>)",
+                )
             try:
                 region = SharedRegion.attach(name, size)
             except Exception as e:

@@ -44,7 +44,7 @@ from hostops.sync import Lock, Semaphore
 from vdev.virtio import F, QueueFull, bit
 
 from ..bus import VirtioDriver, register_driver
-from ..errors import io_error
+from ..errors import copy_error, io_error
 from ..files import File, byte_view, check_buffersize
 from ..transport import KernelQueue, VirtioTransport, WaitedRequest
 
@@ -180,7 +180,7 @@ class KvDriver(VirtioDriver):
         assert q is not None
         mem = t.memory
         if t.failed is not None or mem is None:
-            raise io_error(errno.EIO, f"{t.name}: device failed")
+            raise io_error(errno.EIO, f"{t.name}: device failed", culprit="device-gone")
         dst = mem.view(slot, len(payload))
         try:
             dst[:] = payload
@@ -189,7 +189,7 @@ class KvDriver(VirtioDriver):
         req = WaitedRequest()
         with q.lock:
             if t.failed is not None:
-                raise io_error(errno.EIO, f"{t.name}: device failed")
+                raise io_error(errno.EIO, f"{t.name}: device failed", culprit="device-gone")
             try:
                 q.add([(slot, len(payload))], [(slot + _OUT, writable)], req)
             except QueueFull:  # cannot happen: slots <= queue size / 2
@@ -203,7 +203,7 @@ class KvDriver(VirtioDriver):
             t.fail(io_error(errno.ETIMEDOUT, f"{t.name}: request not answered"))
             raise io_error(errno.ETIMEDOUT, f"{t.name} did not answer")
         if req.error is not None:
-            raise OSError(req.error.errno, req.error.strerror)
+            raise copy_error(req.error)
         mem = t.memory
         if mem is None:
             raise io_error(errno.EIO, f"{t.name}: kernel shut down")

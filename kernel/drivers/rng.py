@@ -35,7 +35,7 @@ from hostops.sync import Lock
 from vdev.virtio import DeviceId, F, QueueFull, bit
 
 from ..bus import VirtioDriver, register_driver
-from ..errors import io_error
+from ..errors import copy_error, io_error
 from ..files import POLLIN, File, check_buffersize
 from ..transport import KernelQueue, VirtioTransport, WaitedRequest
 
@@ -125,7 +125,7 @@ class RngDriver(VirtioDriver):
         req = WaitedRequest()
         with q.lock:
             if t.failed is not None:
-                raise io_error(errno.EIO, str(t.failed.strerror))
+                raise copy_error(t.failed)
             try:
                 q.add([], [(self._buf, size)], req)
             except QueueFull:  # cannot happen: one request at a time (the read lock)
@@ -138,7 +138,7 @@ class RngDriver(VirtioDriver):
             t.fail(io_error(errno.ETIMEDOUT, f"{t.name}: no entropy within {REQUEST_TIMEOUT_S} s"))
             raise io_error(errno.ETIMEDOUT, f"{t.name} gave no entropy")
         if req.error is not None:
-            raise OSError(req.error.errno, req.error.strerror)
+            raise copy_error(req.error)
         mem = t.memory
         if mem is None:
             raise io_error(errno.EIO, f"{t.name}: kernel shut down")

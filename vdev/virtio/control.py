@@ -38,6 +38,7 @@ __all__ = [
     "Request",
     "RemoteError",
     "REPLY_TYPES",
+    "OPTIONAL_REPLY_TYPES",
     "check_reply",
     "encode_request",
     "decode_request",
@@ -102,6 +103,14 @@ REPLY_TYPES: dict[str, dict[str, type]] = {
     "GET_VRING_BASE": {"base": int},
     "GET_STATUS": {"status": int},
     "GET_METRICS": {"device": dict, "queues": list},
+}
+
+#: Reply fields a device *may* send (newer or optional parts of the protocol), typed: a
+#: reply without them is fine, one with a mistyped value is not. GET_DEVICE_INFO's
+#: ``pid`` is the device process's own pid (an attachable device sends it: a kernel
+#: that did not start the process cannot learn it otherwise).
+OPTIONAL_REPLY_TYPES: dict[str, dict[str, type]] = {
+    "GET_DEVICE_INFO": {"pid": int},
 }
 
 _U64 = (1 << 64) - 1
@@ -187,7 +196,8 @@ def decode_request(data: bytes) -> Request:
 def check_reply(type_: str, fields: dict[str, Any]) -> dict[str, Any]:
     """Check the fields of a success reply to a ``type_`` request against the schema
     (:data:`REQUESTS` names them, :data:`REPLY_TYPES` types them: ints are u64 and never
-    bool). Returns ``fields``; raises :class:`ProtocolError` (``BAD_FIELD`` /
+    bool; an optional field of :data:`OPTIONAL_REPLY_TYPES`, when present, is typed the
+    same way). Returns ``fields``; raises :class:`ProtocolError` (``BAD_FIELD`` /
     ``BAD_VALUE``) naming the message and the field. Fields the schema does not name
     are ignored (a newer device may say more); an unknown ``type_`` is
     ``ProtocolError(UNKNOWN_MESSAGE)``."""
@@ -200,6 +210,12 @@ def check_reply(type_: str, fields: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError(ErrorCode.BAD_FIELD, f"{type_} reply: field {name!r} is missing")
         want = types.get(name)
         if want is not None:
+            try:
+                _check_type(name, fields[name], want)
+            except ProtocolError as e:
+                raise ProtocolError(e.code, f"{type_} reply: {e.message}") from None
+    for name, want in OPTIONAL_REPLY_TYPES.get(type_, {}).items():
+        if name in fields:
             try:
                 _check_type(name, fields[name], want)
             except ProtocolError as e:
