@@ -26,7 +26,9 @@ from hostops.poll import Pollable, Poller, Waker
 from hostops.process import (
     PARENT_FD_ENV,
     DeviceProcess,
+    ForeignProcess,
     ParentWatch,
+    SupervisedProcess,
     describe_returncode,
     python_argv,
 )
@@ -99,6 +101,8 @@ __all__ = [
     # process
     "PARENT_FD_ENV",
     "DeviceProcess",
+    "ForeignProcess",
+    "SupervisedProcess",
     "ParentWatch",
     "python_argv",
     "describe_returncode",

@@ -42,6 +42,36 @@ different bytes of the same sector never undo each other, and an RMW never resur
 stale bytes. Concurrent reads are not serialised. ``read``/``write``/``lseek`` on one
 file serialise on the file position, ``pread``/``pwrite`` do not.
 
+Vector and in-place calls: ``preadv(buffers, offset)`` and ``pwritev(buffers,
+offset)`` behave as :func:`os.preadv`/:func:`os.pwritev` (at most :data:`IOV_MAX`
+buffers, EINVAL beyond; a read-only buffer for reading is ``BufferError``, a
+non-buffer ``TypeError``, as ``os`` raises them); ``preadinto(buffer, offset)`` is
+``preadv`` with one buffer (``os`` has no such call; the name joins ``pread`` and
+``io``'s ``readinto``). Reads copy from shared memory straight into the caller's
+buffers (the block layer's ``into`` scatter list; an unaligned head or tail of the
+covering sectors is simply not copied), so no intermediate ``bytes`` is made.
+``pwritev`` of one buffer copies it into shared memory directly; several are joined
+first (one copy).
+
+Readahead (:class:`Readahead`, one per device; per open file a stream state). A read
+that starts where the file's previous read ended is sequential; once sequential reads in
+a row have read :data:`RA_TRIGGER_BYTES` (the first read of the run not counted: a few
+small adjacent reads read no more than they ask), the file keeps two *windows* read
+ahead beyond it, in flight asynchronously while the caller works (the first
+:data:`RA_MIN_BYTES` or the read size, doubling to :data:`RA_MAX_BYTES`; clipped to the
+device's end, so no byte past the end is ever read). A read the windows cover is served
+from them (``readahead_hits``); what they do not cover is read directly. A
+non-sequential read drops the windows (``readahead_dropped``). Coherence:
+:class:`Readahead` is the device's write watcher
+(:meth:`kernel.blk.BlockDevice.add_write_watcher`), so every write, DISCARD and
+WRITE_ZEROES -- through any fd or the asynchronous ``submit`` API -- makes the windows
+it overlaps stale as it is queued, and a window is only started when no write
+overlapping it is in flight; a write that fails (e.g. ETIMEDOUT: the device may still
+carry it out later) turns readahead off for that device. A read that starts after a
+write completed therefore never sees data older than that write. No readahead on a
+write-only or ``O_DIRECT`` file, or once the device failed. Window reads go through the
+block layer like any read (integrity mode verifies them; the journal is untouched).
+
 Readiness (``poll``): a disk is always readable and writable, as Linux reports it; a
 device that has failed adds ``POLLERR``.
 """
@@ -52,18 +82,41 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from typing import Any
 
-from hostops.sync import Condition, Lock
+from hostops.sync import Condition, Event, Lock
 from vdev.virtio import SECTOR_SIZE
 
-from .blk import BlockDevice
+from .blk import MAX_INTO, BlockDevice
 from .errors import io_error
 from .files import POLLERR, POLLIN, POLLOUT, File
 
-__all__ = ["BlockNodes", "BlockFile", "RangeLock", "DEV_PREFIX", "check_count", "check_offset"]
+__all__ = [
+    "BlockNodes",
+    "BlockFile",
+    "RangeLock",
+    "Readahead",
+    "DEV_PREFIX",
+    "RA_MIN_BYTES",
+    "RA_MAX_BYTES",
+    "RA_TRIGGER_BYTES",
+    "IOV_MAX",
+    "check_count",
+    "check_offset",
+]
 
 DEV_PREFIX = "/dev/"
 _S = SECTOR_SIZE
+#: First readahead window of a sequential stream (or the read's size, if larger).
+RA_MIN_BYTES = 128 << 10
+#: Bytes of sequential reads in a row (each starting where the last ended; the first
+#: read of the run not counted) before readahead starts: a few adjacent small reads are
+#: no stream yet, and read no more from the device than they ask for.
+RA_TRIGGER_BYTES = 64 << 10
+#: Largest readahead window; a stream keeps at most two windows (2 MiB per open file).
+RA_MAX_BYTES = 1 << 20
+#: Most buffers ``preadv``/``pwritev`` take (Linux's UIO_MAXIOV; more is EINVAL).
+IOV_MAX = MAX_INTO
 
 
 def _arg_error(code: int, detail: str | None = None, filename: str | None = None) -> OSError:
@@ -95,6 +148,135 @@ class RangeLock:
             self._cond.notify_all()
 
 
+class _Window:
+    """One readahead window: ``[start, end)`` of the device, filled asynchronously.
+    ``data`` is set (or ``failed``) once the read completed; ``stale`` once a write
+    overlapped it or it was dropped (its data is never used then)."""
+
+    __slots__ = ("start", "end", "data", "failed", "stale", "done")
+
+    def __init__(self, start: int, end: int) -> None:
+        self.start = start
+        self.end = end
+        self.data: bytearray | None = None
+        self.failed = False
+        self.stale = False
+        self.done = Event()
+
+
+class Readahead:
+    """The readahead windows of one device, kept coherent with every write to it.
+
+    Registered with the device as its :class:`kernel.blk.WriteWatcher`, so it hears
+    of every write, DISCARD and WRITE_ZEROES -- from any fd or the asynchronous API --
+    before it is queued: windows it overlaps are made stale at once (their data is
+    never served again), and a window is only started when no write overlapping it is
+    in flight (and, once, after the device was seen idle since the watcher was
+    registered: writes queued before it are not announced). A write that fails (a
+    timeout: the device may still carry it out) turns readahead off for the device for
+    good (``disabled``). Counters go to the device's ``counters``
+    (:data:`kernel.blk.READAHEAD_COUNTERS`).
+    """
+
+    def __init__(self, dev: BlockDevice) -> None:
+        self.dev = dev
+        self.counters = dev.counters
+        self.lock = Lock()
+        self.disabled = False
+        #: Writes queued before this watcher was registered cannot be in flight any
+        #: more (the device was seen idle since): windows may start.
+        self.settled = False
+        self._writes: dict[tuple[int, int], int] = {}  # write ranges in flight -> count
+        self._windows: set[_Window] = set()  # every live window of every file
+
+    # -- WriteWatcher
+    def write_started(self, offset: int, length: int) -> None:
+        """A write to ``[offset, offset+length)`` is about to be queued: stale the
+        windows it overlaps."""
+        key = (offset, offset + length)
+        with self.lock:
+            self._writes[key] = self._writes.get(key, 0) + 1
+            self._stale_locked(lambda w: w.start < key[1] and key[0] < w.end)
+
+    def write_ended(self, offset: int, length: int, ok: bool) -> None:
+        """That write finished (or was refused)."""
+        key = (offset, offset + length)
+        with self.lock:
+            left = self._writes.get(key, 1) - 1
+            if left:
+                self._writes[key] = left
+            else:
+                self._writes.pop(key, None)
+            if not ok:  # perhaps still on its way to the image: trust no window again
+                self.disabled = True
+                self._stale_locked(lambda w: True)
+
+    def _stale_locked(self, hit: Callable[[_Window], bool]) -> None:
+        for w in [w for w in self._windows if hit(w)]:  # bounded: 2 per open file
+            self._windows.discard(w)
+            w.stale = True
+            self.counters["readahead_dropped"] += 1
+
+    # -- windows
+    def start(self, start: int, end: int) -> _Window | None:
+        """Read ``[start, end)`` (sector-aligned, inside the device) ahead; None when
+        a write to it is in flight, readahead is off, or the device refuses."""
+        if not self.settled:
+            if not self.dev.idle():
+                return None  # an unannounced write may still be on its way
+            self.settled = True
+        w = _Window(start, end)
+        with self.lock:
+            if self.disabled or any(a < end and start < b for a, b in self._writes):
+                return None
+            self._windows.add(w)
+
+        buf = bytearray(end - start)
+
+        def filled(result: object) -> None:
+            if result == end - start:
+                w.data = buf  # never changed again
+            else:
+                w.failed = True
+            w.done.set()
+
+        try:  # the device's data goes straight into the window (one copy)
+            self.dev.submit("read", start, end - start, filled, into=[(0, memoryview(buf))])
+        except OSError:
+            self.drop(w, count=False)
+            return None
+        self.counters["readahead_bytes"] += end - start
+        return w
+
+    def drop(self, w: _Window, count: bool = True) -> None:
+        """Forget ``w`` (``count``: it goes unused, a ``readahead_dropped``)."""
+        with self.lock:
+            if w in self._windows:
+                self._windows.discard(w)
+                if count:
+                    self.counters["readahead_dropped"] += 1
+            w.stale = True
+
+    def data(self, w: _Window) -> bytearray | None:
+        """The data of ``w`` once filled, or None (stale, failed); waits for the fill."""
+        w.done.wait()
+        with self.lock:
+            return None if w.stale or w.failed else w.data
+
+
+class _Stream:
+    """The sequential-read state of one open file (guarded by ``lock``)."""
+
+    __slots__ = ("lock", "next", "run", "size", "windows")
+
+    def __init__(self) -> None:
+        self.lock = Lock()
+        self.next = -1  # where a sequential read would start
+        self.run = 0  # bytes of sequential reads in a row (the run's first not counted)
+        self.size = RA_MIN_BYTES  # the next window's size
+        self.windows: list[_Window] = []  # contiguous, in order; at most 2
+
+
 class BlockNodes:
     """The ``/dev/<name>`` nodes of the kernel's block devices (a node table of
     ``k.sys``). ``devices()`` returns the current devices by name."""
@@ -103,6 +285,7 @@ class BlockNodes:
         self._devices = devices
         self._lock = Lock()
         self._range_locks: dict[str, RangeLock] = {}
+        self._readahead: dict[int, Readahead] = {}
 
     def lookup(self, path: str) -> BlockDevice | None:
         """The device ``path`` names (``/dev/vda``, also ``/dev//vda`` or
@@ -149,6 +332,17 @@ class BlockNodes:
             },
         )
 
+    def readahead(self, dev: BlockDevice) -> Readahead:
+        """The readahead of ``dev`` (one per device, shared by its files; registered
+        as the device's write watcher)."""
+        with self._lock:
+            ra = self._readahead.get(id(dev))
+            if ra is None or ra.dev is not dev:
+                ra = self._readahead[id(dev)] = Readahead(dev)
+                dev.add_write_watcher(ra)
+                ra.settled = dev.idle()
+            return ra
+
     def range_lock(self, dev: BlockDevice) -> RangeLock:
         """The write range lock of ``dev`` (one per device, shared by its files)."""
         with self._lock:
@@ -180,6 +374,11 @@ class BlockFile(File):
         self.writable = writable
         self.pos = 0
         self._pos_lock = Lock()
+        # readahead: reading files only, and not O_DIRECT (which bypasses caches)
+        direct = flags & getattr(os, "O_DIRECT", 0)
+        self._stream: _Stream | None = _Stream() if readable and not direct else None
+        if self._stream is not None:
+            nodes.readahead(device)  # watch writes from now on
 
     def _check(self, reading: bool) -> None:
         if self.closed:
@@ -208,6 +407,44 @@ class BlockFile(File):
         check_count(n)
         check_offset(offset)
         return self._pread(n, offset)
+
+    def preadinto(self, buffer: Any, offset: int) -> int:
+        """Read up to ``len(buffer)`` bytes at ``offset`` straight into ``buffer`` (a
+        writable bytes-like object); returns the count (position unchanged)."""
+        return self.preadv([buffer], offset)
+
+    def preadv(self, buffers: Any, offset: int) -> int:
+        """Read at ``offset`` into ``buffers`` in turn (as ``os.preadv``): the data is
+        copied from shared memory (or readahead data) straight into them; returns the
+        count (short at the end of the device)."""
+        self._check(reading=True)
+        views = _iov(buffers, writable=True)
+        check_offset(offset)
+        return self._preadv(views, offset)
+
+    def pwritev(self, buffers: Any, offset: int) -> int:
+        """Write ``buffers`` one after the other at ``offset`` (as ``os.pwritev``);
+        returns the count. One buffer goes to shared memory without a copy of its own;
+        several are gathered first."""
+        self._check(reading=False)
+        views = _iov(buffers, writable=False)
+        check_offset(offset)
+        if not views:
+            return 0
+        data = views[0] if len(views) == 1 else b"".join(views)
+        return self._pwrite(data, offset)
+
+    def close(self) -> None:
+        """Release the file: its readahead windows are dropped."""
+        st = self._stream
+        if st is not None:
+            with st.lock:
+                wins, st.windows = st.windows, []
+            if wins:
+                ra = self.nodes.readahead(self.device)
+                for w in wins:
+                    ra.drop(w)
+        super().close()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write ``data`` at the file position and advance it; returns the count."""
@@ -254,12 +491,98 @@ class BlockFile(File):
         return self.nodes.stat_device(self.device)
 
     # ------------------------------------------------------------------ helpers
+    def _ahead(self, offset: int, end: int) -> tuple[list[memoryview], int]:
+        """Readahead for a read of ``[offset, end)``: the pieces of it readahead data
+        holds (from ``offset`` on, contiguous) and where they stop. A read that starts
+        where the file's last read ended is sequential; once sequential reads in a row
+        have read :data:`RA_TRIGGER_BYTES`, two windows are kept in flight beyond it (each
+        up to :data:`RA_MAX_BYTES`, doubling from :data:`RA_MIN_BYTES`, never past the
+        end of the device); any other read drops the stream's windows."""
+        st = self._stream
+        if st is None:
+            return [], offset
+        dev = self.device
+        ra = self.nodes.readahead(dev)
+        size = dev.size
+        with st.lock:
+            wins = st.windows
+            st.run = st.run + end - offset if offset == st.next else 0
+            st.next = end
+            if st.run < RA_TRIGGER_BYTES or dev.failed is not None or ra.disabled:
+                for w in wins:
+                    ra.drop(w)
+                wins.clear()
+                st.size = max(RA_MIN_BYTES, min(RA_MAX_BYTES, _up(end - offset)))
+                return [], offset
+            while wins and (wins[0].end <= offset or wins[0].stale):
+                w = wins.pop(0)
+                ra.drop(w, count=not w.stale and w.end > offset)
+            if wins and wins[0].start > offset:  # not where the stream is: start over
+                for w in wins:
+                    ra.drop(w)
+                wins.clear()
+            # keep two windows in flight ahead (bounded: 2 iterations)
+            base = wins[-1].end if wins else end - end % _S
+            while len(wins) < 2 and base < size:
+                stop = min(base + st.size, size)  # never past the end of the device
+                new = ra.start(base, stop)
+                if new is None:
+                    break
+                wins.append(new)
+                base = stop
+                st.size = min(st.size * 2, RA_MAX_BYTES)
+            pieces: list[memoryview] = []
+            pos = offset
+            for w in list(wins):
+                if pos >= end or not w.start <= pos < w.end:
+                    break
+                data = ra.data(w)
+                if data is None:  # stale (a write) or failed: read the rest directly
+                    break
+                take = min(end, w.end) - pos
+                pieces.append(memoryview(data)[pos - w.start : pos - w.start + take])
+                pos += take
+            while wins and wins[0].end <= pos:
+                ra.drop(wins.pop(0), count=False)  # used up
+        if pieces:
+            self.device.counters["readahead_hits"] += 1
+        return pieces, pos
+
+    def _preadv(self, views: list[memoryview], offset: int) -> int:
+        dev = self.device
+        size = dev.size
+        total = sum(len(v) for v in views)
+        if total == 0 or offset >= size:
+            return 0
+        n = min(total, size - offset)
+        end = offset + n
+        pieces, pos = self._ahead(offset, end)
+        out = _Scatter(views)
+        for p in pieces:
+            out.put(p)
+        if pos < end:
+            start = pos - pos % _S
+            stop = -(-end // _S) * _S
+            skip = pos - start
+            into = [(skip + lo, mv) for lo, mv in out.views(end - pos)]
+            dev.read_into(start, stop - start, into)
+        return n
+
     def _pread(self, n: int, offset: int) -> bytes:
         dev = self.device
         size = dev.size
         if n == 0 or offset >= size:
             return b""
         n = min(n, size - offset)
+        pieces, pos = self._ahead(offset, offset + n)
+        if pieces:
+            if pos < offset + n:
+                pieces.append(memoryview(self._pread_direct(offset + n - pos, pos)))
+            return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+        return self._pread_direct(n, offset)
+
+    def _pread_direct(self, n: int, offset: int) -> bytes:
+        dev = self.device
         start = offset - offset % _S
         end = -(-(offset + n) // _S) * _S
         data = dev.read(start, end - start)
@@ -302,6 +625,71 @@ class BlockFile(File):
             return n
         finally:
             rl.release(held)
+
+
+def _up(n: int) -> int:
+    """``n`` rounded up to whole sectors."""
+    return -(-n // _S) * _S
+
+
+class _Scatter:
+    """Consecutive bytes poured into a list of views, one after the other."""
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self._views = views
+        self._i = 0  # the view being filled
+        self._off = 0  # bytes of it filled
+
+    def put(self, data: memoryview) -> None:
+        """Copy ``data`` into the views (the caller never gives more than they hold)."""
+        pos = 0
+        while pos < len(data):  # bounded: each turn fills a view or ends the data
+            v = self._views[self._i]
+            take = min(len(v) - self._off, len(data) - pos)
+            v[self._off : self._off + take] = data[pos : pos + take]
+            pos += take
+            self._off += take
+            if self._off == len(v):
+                self._i += 1
+                self._off = 0
+
+    def views(self, n: int) -> list[tuple[int, memoryview]]:
+        """The next ``n`` bytes of room: ``(offset from here, view piece)`` pairs."""
+        out: list[tuple[int, memoryview]] = []
+        i, off, got = self._i, self._off, 0
+        while got < n:  # bounded: one turn per view
+            v = self._views[i]
+            take = min(len(v) - off, n - got)
+            if take:
+                out.append((got, v[off : off + take]))
+            got += take
+            i += 1
+            off = 0
+        return out
+
+
+def _iov(buffers: Any, writable: bool) -> list[memoryview]:
+    """``preadv``/``pwritev``'s buffers as ``os`` takes them: a sequence (TypeError
+    otherwise) of at most :data:`IOV_MAX` bytes-like objects (EINVAL beyond, as
+    readv(2)), writable for reading (``BufferError`` as ``os.preadv``)."""
+    if isinstance(buffers, str | bytes | bytearray | memoryview) or not hasattr(buffers, "__len__"):
+        raise TypeError("buffers must be a sequence of bytes-like objects")
+    if len(buffers) > IOV_MAX:
+        raise _arg_error(errno.EINVAL, f"more than {IOV_MAX} buffers")
+    views: list[memoryview] = []
+    for b in buffers:  # bounded: IOV_MAX
+        if isinstance(b, str):
+            raise TypeError("a bytes-like object is required, not 'str'")
+        try:
+            mv = memoryview(b)
+        except TypeError:
+            raise TypeError(f"a bytes-like object is required, not {type(b).__name__!r}") from None
+        if writable and mv.readonly:
+            raise BufferError("Object is not writable.")
+        if not mv.c_contiguous:
+            raise BufferError("a contiguous buffer is required")
+        views.append(mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv)
+    return views
 
 
 def check_count(n: int) -> None:

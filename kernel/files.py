@@ -386,6 +386,18 @@ class File:
         """Move the file position (files without positions: ESPIPE)."""
         raise io_error(errno.ESPIPE)
 
+    def preadv(self, buffers: Any, offset: int) -> int:
+        """Read at an offset into several buffers (files without positions: ESPIPE)."""
+        raise io_error(errno.ESPIPE)
+
+    def pwritev(self, buffers: Any, offset: int) -> int:
+        """Write several buffers at an offset (files without positions: ESPIPE)."""
+        raise io_error(errno.ESPIPE)
+
+    def preadinto(self, buffer: Any, offset: int) -> int:
+        """Read at an offset into one buffer (files without positions: ESPIPE)."""
+        raise io_error(errno.ESPIPE)
+
     def fsync(self) -> None:
         """Flush to stable storage (files that cannot: EINVAL)."""
         raise io_error(errno.EINVAL)

@@ -100,6 +100,31 @@ def _check_recovery_options(who: str, spec: DeviceSpec) -> None:
             raise ValueError(f"{who}: faults: {e}") from None
 
 
+def _check_queue_size(who: str, q: object) -> int:
+    """``q`` as a ring size (a power of two in 1..32768, §2.7); ValueError naming
+    ``who`` otherwise."""
+    if isinstance(q, bool) or not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
+        raise ValueError(f"{who}: queue_size {q!r} is not a power of two in 1..32768")
+    return q
+
+
+def _init_recovery(
+    spec: DeviceSpec,
+    who: str,
+    on_device_death: str,
+    request_timeout: float | None,
+    restart_budget: tuple[int, float],
+    faults: Any,
+) -> None:
+    """Set and check the recovery options of a spec with a hand-written ``__init__``
+    (a frozen dataclass with positional-only arguments)."""
+    object.__setattr__(spec, "on_device_death", on_device_death)
+    object.__setattr__(spec, "request_timeout", request_timeout)
+    object.__setattr__(spec, "restart_budget", restart_budget)
+    object.__setattr__(spec, "faults", faults)
+    _check_recovery_options(who, spec)
+
+
 def resolve_fault_plan(
     faults: FaultPlan | dict[str, Any] | str | os.PathLike[str],
 ) -> dict[str, Any]:
@@ -259,9 +284,7 @@ class Blk(DeviceSpec):
         m = self.memory_size
         if m is not None and (not isinstance(m, int) or m <= 0 or m % 512):
             raise ValueError(f"Blk: memory size {m!r} is not a positive multiple of 512")
-        q = self.queue_size
-        if not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
-            raise ValueError(f"Blk: queue_size {q!r} is not a power of two in 1..32768")
+        _check_queue_size("Blk", self.queue_size)
         if not isinstance(self.integrity, bool):
             raise ValueError(f"Blk: integrity {self.integrity!r} is not True or False")
 
@@ -317,9 +340,7 @@ class VhostUserBlk(DeviceSpec):
         _check_recovery_options("VhostUserBlk", self)
         if not isinstance(self.path, str | os.PathLike) or not os.fspath(self.path):
             raise ValueError(f"VhostUserBlk: socket path must be non-empty, got {self.path!r}")
-        q = self.queue_size
-        if not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
-            raise ValueError(f"VhostUserBlk: queue_size {q!r} is not a power of two in 1..32768")
+        _check_queue_size("VhostUserBlk", self.queue_size)
 
     def device_args(self) -> list[str]:
         """Not started by the kernel: there is no command line."""
@@ -618,11 +639,7 @@ class Custom(DeviceSpec):
         faults: Any = None,
         **options: Any,
     ) -> None:
-        object.__setattr__(self, "on_device_death", on_device_death)
-        object.__setattr__(self, "request_timeout", request_timeout)
-        object.__setattr__(self, "restart_budget", restart_budget)
-        object.__setattr__(self, "faults", faults)
-        _check_recovery_options("Custom", self)
+        _init_recovery(self, "Custom", on_device_death, request_timeout, restart_budget, faults)
         if not isinstance(device, str) or not (
             _KIND_NAME.match(device) or _CLASS_PATH.match(device)
         ):
@@ -636,9 +653,7 @@ class Custom(DeviceSpec):
                 raise ValueError(
                     f"Custom: option {key}={value!r} is not a str, int, float, bool or None"
                 )
-        q = queue_size
-        if isinstance(q, bool) or not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
-            raise ValueError(f"Custom: queue_size {q!r} is not a power of two in 1..32768")
+        q = _check_queue_size("Custom", queue_size)
         if name_prefix is None:
             base = device.partition(":")[0].rsplit(".", 1)[-1] if ":" in device else device
             name_prefix = re.sub(r"[^a-z0-9]", "", base.lower()) or "dev"
@@ -726,11 +741,7 @@ class Attach(DeviceSpec):
         ip: str = "10.0.0.2/24",
         gateway: str | None = None,
     ) -> None:
-        object.__setattr__(self, "on_device_death", on_device_death)
-        object.__setattr__(self, "request_timeout", request_timeout)
-        object.__setattr__(self, "restart_budget", restart_budget)
-        object.__setattr__(self, "faults", None)
-        _check_recovery_options("Attach", self)
+        _init_recovery(self, "Attach", on_device_death, request_timeout, restart_budget, None)
         if not isinstance(endpoint, str) or not endpoint.startswith("ipc://"):
             raise ValueError(f"Attach: endpoint {endpoint!r} is not an ipc:// endpoint")
         path = endpoint[len("ipc://") :]
@@ -748,9 +759,7 @@ class Attach(DeviceSpec):
             not isinstance(name_prefix, str) or not _PREFIX.match(name_prefix)
         ):
             raise ValueError(f"Attach: name_prefix {name_prefix!r} is not [a-z][a-z0-9]*")
-        q = queue_size
-        if isinstance(q, bool) or not isinstance(q, int) or q < 1 or q > 32768 or q & (q - 1):
-            raise ValueError(f"Attach: queue_size {q!r} is not a power of two in 1..32768")
+        q = _check_queue_size("Attach", queue_size)
         t = reconnect_timeout
         if isinstance(t, bool) or not isinstance(t, int | float) or not t > 0:
             raise ValueError(f"Attach: reconnect_timeout {t!r} is not a positive number")

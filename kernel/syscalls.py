@@ -289,6 +289,23 @@ class Syscalls:
         """Write ``data`` at ``offset`` (position unchanged); returns the count."""
         return self._file(fd).pwrite(data, offset)
 
+    def preadv(self, fd: int, buffers: Any, offset: int) -> int:
+        """``os.preadv``: read at ``offset`` into ``buffers`` (writable bytes-like
+        objects, filled in turn, at most 1024); returns the count. A block file copies
+        the data from shared memory straight into them."""
+        return self._file(fd).preadv(buffers, offset)
+
+    def pwritev(self, fd: int, buffers: Any, offset: int) -> int:
+        """``os.pwritev``: write ``buffers`` one after the other at ``offset``;
+        returns the count."""
+        return self._file(fd).pwritev(buffers, offset)
+
+    def preadinto(self, fd: int, buffer: Any, offset: int) -> int:
+        """Read up to ``len(buffer)`` bytes at ``offset`` into ``buffer``; returns the
+        count. :mod:`os` has no such call: it is ``pread`` with the ``readinto`` of
+        :mod:`io` (``os.preadv(fd, [buffer], offset)``), named for both."""
+        return self._file(fd).preadinto(buffer, offset)
+
     def lseek(self, fd: int, pos: int, how: int) -> int:
         """Move the file position (SEEK_SET / SEEK_CUR / SEEK_END); returns it."""
         return self._file(fd).lseek(pos, how)

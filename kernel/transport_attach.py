@@ -10,15 +10,14 @@ back-end daemon. The control session, the negotiation, the rings and the recover
 ZmqTransport's; what differs is what a kernel cannot have for a process that is not its
 child:
 
-* **memory by name**: a child inherits the kernel's sealed memfd; a stranger cannot. The
-  region is a POSIX shm segment (:meth:`hostops.shm.SharedRegion.create`,
-  ``/vlab-<kernel pid>-attach-<hex>``, mode 0600) handed over with SET_MEM_TABLE
-  ``{"shm": NAME}``. The name stays linked while the kernel is attached -- a device that
-  restarts maps it again, and every DMA buffer keeps its address and contents -- and is
-  unlinked at shutdown; a SIGKILLed kernel's segment is removed by the next boot's
-  :func:`~hostops.shm.sweep_stale_segments` (its creator pid is dead). Unlike the
-  memfd it cannot be sealed: the kernel trusts an attached device (a process of the same
-  user) not to truncate it.
+* **memory by path**: a child inherits the kernel's sealed memfd; a stranger cannot.
+  The region is still a sealed memfd (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL: the
+  device cannot truncate the kernel's mapping), handed over with SET_MEM_TABLE
+  ``{"path": "/proc/<kernel pid>/fd/<n>"}``: the device opens the kernel's memfd through
+  ``/proc`` (a process of the same user may), checks its seals and maps it. The path
+  stays valid while the kernel lives -- a device that restarts maps the same memory
+  again, and every DMA buffer keeps its address and contents -- and the memory has no
+  name, so nothing is left in ``/dev/shm`` whatever happens to either process.
 * **doorbells beside the control socket**: the device accepts doorbell endpoints only in
   its own run directory, the control socket's (:func:`vdev.runtime.endpoint_problem`).
   The kernel therefore binds its call listener at ``<ENDPOINT>.call`` and tells the
@@ -69,9 +68,9 @@ from hostops.clock import monotonic
 from hostops.control import ControlClient
 from hostops.doorbell import DoorbellListener
 from hostops.errors import ChannelTimeout, TransportError
+from hostops.fdmem import new_memfd, size_and_seal
 from hostops.poll import Pollable
 from hostops.rundir import RuntimeDir
-from hostops.shm import SharedRegion
 from hostops.sync import Lock
 from vdev.virtio import DeviceId, ProtocolError, RingLayout, Status
 
@@ -145,11 +144,11 @@ class AttachTransport(ZmqTransport):
         return self._device_pid
 
     @property
-    def shm_name(self) -> str | None:
-        """The POSIX shm name of the region (linked while attached; None before the
-        region exists)."""
-        region = self.region
-        return region.name if isinstance(region, SharedRegion) else None
+    def region_path(self) -> str | None:
+        """Where the device opens the region: ``/proc/<kernel pid>/fd/<memfd>`` (None
+        before the region exists)."""
+        fd = self._memfd
+        return None if fd is None or self.region is None else f"/proc/{os.getpid()}/fd/{fd}"
 
     def naming(self) -> tuple[str, str]:
         """``(prefix, naming)`` for :func:`kernel.core.device_name`, after
@@ -266,13 +265,13 @@ class AttachTransport(ZmqTransport):
         return self._get_info(CONTROL_TIMEOUT_S)
 
     def _create_region(self, size: int) -> SharedMemory:
-        return SharedRegion.create(size, tag="attach")
+        self._memfd = new_memfd(f"vlab-{self.name}")
+        return size_and_seal(self._memfd, size)
 
     def _hand_over_region(self, region: SharedMemory) -> None:
-        assert isinstance(region, SharedRegion)
         self.call(
             "SET_MEM_TABLE",
-            regions=[{"guest_addr": 0, "size": region.size, "shm": region.name}],
+            regions=[{"guest_addr": 0, "size": region.size, "path": self.region_path}],
         )
 
     def _setup_vring(self, index: int, layout: RingLayout) -> Callable[[], None]:
@@ -349,22 +348,11 @@ class AttachTransport(ZmqTransport):
             pass
 
     def _close_channels(self) -> None:
-        for obj in (self._kick, self._client, self._call):
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception:
-                    log.debug("%s: close of %r failed", self.name, obj, exc_info=True)
-        self._kick = self._client = self._call = None
+        super()._close_channels()  # the memfd, the control client, the doorbells
         if self._holds_endpoint:
             with _attached_lock:
                 _attached.discard(self.endpoint)
             self._holds_endpoint = False
-
-    def _free_region(self, region: SharedMemory) -> None:
-        if isinstance(region, SharedRegion):
-            region.unlink()  # the name was kept for a device that restarts
-        region.close()
 
     # ------------------------------------------------------------------ recovery
     def _can_recover(self) -> bool:
@@ -374,13 +362,7 @@ class AttachTransport(ZmqTransport):
         """Not a new process: a new control client (the old one may hold requests the
         dead device never answered) and a new kick doorbell for the device that comes
         back."""
-        for obj in (self._client, self._kick):
-            if obj is not None:
-                try:
-                    obj.close()
-                except Exception:
-                    pass
-        self._client = self._kick = None
+        self._drop_channels()
         with self._state_lock:
             if self._closed:
                 raise DeviceGoneError(self.name, "reconnect", "kernel shutting down")

@@ -393,6 +393,16 @@ class ZmqTransport(VirtioTransport):
                 old.close()
             except Exception:
                 log.debug("%s: stopping the old device process failed", self.name, exc_info=True)
+        self._drop_channels()
+        with self._state_lock:
+            if self._closed:
+                raise DeviceGoneError(self.name, "restart", "kernel shutting down")
+            self.proc = self._start_process()
+            self._client = ControlClient(self._ctl_ep, peer_alive=self.proc.alive)
+
+    def _drop_channels(self) -> None:
+        """Close the control client and the kick doorbell of a device that is gone (they
+        may hold requests it never answered); new ones are made for the next one."""
         for obj in (self._client, self._kick):
             if obj is not None:
                 try:
@@ -400,11 +410,6 @@ class ZmqTransport(VirtioTransport):
                 except Exception:
                     pass
         self._client = self._kick = None
-        with self._state_lock:
-            if self._closed:
-                raise DeviceGoneError(self.name, "restart", "kernel shutting down")
-            self.proc = self._start_process()
-            self._client = ControlClient(self._ctl_ep, peer_alive=self.proc.alive)
 
     def _wait_device_info(self) -> DeviceInfo:
         """GET_DEVICE_INFO of a process just started, in short slices so that a

@@ -16,15 +16,20 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import kernel
 from tools.errors import CliError
 from tools.table import render_table
+
+if TYPE_CHECKING:
+    from tools.profile import Profiler
 
 __all__ = ["Row", "WORKLOADS", "run_blk"]
 
@@ -204,14 +209,22 @@ def run_blk(
     seconds: float = 1.0,
     as_json: bool = False,
     only: list[str] | None = None,
+    profile: str | None = None,
 ) -> int:
-    """Run the blk benchmark rows and print them; returns the exit status."""
+    """Run the blk benchmark rows and print them; returns the exit status. With
+    ``profile`` (a directory), py-spy records the kernel and the device process while
+    the virtio rows run (:mod:`tools.profile`) and a last line names the directory."""
     names = [w.name for w in WORKLOADS]
     if only:
         unknown = sorted(set(only) - set(names))
         if unknown:
             raise CliError(f"unknown row(s) {unknown}; rows are {names}", 2)
     selected = [w for w in WORKLOADS if not only or w.name in only]
+    profiler = None
+    if profile is not None:
+        from tools import profile as profiling
+
+        profiler = profiling.Profiler(*profiling.check_profile_dir(profile))
     with tempfile.TemporaryDirectory(prefix="vlab-bench-") as tmp:
         if image is None:
             path = os.path.join(tmp, "bench.img")
@@ -223,7 +236,7 @@ def run_blk(
         size = os.path.getsize(path)
         if size < (2 << 20):
             raise CliError(f"image {path} is too small for the benchmark (need >= 2 MiB)")
-        rows = _run_rows(path, size, seconds, selected)
+        rows = _run_rows(path, size, seconds, selected, profiler)
     if as_json:
         print(json.dumps({"rows": [asdict(r) for r in rows]}))
     else:
@@ -244,10 +257,18 @@ def run_blk(
                 ],
             )
         )
+    if profiler is not None:
+        print(profiler.report_line(), file=sys.stderr if as_json else sys.stdout)
     return 0
 
 
-def _run_rows(path: str, size: int, seconds: float, selected: list[Workload]) -> list[Row]:
+def _run_rows(
+    path: str,
+    size: int,
+    seconds: float,
+    selected: list[Workload],
+    profiler: Profiler | None = None,
+) -> list[Row]:
     rows: list[Row] = []
     data4k = os.urandom(4096)
     data1m = os.urandom(1 << 20)
@@ -259,7 +280,11 @@ def _run_rows(path: str, size: int, seconds: float, selected: list[Workload]) ->
             for w in selected:
                 data = data1m if w.block >= 1 << 20 else data4k
                 before = _stats(dev)
-                v = _virtio(block, w, size, seconds, data)
+                if profiler is None:
+                    v = _virtio(block, w, size, seconds, data)
+                else:
+                    with profiler.section({"kernel": os.getpid(), dev.name: dev.pid or 0}):
+                        v = _virtio(block, w, size, seconds, data)
                 after = _stats(dev)
                 n1 = _native_loop(native_fd, w, size, seconds, data)
                 n2 = _native_pool(native_fd, w, size, seconds, data)
@@ -278,6 +303,8 @@ def _run_rows(path: str, size: int, seconds: float, selected: list[Workload]) ->
                 )
     finally:
         os.close(native_fd)
+    if profiler is not None:
+        profiler.finish()
     return rows
 
 

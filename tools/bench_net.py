@@ -389,29 +389,36 @@ def _native_row(peer: _Peer, size: int, seconds: float) -> float:
 
 
 def _virtio_row(
-    k: Any, fd: int, peer: _Peer, size: int, seconds: float, stage_pids: list[int]
+    k: Any,
+    fd: int,
+    peer: _Peer,
+    size: int,
+    seconds: float,
+    stage_pids: list[int],
+    profiler: Any = None,
 ) -> tuple[float, float, float, list[float]]:
     payload = os.urandom(size)
     dev = k.devices[0]
     txq = dev.queues[1].stats
     link = dev.link
     before = peer.call("start")
-    stages = _Stages([*stage_pids, before["device_pid"], peer.proc.pid])
-    kicks0 = txq.kicks_sent
-    sent0 = dev.tx_frames
-    end = time.perf_counter() + seconds
-    send = k.sys.send
-    while time.perf_counter() < end:
-        for _ in range(16):
-            try:
-                send(fd, payload)
-            except OSError as e:
-                if e.errno != _ENOBUFS:
-                    raise CliError(f"udp-{size}: send failed: {e}") from None
-                link.wait_tx_room(0.1)
-    kicks = txq.kicks_sent - kicks0
-    frames = max(1, dev.tx_frames - sent0)
-    report = peer.call("stop")
+    with _profiled(profiler, _roles(k, stage_pids, peer, before)):
+        stages = _Stages([*stage_pids, before["device_pid"], peer.proc.pid])
+        kicks0 = txq.kicks_sent
+        sent0 = dev.tx_frames
+        end = time.perf_counter() + seconds
+        send = k.sys.send
+        while time.perf_counter() < end:
+            for _ in range(16):
+                try:
+                    send(fd, payload)
+                except OSError as e:
+                    if e.errno != _ENOBUFS:
+                        raise CliError(f"udp-{size}: send failed: {e}") from None
+                    link.wait_tx_room(0.1)
+        kicks = txq.kicks_sent - kicks0
+        frames = max(1, dev.tx_frames - sent0)
+        report = peer.call("stop")
     irqs = report["interrupts"] - before["interrupts"]
     rx = max(1, report["rx_frames"] - before["rx_frames"])
     return _mbit(report), kicks / frames, irqs / rx, stages.per_packet_us(report["packets"])
@@ -434,7 +441,14 @@ def _native_tcp_row(peer: _Peer, size: int, seconds: float) -> float:
 
 
 def _virtio_tcp_row(
-    k: Any, peer: _Peer, name: str, size: int, seconds: float, stage_pids: list[int]
+    k: Any,
+    peer: _Peer,
+    name: str,
+    size: int,
+    seconds: float,
+    stage_pids: list[int],
+    profiler: Any = None,
+    role_suffix: str = "",
 ) -> tuple[float, float, float, list[float]]:
     from kernel.files import SOCK_STREAM
 
@@ -446,20 +460,21 @@ def _virtio_tcp_row(
         dev = k.devices[0]
         txq = dev.queues[1].stats
         before = peer.call("start")
-        stages = _Stages([*stage_pids, before["device_pid"], peer.proc.pid])
-        kicks0 = txq.kicks_sent
-        sent0 = dev.tx_frames
-        end = time.perf_counter() + seconds
-        sendall = k.sys.sendall
-        try:
-            while time.perf_counter() < end:
-                for _ in range(8):
-                    sendall(fd, payload)
-        except OSError as e:
-            raise CliError(f"{name}: send failed: {e}") from None
-        kicks = txq.kicks_sent - kicks0
-        frames = max(1, dev.tx_frames - sent0)
-        report = peer.call("stop")
+        with _profiled(profiler, _roles(k, stage_pids, peer, before, role_suffix)):
+            stages = _Stages([*stage_pids, before["device_pid"], peer.proc.pid])
+            kicks0 = txq.kicks_sent
+            sent0 = dev.tx_frames
+            end = time.perf_counter() + seconds
+            sendall = k.sys.sendall
+            try:
+                while time.perf_counter() < end:
+                    for _ in range(8):
+                        sendall(fd, payload)
+            except OSError as e:
+                raise CliError(f"{name}: send failed: {e}") from None
+            kicks = txq.kicks_sent - kicks0
+            frames = max(1, dev.tx_frames - sent0)
+            report = peer.call("stop")
     finally:
         k.sys.close(fd)
     irqs = report["interrupts"] - before["interrupts"]
@@ -468,7 +483,11 @@ def _virtio_tcp_row(
 
 
 def _run_tcp(
-    rows_wanted: list[tuple[str, int, bool]], seconds: float, switch_ep: str, sw_pid: int
+    rows_wanted: list[tuple[str, int, bool]],
+    seconds: float,
+    switch_ep: str,
+    sw_pid: int,
+    profiler: Any = None,
 ) -> tuple[list[NetRow], list[list[Any]]]:
     import kernel
 
@@ -488,7 +507,10 @@ def _run_tcp(
                     kernels[offload] = kernel.boot(devices=[spec])
                 k = kernels[offload]
                 pids = [os.getpid(), k.devices[0].pid or 0, sw_pid]
-                v, kpp, ipp, cpu = _virtio_tcp_row(k, vpeer, name, size, seconds, pids)
+                suffix = "" if offload else "-notso"  # the second kernel and its device
+                v, kpp, ipp, cpu = _virtio_tcp_row(
+                    k, vpeer, name, size, seconds, pids, profiler, suffix
+                )
                 n = _native_tcp_row(npeer, size, seconds)
                 rows.append(
                     NetRow(
@@ -518,17 +540,21 @@ def run_net(
     only: list[str] | None = None,
     stages_table: bool = False,
     tcp: bool = False,
+    profile: str | None = None,
 ) -> int:
     """Run the UDP_STREAM rows -- or, with ``tcp``, the TCP_STREAM rows
     (:data:`TCP_ROWS`) -- and print them (with ``stages_table``, also the CPU time each
     process on the virtio path spent per received packet, or per MiB for TCP); returns
-    the exit status."""
+    the exit status. With ``profile`` (a directory), py-spy records every process on the
+    virtio path while the virtio rows run (:mod:`tools.profile`) and a last line names
+    the directory."""
     if tcp:
-        return _run_net_tcp(seconds, as_json, plot, only, stages_table)
+        return _run_net_tcp(seconds, as_json, plot, only, stages_table, profile)
     picked = _select([f"udp-{n}" for n in SIZES], only)
     sizes = [n for n in SIZES if f"udp-{n}" in picked]
     if plot:
         _check_plot_target(plot)
+    profiler = _profiler(profile)
     import kernel
 
     rows: list[NetRow] = []
@@ -543,7 +569,7 @@ def run_net(
                 k.sys.connect(fd, ("10.0.0.2", vpeer.hello["port"]))
                 pids = [os.getpid(), k.devices[0].pid or 0, switch_pid]
                 for size in sizes:
-                    row, cpu = _row(k, fd, vpeer, npeer, size, seconds, pids)
+                    row, cpu = _row(k, fd, vpeer, npeer, size, seconds, pids, profiler)
                     rows.append(row)
                     stage_rows.append([row.name, *(round(us, 1) for us in cpu)])
             finally:
@@ -551,6 +577,7 @@ def run_net(
                 npeer.close()
     stages = "CPU time per received packet, by process on the virtio path (µs):"
     _report(rows, as_json, plot, stage_rows if stages_table else None, stages)
+    _profile_done(profiler, as_json)
     return 0
 
 
@@ -610,22 +637,74 @@ def _run_net_tcp(
     plot: str | None,
     only: list[str] | None,
     stages_table: bool,
+    profile: str | None = None,
 ) -> int:
     picked = _select([r[0] for r in TCP_ROWS], only)
     wanted = [r for r in TCP_ROWS if r[0] in picked]
     if plot:
         _check_plot_target(plot)
+    profiler = _profiler(profile)
     with _bench_switch() as (switch_ep, switch_pid):
-        rows, stage_rows = _run_tcp(wanted, seconds, switch_ep, switch_pid)
+        rows, stage_rows = _run_tcp(wanted, seconds, switch_ep, switch_pid, profiler)
     stages = "CPU time per MiB received, by process on the virtio path (ms):"
     _report(rows, as_json, plot, stage_rows if stages_table else None, stages)
+    _profile_done(profiler, as_json)
     return 0
 
 
+def _profiler(profile: str | None) -> Any:
+    """A :class:`tools.profile.Profiler` for ``--profile DIR`` (checked before the run:
+    py-spy installed, DIR writable), or None."""
+    if profile is None:
+        return None
+    from tools import profile as profiling
+
+    return profiling.Profiler(*profiling.check_profile_dir(profile))
+
+
+def _profile_done(profiler: Any, as_json: bool) -> None:
+    """Write the profiles and print the one line naming them (to stderr under --json,
+    so stdout stays one JSON object)."""
+    if profiler is not None:
+        profiler.finish()
+        print(profiler.report_line(), file=sys.stderr if as_json else sys.stdout)
+
+
+def _roles(
+    k: Any, stage_pids: list[int], peer: _Peer, before: dict[str, Any], suffix: str = ""
+) -> dict[str, int]:
+    """Role -> pid of every process on the virtio path of a row: this kernel, its
+    device (``eth0``), the switch, the peer kernel and the peer's device (one NIC, so
+    also ``eth0`` there)."""
+    name = k.devices[0].name
+    return {
+        "kernel": stage_pids[0],
+        f"{name}{suffix}": stage_pids[1],
+        "switch": stage_pids[2],
+        "peer-kernel": peer.proc.pid,
+        f"peer-{name}": int(before.get("device_pid") or 0),
+    }
+
+
+def _profiled(profiler: Any, roles: dict[str, int]) -> contextlib.AbstractContextManager[Any]:
+    """Profile ``roles`` while the block runs (nothing without a profiler)."""
+    if profiler is None:
+        return contextlib.nullcontext()
+    cm: contextlib.AbstractContextManager[Any] = profiler.section(roles)
+    return cm
+
+
 def _row(
-    k: Any, fd: int, vpeer: _Peer, npeer: _Peer, size: int, seconds: float, pids: list[int]
+    k: Any,
+    fd: int,
+    vpeer: _Peer,
+    npeer: _Peer,
+    size: int,
+    seconds: float,
+    pids: list[int],
+    profiler: Any = None,
 ) -> tuple[NetRow, list[float]]:
-    v, kpp, ipp, cpu = _virtio_row(k, fd, vpeer, size, seconds, pids)
+    v, kpp, ipp, cpu = _virtio_row(k, fd, vpeer, size, seconds, pids, profiler)
     n = _native_row(npeer, size, seconds)
     row = NetRow(
         name=f"udp-{size}",

@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="net: also print the CPU time per packet of each process on the virtio path",
     )
     b.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="blk, net: record the kernel and every device/switch process with py-spy "
+        "while the virtio rows run; writes DIR/<role>.speedscope.json and DIR/summary.txt "
+        "(top functions by own time; needs the bench extra)",
+    )
+    b.add_argument(
         "--plot",
         metavar="PATH",
         help="net: draw goodput against payload size, both paths, as a PNG (matplotlib)",
@@ -339,6 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 if args.plot or args.tcp or args.stages:
                     raise CliError("bench trace-cost: --plot, --tcp and --stages are for net", 2)
+                if args.profile is not None:
+                    raise CliError("bench trace-cost: --profile is for bench blk and net", 2)
                 return trace_cost.run_trace_cost(
                     before=args.before,
                     rounds=args.rounds,
@@ -359,13 +368,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     only=args.only,
                     stages_table=args.stages,
                     tcp=args.tcp,
+                    profile=args.profile,
                 )
             from tools import bench
 
             if args.plot or args.tcp or args.stages:
                 raise CliError("bench blk: --plot, --tcp and --stages are for bench net", 2)
             return bench.run_blk(
-                image=args.image, seconds=args.seconds, as_json=args.json, only=args.only
+                image=args.image,
+                seconds=args.seconds,
+                as_json=args.json,
+                only=args.only,
+                profile=args.profile,
             )
         if args.command == "vm":
             from tools import vm

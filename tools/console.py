@@ -299,22 +299,11 @@ def run(trace: bool = False, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     a virtio-console device with :class:`MiniShell` on the kernel's side. Returns the
     exit status."""
     with tempfile.TemporaryDirectory(prefix="vlab-console-") as tmp:
-        tail = None
         trace_path = os.path.join(tmp, "trace.jsonl") if trace else None
-        if trace_path is not None:
-            from tools.trace import LiveTail
+        from tools.trace import live_trace
 
-            os.close(os.open(trace_path, os.O_WRONLY | os.O_CREAT, 0o600))
-            tail = LiveTail(
-                trace_path, lambda ln: print(f"trace {ln}", file=sys.stderr, flush=True)
-            )
-            tail.start()
-        try:
+        with live_trace(trace_path, sys.stderr):
             return _session(trace_path, stdin_fd, stdout_fd)
-        finally:
-            if tail is not None:
-                tail.stop()
-                print(f"trace: {tail.events} events", file=sys.stderr, flush=True)
 
 
 def _session(trace_path: str | None, stdin_fd: int, stdout_fd: int) -> int:

@@ -113,19 +113,12 @@ def _demo(
         f"{'' if writable else ' [read-only]'}"
     )
     saved: list[bytes] = []  # the user's bytes while the pattern is on their image
-    tail = None
-    if trace_path is not None:
-        from tools.trace import LiveTail
+    from tools.trace import live_trace
 
-        os.close(os.open(trace_path, os.O_WRONLY | os.O_CREAT, 0o600))
-        tail = LiveTail(trace_path, lambda line: print(f"trace {line}", flush=True))
-        tail.start()
     try:
-        return _run_kernel(path, span, offsets, writable, temporary, saved, trace_path)
+        with live_trace(trace_path):
+            return _run_kernel(path, span, offsets, writable, temporary, saved, trace_path)
     finally:
-        if tail is not None:
-            tail.stop()  # the devices have exited: everything is in the file
-            print(f"trace: {tail.events} events")
         if saved:  # the device path failed before restoring: put them back from the host
             with open(path, "r+b") as f:
                 f.write(saved[0])
@@ -433,19 +426,10 @@ def run_device(kind: str, trace: bool = False) -> int:
         )
     with tempfile.TemporaryDirectory(prefix="vlab-demo-") as tmp:
         trace_path = os.path.join(tmp, "trace.jsonl") if trace else None
-        tail = None
-        if trace_path is not None:
-            from tools.trace import LiveTail
+        from tools.trace import live_trace
 
-            os.close(os.open(trace_path, os.O_WRONLY | os.O_CREAT, 0o600))
-            tail = LiveTail(trace_path, lambda line: print(f"trace {line}", flush=True))
-            tail.start()
-        try:
+        with live_trace(trace_path):
             ok = _run_device_demo(kind, options, fn, trace_path)
-        finally:
-            if tail is not None:
-                tail.stop()
-                print(f"trace: {tail.events} events")
     print()
     print("demo: OK" if ok else "demo: FAILED")
     return 0 if ok else 1

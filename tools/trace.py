@@ -34,7 +34,8 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import IO, Any
 
 from hostops.poll import FdSource, Poller
@@ -56,6 +57,7 @@ from vdev.virtio.trace_formats import (
 )
 
 __all__ = [
+    "live_trace",
     "LiveTail",
     "main",
     "run_trace",
@@ -84,6 +86,25 @@ POLL_S = 0.05
 WINDOW_NS = 300_000_000
 #: A longer line is not a trace event (bounds what one read may hold in memory).
 MAX_LINE = 1 << 20
+
+
+@contextmanager
+def live_trace(trace_path: str | None, file: IO[str] | None = None) -> Iterator[None]:
+    """While the block runs, print every event of the trace file ``trace_path`` as a
+    ``trace <line>`` line on ``file`` (default: stdout), then what is left and the
+    number of events. The file is created (0600) first; None: nothing is traced."""
+    if trace_path is None:
+        yield
+        return
+    out = file if file is not None else sys.stdout
+    os.close(os.open(trace_path, os.O_WRONLY | os.O_CREAT, 0o600))
+    tail = LiveTail(trace_path, lambda line: print(f"trace {line}", file=out, flush=True))
+    tail.start()
+    try:
+        yield
+    finally:
+        tail.stop()  # the devices have exited: everything is in the file
+        print(f"trace: {tail.events} events", file=out, flush=True)
 
 
 class LiveTail:

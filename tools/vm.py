@@ -53,16 +53,16 @@ Theory of operation
   the socket file plus its ``listening on PATH`` log line. Then QEMU: TCG,
   memfd-backed shared guest RAM (the backend maps guest memory), the serial console
   on a pipe to us (QEMU's own messages go to ``qemu.log``, quoted in errors). Every
-  child runs in its own session (a Ctrl-C at the terminal reaches only us) with
-  ``PR_SET_PDEATHSIG`` set to SIGKILL, so nothing outlives a killed harness.
-  :meth:`Guest.close` (also on exceptions, Ctrl-C and timeouts) stops QEMU and the
-  backend (SIGTERM, grace, SIGKILL, reaped) and removes the run directory. A step that
-  overruns its timeout kills QEMU and raises :class:`GuestTimeout` quoting the last
-  console lines.
-  Our own helper processes (our blk backend, the net back-end, a switch) are
-  :class:`hostops.process.DeviceProcess` es instead: own session, and they exit when
-  we die through the parent-watch pipe (:class:`_Service`); QEMU and
-  qemu-storage-daemon, which know nothing of that pipe, get ``PR_SET_PDEATHSIG``.
+  child runs in its own session (a Ctrl-C at the terminal reaches only us) and dies
+  with us, so nothing outlives a killed harness. :meth:`Guest.close` (also on
+  exceptions, Ctrl-C and timeouts) stops QEMU and the backend (SIGTERM, grace,
+  SIGKILL, reaped) and removes the run directory. A step that overruns its timeout
+  kills QEMU and raises :class:`GuestTimeout` quoting the last console lines.
+  This module has no process code of its own: our own helper processes (our blk
+  backend, the net back-end, a switch) are :class:`hostops.process.DeviceProcess` es
+  (they exit when we die through the parent-watch pipe, :class:`_Service`); QEMU and
+  qemu-storage-daemon, which know nothing of that pipe, are
+  :class:`hostops.process.ForeignProcess` es (killed with us by ``PR_SET_PDEATHSIG``).
   :func:`start_all` boots several guests at once (launch all, then wait for each).
 * **Reconnect**: :meth:`Guest.restart_backend` stops the backend and starts a fresh
   one on the same socket path; with ``reconnect=True`` QEMU's chardev redials every
@@ -95,7 +95,6 @@ needs ``hostops`` and the standard library).
 from __future__ import annotations
 
 import base64
-import ctypes
 import functools
 import gzip
 import ipaddress
@@ -106,7 +105,6 @@ import re
 import secrets
 import selectors
 import shutil
-import signal
 import stat
 import struct
 import subprocess
@@ -117,7 +115,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from tools.initramfs import (
     CMD_END,
@@ -132,6 +130,7 @@ from tools.initramfs import (
 )
 
 if TYPE_CHECKING:
+    from hostops.process import ForeignProcess, SupervisedProcess
     from hostops.rundir import RuntimeDir
 
 __all__ = [
@@ -545,152 +544,22 @@ def _initramfs(kernel: KernelFiles, cache: Path) -> Path:
 
 # -- processes ------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG = 1
 
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _spawn(
-    argv: list[str], *, stdout: int | IO[bytes], stdin: int, stderr: int | IO[bytes] | None = None
-) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in a session of its own, killed if we die (PR_SET_PDEATHSIG);
-    stderr goes where stdout goes unless given."""
-    return subprocess.Popen(
-        argv,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=subprocess.STDOUT if stderr is None else stderr,
-        close_fds=True,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group, wait ``grace_s``, SIGKILL, reap."""
-    if proc is None:
-        return
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # also any helper left in the group
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-class _Child(Protocol):
-    """A supervised child process: a :class:`hostops.process.DeviceProcess` (our own
-    Python processes) or a :class:`_Foreign` (qemu-storage-daemon)."""
-
-    @property
-    def pid(self) -> int:
-        """The child's pid (and process group)."""
-        ...
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit status once reaped, else None."""
-        ...
-
-    def alive(self) -> bool:
-        """Non-blocking: the child has not exited."""
-        ...
-
-    def wait(self, timeout_s: float | None) -> int | None:
-        """Wait up to ``timeout_s`` for the exit; the status or None."""
-        ...
-
-    def kill(self) -> None:
-        """SIGKILL the child's process group."""
-        ...
-
-    def close(self) -> None:
-        """Stop the child (SIGTERM, grace, SIGKILL), reap it, free what watches it."""
-        ...
-
-
-class _Foreign:
-    """A program that knows nothing of our parent-watch pipe (qemu-storage-daemon),
-    started by :func:`_spawn` (own session, killed with us by PR_SET_PDEATHSIG), with
-    the calls of a :class:`hostops.process.DeviceProcess`."""
-
-    def __init__(self, argv: list[str], log_path: str) -> None:
-        with open(log_path, "ab") as log:
-            self._popen = _spawn(argv, stdout=log, stdin=subprocess.DEVNULL)
-
-    @property
-    def pid(self) -> int:
-        """The child's pid."""
-        return self._popen.pid
-
-    @property
-    def returncode(self) -> int | None:
-        """The exit status once reaped."""
-        return self._popen.returncode
-
-    def alive(self) -> bool:
-        """The child has not exited (reaps it once it has)."""
-        return self._popen.poll() is None
-
-    def wait(self, timeout_s: float | None) -> int | None:
-        """Wait up to ``timeout_s``; the exit status or None."""
-        try:
-            return self._popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        """SIGKILL the process group (no-op once reaped)."""
-        if self._popen.returncode is None:
-            try:
-                os.killpg(self._popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def close(self) -> None:
-        """SIGTERM, 5 s grace, SIGKILL, reap."""
-        _stop(self._popen)
-
-
-def _wait_for(cond: Callable[[], bool], proc: _Child, timeout_s: float) -> bool:
+def _wait_for(cond: Callable[[], bool], proc: SupervisedProcess, timeout_s: float) -> bool:
     """Poll ``cond`` until true, ``proc`` exits (False) or the timeout (False).
 
-    Waits between polls on the process's pidfd, so an exit is noticed at once.
+    Waits between polls on the process (its pidfd), so an exit is noticed at once.
     """
     deadline = time.monotonic() + timeout_s
-    try:
-        pidfd = os.pidfd_open(proc.pid)
-    except ProcessLookupError:  # gone and reaped already
-        return cond()
-    try:
-        sel = selectors.DefaultSelector()
-        sel.register(pidfd, selectors.EVENT_READ)
-        interval = 0.005
-        while True:
-            if cond():
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0 or not proc.alive():
-                return cond()
-            sel.select(min(interval, left))
-            interval = min(interval * 2, 0.1)
-    finally:
-        sel.close()
-        os.close(pidfd)
+    interval = 0.005
+    while True:
+        if cond():
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0 or not proc.alive():
+            return cond()
+        proc.wait(min(interval, left))  # wakes at once if it exits
+        interval = min(interval * 2, 0.1)
 
 
 def _is_socket(path: str) -> bool:
@@ -706,7 +575,8 @@ class _Service:
     :meth:`_ready`; :meth:`stop`, :meth:`kill`, :meth:`restart`; :meth:`wait_log`
     reads what it logged. Our own Python processes are launched with
     :class:`hostops.process.DeviceProcess` (own session; they exit when we die, through
-    the parent-watch pipe)."""
+    the parent-watch pipe), foreign programs with
+    :class:`hostops.process.ForeignProcess`."""
 
     #: What the process is, in messages.
     what = "process"
@@ -714,14 +584,14 @@ class _Service:
     def __init__(self, log_path: str) -> None:
         self.log_path = log_path
         self.starts = 0
-        self._proc: _Child | None = None
+        self._proc: SupervisedProcess | None = None
         self._log_mark = 0  # log characters before the current start
 
     def argv(self) -> list[str]:
         """The command line of the process."""
         raise NotImplementedError
 
-    def _launch(self) -> _Child:
+    def _launch(self) -> SupervisedProcess:
         from hostops.process import DeviceProcess  # lazily: --setup runs without the venv
 
         return DeviceProcess.launch(self.argv(), name=self.what, log_path=self.log_path)
@@ -873,9 +743,14 @@ class Backend(_Service):
             *_fault_args(self.faults, self.socket_path),
         ]
 
-    def _launch(self) -> _Child:
+    def _launch(self) -> SupervisedProcess:
         if self.kind == "qsd":
-            return _Foreign(self.argv(), self.log_path)
+            from hostops.process import ForeignProcess  # lazily: --setup runs without the venv
+
+            # it knows nothing of the parent-watch pipe: PR_SET_PDEATHSIG instead
+            return ForeignProcess.launch(
+                self.argv(), name=self.what, log_path=self.log_path, grace_s=5.0
+            )
         return super()._launch()
 
     def _prepare(self) -> None:
@@ -1174,7 +1049,7 @@ class Guest:
         the run directory, removed by :meth:`close`)."""
         self._logs = ""  # the log directory in use
         self._rundir: RuntimeDir | None = None
-        self._qemu: subprocess.Popen[bytes] | None = None
+        self._qemu: ForeignProcess | None = None
         self._sel: selectors.BaseSelector | None = None
         self._con = _Console()
         self.backend: Backend | None = (
@@ -1328,8 +1203,17 @@ class Guest:
             self.net_backend.start()
         argv = self._qemu_argv(kernel, initramfs)
         self._t_launch = time.monotonic()
-        with open(os.path.join(logs, "qemu.log"), "ab") as qlog:
-            self._qemu = _spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=qlog)
+        from hostops.process import ForeignProcess  # lazily: --setup runs without the venv
+
+        # the serial console on a pipe pair; QEMU's own messages to qemu.log
+        self._qemu = ForeignProcess.launch(
+            argv,
+            name="qemu",
+            log_path=os.path.join(logs, "qemu.log"),
+            stdin_pipe=True,
+            stdout_pipe=True,
+            grace_s=2.0,
+        )
         assert self._qemu.stdout is not None
         os.set_blocking(self._qemu.stdout.fileno(), False)
         self._sel = selectors.DefaultSelector()
@@ -1376,11 +1260,11 @@ class Guest:
 
     def poweroff(self, timeout: float = 30.0) -> None:
         """Ask the guest to sync and power off; wait for QEMU to exit."""
-        if self._qemu is None or self._qemu.poll() is not None:
+        if self._qemu is None or not self._qemu.alive():
             return
         self._send_lines([CMD_POWEROFF])
         deadline = time.monotonic() + timeout
-        while self._qemu.poll() is None:
+        while self._qemu.alive():
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GuestTimeout(f"guest did not power off within {timeout:g} s")
@@ -1392,7 +1276,7 @@ class Guest:
         the guest started), remove the run directory. Idempotent; never raises for
         cleanup trouble."""
         try:
-            if graceful and self._qemu is not None and self._qemu.poll() is None:
+            if graceful and self._qemu is not None and self._qemu.alive():
                 try:
                     self.poweroff()
                 except (VmError, OSError):
@@ -1400,14 +1284,7 @@ class Guest:
         finally:
             qemu, self._qemu = self._qemu, None
             if qemu is not None:
-                if qemu.stdin is not None:
-                    try:
-                        qemu.stdin.close()
-                    except OSError:
-                        pass
-                _stop(qemu, grace_s=2.0)
-                if qemu.stdout is not None:
-                    qemu.stdout.close()
+                qemu.close()  # stdin closed, SIGTERM, grace, SIGKILL, reaped; pipes closed
             if self._sel is not None:
                 self._sel.close()
                 self._sel = None
@@ -1488,7 +1365,7 @@ class Guest:
                     f"console: {self._tail()}; QEMU: {self._qemu_log_tail()}"
                 )
             if not self._pump(min(left, 1.0)):
-                rc = self._qemu.wait() if self._qemu is not None else None
+                rc = self._qemu.wait(None) if self._qemu is not None else None
                 raise GuestError(
                     f"QEMU exited (status {rc}) during {what}; console: {self._tail()}; "
                     f"QEMU: {self._qemu_log_tail()}; "
@@ -1507,11 +1384,8 @@ class Guest:
         return " | ".join(lines[-3:]) or "(no output)"
 
     def _kill_qemu(self) -> None:
-        if self._qemu is not None and self._qemu.poll() is None:
-            try:
-                os.killpg(self._qemu.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self._qemu is not None:
+            self._qemu.kill()  # its process group; a no-op once reaped
 
     def _tail(self) -> str:
         lines = [ln for ln in self._con.lines if ln.strip()][-_CONSOLE_TAIL:]

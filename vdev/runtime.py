@@ -46,12 +46,14 @@ creator right after the reply, so nothing leaks). Guest-physical address = offse
 the region + ``guest_addr``.
 
 A device started by hand to be attached to (``python -m vdev KIND --control EP
---shm-by-name``, ``kernel.Attach(EP)``: ``shm_by_name=True``) inherited no fd: it maps
-its memory by POSIX shm name only -- ``{"fd": N}`` is refused, and the name must be one
+--shm-by-name``, ``kernel.Attach(EP)``: ``shm_by_name=True``) inherited no fd: it opens
+the attaching kernel's sealed memfd through ``/proc`` (``{"path":
+"/proc/<pid>/fd/<n>"}``, :data:`PROC_FD_RE`; the memfd must be sealed against
+shrinking) or maps a POSIX shm name -- ``{"fd": N}`` is refused, and a name must be one
 our kernels create (``/vlab-...``, :data:`SHM_NAME_RE`), so a control peer cannot make it
-map and write into some other program's segment. The attaching kernel keeps the name
-linked while it is attached (a restarted device maps it again). GET_DEVICE_INFO then
-also carries the device's ``pid`` (the kernel did not start it and cannot know it).
+map and write into some other program's segment. A restarted device opens the same
+path again. GET_DEVICE_INFO then also carries the device's ``pid`` (the kernel did not
+start it and cannot know it).
 
 Reset (``RESET_DEVICE`` / ``SET_STATUS 0``) stops every
 queue (the chains the device keeps are released first), unmaps the region and calls
@@ -106,7 +108,7 @@ from hostops.barrier import full_barrier
 from hostops.control import ControlServer
 from hostops.doorbell import Doorbell, DoorbellListener
 from hostops.errors import TransportError
-from hostops.fdmem import MEM_FD_ENV, MappedFd, MappingError
+from hostops.fdmem import MEM_FD_ENV, MappedFd, MappingError, require_shrink_seal
 from hostops.process import ParentWatch
 from hostops.shm import SharedRegion
 from hostops.signals import wake_on_signals
@@ -137,8 +139,11 @@ __all__ = [
     "MAX_INTERNAL_ERRORS",
     "endpoint_problem",
     "SHM_NAME_RE",
+    "PROC_FD_RE",
 ]
 
+#: The region paths a ``shm_by_name`` device opens: an attached kernel's memfd.
+PROC_FD_RE = re.compile(r"/proc/[0-9]{1,10}/fd/[0-9]{1,10}\Z")
 #: The POSIX shm names a ``shm_by_name`` device maps: those of
 #: :meth:`hostops.shm.SharedRegion.create` (``/vlab-<pid>-<tag>-<hex>``).
 SHM_NAME_RE = re.compile(r"/vlab-[0-9]+-[A-Za-z0-9_.]{1,32}-[0-9a-f]{1,64}\Z")
@@ -580,17 +585,19 @@ class DeviceRuntime:
         r = regions[0]
         if not isinstance(r, dict):
             raise ProtocolError(ErrorCode.BAD_FIELD, "SET_MEM_TABLE: a region must be a map")
-        # The region is either a POSIX shm name ("shm") or the memfd this process
-        # inherited from the kernel ("fd", named by VLAB_MEM_FD: no other fd of ours
-        # may be mapped on the peer's word).
+        # The region is a POSIX shm name ("shm"), the memfd this process inherited from
+        # the kernel ("fd", named by VLAB_MEM_FD: no other fd of ours may be mapped on
+        # the peer's word), or -- for a device started on its own -- the attached
+        # kernel's sealed memfd, opened through /proc ("path").
         want: dict[str, type] = {"guest_addr": int, "size": int}
         if self.shm_by_name and "fd" in r:
             raise ProtocolError(
                 ErrorCode.BAD_FIELD,
                 "SET_MEM_TABLE: this device was started with --shm-by-name (it inherited no "
-                "fd): give the region's POSIX shm name ('shm')",
+                "fd): give the kernel's memfd ('path') or a POSIX shm name ('shm')",
             )
-        want["fd" if "fd" in r else "shm"] = int if "fd" in r else str
+        key = "fd" if "fd" in r else "path" if "path" in r else "shm"
+        want[key] = int if key == "fd" else str
         for name, typ in want.items():
             v = r.get(name)
             if not isinstance(v, typ) or isinstance(v, bool):
@@ -623,6 +630,9 @@ class DeviceRuntime:
             except MappingError as e:
                 raise ProtocolError(ErrorCode.BAD_ADDRESS, f"SET_MEM_TABLE: {e}") from None
             # the fd stays open: a reset maps it again
+        elif key == "path":
+            region = self._open_kernel_memfd(r["path"], size)
+            name = r["path"]
         else:
             name = r["shm"]
             if self.shm_by_name and not SHM_NAME_RE.match(name):
@@ -655,6 +665,30 @@ class DeviceRuntime:
         buf = region.buf if region.size == size else region.buf[:size]
         self._memory = FlatMemory(buf, base=guest_addr, barrier=full_barrier)
         return {}
+
+    def _open_kernel_memfd(self, path: str, size: int) -> MappedFd:
+        """Map the attached kernel's memfd through ``/proc/<pid>/fd/<n>`` (only for a
+        ``--shm-by-name`` device); it must be sealed against shrinking, so the kernel's
+        mapping and ours cannot be cut short by anyone."""
+        if not self.shm_by_name or not PROC_FD_RE.match(path):
+            raise ProtocolError(
+                ErrorCode.BAD_ADDRESS,
+                f"SET_MEM_TABLE: region path {path[:80]!r} is not an attached kernel's "
+                "memfd (/proc/<pid>/fd/<n>, --shm-by-name devices only)",
+            )
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise ProtocolError(
+                ErrorCode.BAD_ADDRESS, f"SET_MEM_TABLE: cannot open {path}: {e.strerror}"
+            ) from None
+        try:
+            require_shrink_seal(fd)
+            return MappedFd.map(fd, size)
+        except MappingError as e:
+            raise ProtocolError(ErrorCode.BAD_ADDRESS, f"SET_MEM_TABLE: {path}: {e}") from None
+        finally:
+            os.close(fd)  # the mapping holds the memory
 
     def _unmap(self) -> None:
         for ring in self.rings:

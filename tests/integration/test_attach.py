@@ -106,9 +106,10 @@ def _kill(p: DeviceProcess) -> None:
 
 def test_attach_disk_read_write_and_device_outlives_kernel(devices: Devices, image: str) -> None:
     """The kernel attaches to a disk it did not start, names it from its device id,
-    reads and writes through k.sys; at shutdown the device is reset, not stopped, the
-    shm name is unlinked and the kernel's doorbell socket removed -- and the next
-    kernel attaches to the same process and sees the data."""
+    reads and writes through k.sys over the kernel's sealed memfd (opened by the device
+    through /proc; nothing in /dev/shm); at shutdown the device is reset, not stopped,
+    and the kernel's doorbell socket removed -- and the next kernel attaches to the
+    same process and sees the data."""
     ep = devices.endpoint("blk.ctl")
     p = devices.start("blk", "--image", image, ep=ep)
     data = random.Random(1).randbytes(64 << 10)
@@ -117,16 +118,15 @@ def test_attach_disk_read_write_and_device_outlives_kernel(devices: Devices, ima
         assert dev.name == "vda" and dev.device_id == DeviceId.BLOCK
         assert dev.pid == p.pid
         assert isinstance(dev.transport, kernel.AttachTransport)
-        name = dev.transport.shm_name
-        assert name is not None
-        shm_name = name.lstrip("/")
-        assert shm_name in _our_segments()  # linked while attached (a restart maps it)
+        path = dev.transport.region_path
+        assert path == f"/proc/{os.getpid()}/fd/{dev.transport._memfd}"
+        assert not _our_segments()  # a memfd: no name to leak
         fd = k.sys.open("/dev/vda", os.O_RDWR)
         assert k.sys.pwrite(fd, data, 4096) == len(data)
         k.sys.fsync(fd)
         assert k.sys.pread(fd, len(data), 4096) == data
         assert os.path.exists(ep[6:] + ".call")
-    assert shm_name not in _our_segments()
+    assert not _our_segments()
     assert not os.path.exists(ep[6:] + ".call")
     assert p.alive()  # the device is its owner's: reset, still serving
     with open(image, "rb") as f:
@@ -335,17 +335,17 @@ import kernel
 k = kernel.boot(devices=[kernel.Attach(sys.argv[1])])
 fd = k.sys.open("/dev/vda", os.O_RDWR)
 k.sys.pwrite(fd, b"k" * 512, 0)
-print(k.devices[0].transport.shm_name, flush=True)
+print(k.devices[0].transport.region_path, flush=True)
 sys.stdin.read()
 """
 
 
-def test_sigkilled_kernel_leaves_a_segment_the_next_boot_sweeps(
+def test_sigkilled_kernel_leaves_nothing_and_the_next_one_resets_the_device(
     devices: Devices, image: str
 ) -> None:
-    """A kernel SIGKILLed while attached cannot unlink its shm name: the next boot
-    removes it (its creator pid is dead), and the device -- still mapping the old
-    region, still in DRIVER_OK -- is reset by the next kernel that attaches."""
+    """A kernel SIGKILLed while attached leaves nothing in /dev/shm (its region is a
+    memfd, gone with the last mapping), and the device -- still mapping the old region,
+    still in DRIVER_OK -- is reset by the next kernel that attaches."""
     ep = devices.endpoint()
     p = devices.start("blk", "--image", image, ep=ep)
     child = subprocess.Popen(
@@ -358,9 +358,9 @@ def test_sigkilled_kernel_leaves_a_segment_the_next_boot_sweeps(
         assert child.stdout is not None
         ready, _, _ = select.select([child.stdout], [], [], TIMEOUT)
         assert ready, "the kernel child did not attach"
-        name = child.stdout.readline().decode().strip().lstrip("/")
-        assert name.startswith(f"vlab-{child.pid}-attach-")
-        assert name in os.listdir("/dev/shm")
+        path = child.stdout.readline().decode().strip()
+        assert path.startswith(f"/proc/{child.pid}/fd/")
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"vlab-{child.pid}-")]
         child.kill()
         child.wait(TIMEOUT)
     finally:
@@ -368,7 +368,6 @@ def test_sigkilled_kernel_leaves_a_segment_the_next_boot_sweeps(
             child.kill()
             child.wait(TIMEOUT)
     with kernel.boot(devices=[kernel.Attach(ep)]) as k:
-        assert name not in os.listdir("/dev/shm")  # swept at boot
         fd = k.sys.open("/dev/vda", os.O_RDWR)
         assert k.sys.pread(fd, 512, 0) == b"k" * 512
         assert k.devices[0].pid == p.pid

@@ -198,9 +198,12 @@ def test_demo_on_a_temporary_image(tmp_path):
     nbytes, nwrites = int(m.group(1)), int(m.group(2))
     rows = _check_counters(run)
     requests = int(_num(rows[0]["requests"]))
-    assert requests >= 2 * nwrites, run  # the writes, then as many reads
+    assert requests > nwrites, run  # the writes, then reads (some read ahead, bigger)
     dc = _device_counters(run.out)
-    assert dc["bytes_written"] == dc["bytes_read"] == nbytes, run
+    assert dc["bytes_written"] == nbytes, run
+    # every byte was read back; sequential reads may also be read ahead (two windows of
+    # at most 1 MiB beyond what was asked)
+    assert nbytes <= dc["bytes_read"] <= nbytes + (2 << 20), run
     assert dc["flushes"] >= 1, run
     # the NIC: a UDP round trip and three pings crossed the loopback device
     assert "[ok] UDP 10.0.0.2:" in run.out and "[ok] ping 10.0.0.2: 3 replies" in run.out, run
@@ -222,7 +225,8 @@ def test_demo_on_an_image_is_read_only_by_default(tmp_path, image):
     assert "RO" in _features(run.out)
     _check_counters(run)
     dc = _device_counters(run.out)
-    assert dc["bytes_read"] == SPAN, run  # the whole-sector span, read once
+    # the whole-sector span, read once, plus at most two readahead windows of 1 MiB
+    assert SPAN <= dc["bytes_read"] <= SPAN + (2 << 20), run
     assert dc.get("writes", 0) == dc.get("bytes_written", 0) == 0, run
     assert _sha(image) == before
     assert image.stat().st_size == size

@@ -226,3 +226,20 @@ def test_linux_guest_under_a_power_cut(guest_ok: None, tmp_path: Path) -> None:
     # the guest lives on; its write to the dead back-end is recorded (pending or failed)
     assert "alive" in after_cut.output
     assert re.search(r"^cut (rc=\d+|pending)$", after_cut.output, re.M), after_cut.output
+
+
+@pytest.mark.parametrize("kind", ["used_len_too_big", "withhold"])
+def test_a_malicious_device_does_not_take_the_guest_down(
+    guest_ok: None, tmp_path: Path, kind: str
+) -> None:
+    """The README's table, two rows of it: a used length larger than the buffer and a
+    completion withheld for good. The guest's shell still answers; what its kernel
+    logged and what its application saw are recorded in the row."""
+    from tools.vm_fault_table import KINDS, probe
+
+    what, event = next((w, e) for k, w, e in KINDS if k == kind)
+    row = probe(kind, what, event, str(tmp_path))
+    assert row["shell"] == "answers", row
+    assert row["application"] in ("read OK", "pending") or row["application"].startswith(
+        "dd exit"
+    ), row

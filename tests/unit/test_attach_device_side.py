@@ -98,3 +98,46 @@ def test_cli_shm_by_name_needs_control() -> None:
         [sys.executable, "-m", "vdev", "blk", "--help"], capture_output=True, text=True, timeout=30
     )
     assert "--shm-by-name" in helped.stdout
+
+
+def test_shm_by_name_maps_a_sealed_kernel_memfd_through_proc(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The attaching kernel's memfd, opened through /proc: only /proc/<pid>/fd/<n>
+    paths, only --shm-by-name devices, only memory nobody can shrink any more."""
+    from hostops.fdmem import new_memfd, size_and_seal
+
+    rt = _runtime(True)
+    for bad in ("/etc/passwd", "/proc/self/fd/0", "/proc/1/fd/../../etc", "/dev/shm/x"):
+        e = _refused(rt, "SET_MEM_TABLE", regions=[{"guest_addr": 0, "size": 4096, "path": bad}])
+        assert e.code == ErrorCode.BAD_ADDRESS and "/proc/<pid>/fd/<n>" in e.message, bad
+    plain = tmp_path / "plain"  # a file on a disk: its size could change under us
+    plain.write_bytes(bytes(8192))
+    fd = os.open(plain, os.O_RDWR)
+    try:
+        e = _refused(
+            rt,
+            "SET_MEM_TABLE",
+            regions=[{"guest_addr": 0, "size": 8192, "path": f"/proc/{os.getpid()}/fd/{fd}"}],
+        )
+        assert e.code == ErrorCode.BAD_ADDRESS and "seal" in e.message
+    finally:
+        os.close(fd)
+    memfd = new_memfd("test")
+    region = size_and_seal(memfd, 8192)
+    try:
+        path = f"/proc/{os.getpid()}/fd/{memfd}"
+        assert (
+            _ask(rt, "SET_MEM_TABLE", regions=[{"guest_addr": 0, "size": 8192, "path": path}]) == {}
+        )
+        with pytest.raises(PermissionError):
+            os.ftruncate(memfd, 4096)  # sealed: nobody, the device included, can shrink it
+        _ask(rt, "RESET_DEVICE")
+    finally:
+        region.close()
+        os.close(memfd)
+    rt.close()
+    plain_rt = _runtime(False)
+    e = _refused(
+        plain_rt, "SET_MEM_TABLE", regions=[{"guest_addr": 0, "size": 4096, "path": "/proc/1/fd/3"}]
+    )
+    assert e.code == ErrorCode.BAD_ADDRESS
+    plain_rt.close()

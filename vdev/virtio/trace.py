@@ -105,7 +105,10 @@ KINDS: dict[str, str] = {
     "config": "configuration-change interrupt (sent by the device / taken by the driver)",
     "proc": "device process start / exit: event, argv or code",
     "ring_broken": "a ring was found broken: why",
-    "fail": "the driver failed the device (died, needs reset, broke the rules): error",
+    "fail": "the driver failed the device (died, needs reset, broke the rules): error, culprit",
+    "recover": "the driver resets or restarts the device: culprit, why",
+    "recovered": "the device is back after a reset or restart: restart, pid",
+    "lost_irq": "completions found without their interrupt: reaped",
     "fault": "a fault of a fault plan fired (docs/faults.md): name (the action), details "
     "(rule, seq, params, event, fields)",
 }
