@@ -226,8 +226,9 @@ class SupervisedProcess:
             self.kill()
             self._exited(None)
         # The leader is a zombie we have not reaped: its pid (= the group id) cannot have
-        # been reused, so this reaches only what is left of its own group.
-        self.kill()
+        # been reused, so this reaches only what is left of its own group (not an
+        # escalation: the leader itself is gone).
+        self._signal(signal.SIGKILL)
         return self._popen.wait()
 
     def _pollable(self) -> int:

@@ -515,7 +515,7 @@ def test_tso_super_frames_are_split_on_a_real_wire_with_valid_checksums(
     # every frame of the connection, both ways, has good IPv4 and TCP checksums
     bad = [x for x in sent + acks if CSUM_GOOD != x["tcp.checksum.status"]]
     bad += [x for x in sent + acks if CSUM_GOOD != x["ip.checksum.status"]]
-    assert not bad, bad[:3]
+    assert not bad, "; ".join(" ".join(f"{k}={v}" for k, v in x.items()) for x in bad[:3])
     # ...and fits the wire
     assert max(int(x["frame.len"]) for x in sent + acks) <= MTU + 14
     # the data on the wire is exactly the stream: from ISN+1, no gap, WIRE_SIZE bytes
