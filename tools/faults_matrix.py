@@ -131,8 +131,8 @@ KINDS: tuple[FaultKind, ...] = (
     _k("power_cut", "blk", ("blk",), {"nth": 10, "times": 1}),
     _k("latency", "blk", ("blk",), {"every": 4}, dist="uniform", low_s=0.001, high_s=0.02),
     # virtio-net
-    _k("loss", "net", ("net",), {"probability": 0.1}),
-    _k("gilbert_elliott", "net", ("net",), {}, p=0.2, r=0.5, h=0.2, k=1.0),
+    _k("loss", "net", ("net",), {"probability": 0.05}),
+    _k("gilbert_elliott", "net", ("net",), {}, p=0.05, r=0.5, h=0.3, k=1.0),
     _k("duplicate", "net", ("net",), {"every": 5}),
     _k("reorder", "net", ("net",), {"every": 7}, depth=2),
     _k("corrupt_byte", "net", ("net",), {"every": 9}, random=True),

@@ -58,8 +58,11 @@ _REPORT = (
 )
 
 
-def probe(kind: str, what: dict[str, Any], event: str, tmp: str) -> dict[str, str]:
-    """Boot a guest under one fault; ``{"fault", "kernel_log", "application", "shell"}``."""
+def probe(
+    kind: str, what: dict[str, Any], event: str, tmp: str, settle_s: float = SETTLE_S
+) -> dict[str, str]:
+    """Boot a guest under one fault, give its reads ``settle_s`` seconds; ``{"fault",
+    "kernel_log", "application", "shell"}``."""
     img = os.path.join(tmp, f"{kind}.img")
     with open(img, "wb") as f:
         f.truncate(8 << 20)
@@ -73,7 +76,7 @@ def probe(kind: str, what: dict[str, Any], event: str, tmp: str) -> dict[str, st
     with Guest(img, faults=plan, boot_timeout=120) as g:
         g.run(_WORKLOAD, timeout=30)
         try:
-            g.run(f"sleep {SETTLE_S}", timeout=SETTLE_S + 30)
+            g.run(f"sleep {settle_s}", timeout=settle_s + 30)
             r = g.run(_REPORT, timeout=30)
         except VmError as e:
             row["shell"] = f"no answer ({e})"

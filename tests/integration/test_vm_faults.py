@@ -238,7 +238,7 @@ def test_a_malicious_device_does_not_take_the_guest_down(
     from tools.vm_fault_table import KINDS, probe
 
     what, event = next((w, e) for k, w, e in KINDS if k == kind)
-    row = probe(kind, what, event, str(tmp_path))
+    row = probe(kind, what, event, str(tmp_path), settle_s=2.0)
     assert row["shell"] == "answers", row
     assert row["application"] in ("read OK", "pending") or row["application"].startswith(
         "dd exit"
