@@ -909,17 +909,7 @@ class HostileDriver:
 
     # ------------------------------------------------------------------ building
     def _valid_chain(self, q: int, case: HostileCase) -> None:
-        h = self.harness
-        write_case(
-            HostileCase("garbage_payload", q, case.a, case.b, case.payload),
-            ring_size=self.size,
-            desc_table=h.layout(q).desc,
-            block=self._block,
-            memory_end=self._end,
-            write_descs=h.write_descriptors,
-            write_bytes=self._write_bytes,
-            chain_cap=self.chain_cap,
-        )
+        self._build(HostileCase("garbage_payload", q, case.a, case.b, case.payload), q)
 
     def _write_bytes(self, addr: int, data: bytes) -> None:
         view = self.harness.memory.view(addr, len(data))

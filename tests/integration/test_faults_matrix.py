@@ -20,6 +20,12 @@ SEED = 7
 BAD = ("data-lost", "hang", "kernel-crash")
 
 
+def _vlab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
 def test_the_catalogue_covers_every_action_of_the_plan_format() -> None:
     assert {k.name for k in fm.KINDS} == set(ACTIONS)
     assert len(fm.KINDS) >= 30
@@ -46,23 +52,16 @@ def test_matrix_shows_nothing_lost_hung_or_crashed(workload: str) -> None:
 
 
 def test_cli_json_shape_and_exit_status() -> None:
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tools.cli",
-            "faults",
-            "matrix",
-            "--workload",
-            "blk",
-            "--only",
-            "ioerr,crash",
-            "--seed",
-            str(SEED),
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
+    r = _vlab(
+        "faults",
+        "matrix",
+        "--workload",
+        "blk",
+        "--only",
+        "ioerr,crash",
+        "--seed",
+        str(SEED),
+        "--json",
         timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
@@ -82,12 +81,7 @@ def test_cli_json_shape_and_exit_status() -> None:
 
 def test_cli_refuses_bad_arguments_in_one_line() -> None:
     for args in (["--only", "nope"], ["--workload", "disk"], ["--seeds", "0"]):
-        r = subprocess.run(
-            [sys.executable, "-m", "tools.cli", "faults", "matrix", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        r = _vlab("faults", "matrix", *args)
         assert r.returncode == 2, args
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
 
@@ -99,12 +93,7 @@ def test_faults_check_shows_a_plan_and_refuses_a_bad_one(tmp_path) -> None:  # t
         'when = { event = "blk.write", sector = [0, 63], nth = 3 }\n'
         'what = { action = "torn_write", sectors = 1 }\nset_state = "broken"\n'
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "faults", "check", str(good)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _vlab("faults", "check", str(good))
     assert r.returncode == 0, r.stderr
     assert "1 rules, seed 9" in r.stdout and "tear: blk.write -> torn_write" in r.stdout
     bad = tmp_path / "bad.toml"
@@ -112,11 +101,6 @@ def test_faults_check_shows_a_plan_and_refuses_a_bad_one(tmp_path) -> None:  # t
         '[[rules]]\nwhen = { event = "blk.write", probability = 1.5 }\n'
         'what = { action = "ioerr" }\n'
     )
-    r = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "faults", "check", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _vlab("faults", "check", str(bad))
     assert r.returncode == 2
     assert "rule #0: when.probability" in r.stderr and r.stderr.count("\n") == 1
