@@ -190,6 +190,9 @@ class DeviceSpec:
     #: vhost-user: feature bits the front-end implements itself (offered to the driver
     #: whatever the back-end offers; passed on to the back-end only if it offers them).
     frontend_features: ClassVar[int] = 0
+    #: Set on specs of devices somebody else starts ("a vhost-user device"): asking
+    #: for their command line is a TypeError saying so.
+    not_started: ClassVar[str] = ""
 
     def frontend_config(self) -> bytes | None:
         """vhost-user: the config space the front-end owns (the driver reads it instead
@@ -200,6 +203,8 @@ class DeviceSpec:
     def device_args(self) -> list[str]:
         """Command-line arguments of the device, after the subcommand and without
         ``--control``."""
+        if self.not_started:
+            raise TypeError(f"{self.not_started} is not started by the kernel")
         raise NotImplementedError
 
     def dma_bytes(self, queue_size: int) -> int | None:
@@ -222,6 +227,8 @@ class DeviceSpec:
         """The full command that starts this device's process, listening for control
         requests at ``control_endpoint`` (with ``--faults FILE --faults-state FILE2``
         when given)."""
+        if self.not_started:
+            raise TypeError(f"{self.not_started} is not started by the kernel")
         if not self.kind:
             raise TypeError(f"{type(self).__name__} does not name a device kind")
         extra: list[str] = []
@@ -334,6 +341,7 @@ class VhostUserBlk(DeviceSpec):
     kind: ClassVar[str] = "blk"
     name_prefix: ClassVar[str] = "vd"
     transport: ClassVar[str] = "vhost-user"
+    not_started: ClassVar[str] = "a vhost-user device"
     device_id: ClassVar[int] = int(DeviceId.BLOCK)
 
     def __post_init__(self) -> None:
@@ -341,20 +349,6 @@ class VhostUserBlk(DeviceSpec):
         if not isinstance(self.path, str | os.PathLike) or not os.fspath(self.path):
             raise ValueError(f"VhostUserBlk: socket path must be non-empty, got {self.path!r}")
         _check_queue_size("VhostUserBlk", self.queue_size)
-
-    def device_args(self) -> list[str]:
-        """Not started by the kernel: there is no command line."""
-        raise TypeError("a vhost-user device is not started by the kernel")
-
-    def argv(
-        self,
-        control_endpoint: str,
-        *,
-        faults_file: str | None = None,
-        faults_state: str | None = None,
-    ) -> list[str]:
-        """Not started by the kernel: there is no command line."""
-        raise TypeError("a vhost-user device is not started by the kernel")
 
 
 #: The net backends and the option each one requires (``None``: no option needed).
@@ -544,6 +538,7 @@ class VhostUserNet(DeviceSpec):
     name_prefix: ClassVar[str] = "eth"
     naming: ClassVar[str] = "numbers"
     transport: ClassVar[str] = "vhost-user"
+    not_started: ClassVar[str] = "a vhost-user device"
     device_id: ClassVar[int] = int(DeviceId.NET)
     frontend_features: ClassVar[int] = NET_FRONTEND_FEATURES
 
@@ -576,20 +571,6 @@ class VhostUserNet(DeviceSpec):
     def dma_bytes(self, queue_size: int) -> int:
         """Receive buffers for a full ring plus a transmit pool, sized from the MTU."""
         return _net_dma_bytes(self.mtu, self.offload, queue_size)
-
-    def device_args(self) -> list[str]:
-        """Not started by the kernel: there is no command line."""
-        raise TypeError("a vhost-user device is not started by the kernel")
-
-    def argv(
-        self,
-        control_endpoint: str,
-        *,
-        faults_file: str | None = None,
-        faults_state: str | None = None,
-    ) -> list[str]:
-        """Not started by the kernel: there is no command line."""
-        raise TypeError("a vhost-user device is not started by the kernel")
 
 
 def _random_mac() -> bytes:
@@ -726,6 +707,7 @@ class Attach(DeviceSpec):
     gateway: str | None
 
     transport: ClassVar[str] = "attach"
+    not_started: ClassVar[str] = "an attached device"
 
     def __init__(
         self,
@@ -782,17 +764,3 @@ class Attach(DeviceSpec):
         """The prefix given, or "" (the kernel names the device from its device id once
         it has asked it: ``vd``, ``eth``, or the device's own name)."""
         return self.prefix
-
-    def device_args(self) -> list[str]:
-        """Not started by the kernel: there is no command line."""
-        raise TypeError("an attached device is not started by the kernel")
-
-    def argv(
-        self,
-        control_endpoint: str,
-        *,
-        faults_file: str | None = None,
-        faults_state: str | None = None,
-    ) -> list[str]:
-        """Not started by the kernel: there is no command line."""
-        raise TypeError("an attached device is not started by the kernel")

@@ -99,6 +99,16 @@ class _Counter:
         self.packets += 1
 
 
+def _receiver_counters(dev: Any) -> dict[str, Any]:
+    """What a receiving kernel reports with each row: its NIC's receive interrupts and
+    frames, and the device process's pid (for per-process CPU)."""
+    return {
+        "interrupts": dev.queues[0].stats.interrupts,
+        "rx_frames": dev.rx_frames,
+        "device_pid": dev.pid,
+    }
+
+
 def _serve_rows(counter_box: list[_Counter], extra: Any = None) -> None:
     """The peer's command loop on stdin: ``start`` resets the count, ``stop`` reports
     it (bytes, seconds from the first datagram to now), ``quit`` ends."""
@@ -182,11 +192,7 @@ def _peer_virtio(switch: str) -> None:
         dev = k.devices[0]
 
         def extra() -> dict[str, Any]:
-            return {
-                "interrupts": dev.queues[0].stats.interrupts,
-                "rx_frames": dev.rx_frames,
-                "device_pid": dev.pid,
-            }
+            return _receiver_counters(dev)
 
         print(json.dumps({"port": 9000}), flush=True)
         _serve_rows(box, extra)
@@ -278,11 +284,7 @@ def _peer_virtio_tcp(switch: str) -> None:
         dev = k.devices[0]
 
         def extra() -> dict[str, Any]:
-            return {
-                "interrupts": dev.queues[0].stats.interrupts,
-                "rx_frames": dev.rx_frames,
-                "device_pid": dev.pid,
-            }
+            return _receiver_counters(dev)
 
         print(json.dumps({"port": TCP_PORT}), flush=True)
         _serve_rows(box, extra)

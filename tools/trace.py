@@ -204,28 +204,9 @@ class LiveTail:
 def convert(path: str, out: IO[str]) -> int:
     """Write trace ``path`` as text to ``out``, in time order; returns the number of
     events. A bad line raises :class:`CliError` naming the file and the line."""
-    events: list[tuple[int, int, dict[str, Any]]] = []
-    try:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                if len(raw) > MAX_LINE:
-                    raise CliError(f"{path}: line {number}: longer than {MAX_LINE} bytes")
-                if not raw.strip():
-                    continue
-                try:
-                    ev = decode_line(raw)
-                except TraceFormatError as e:
-                    raise CliError(f"{path}: line {number}: {e}") from None
-                events.append((ev["ts"], number, ev))
-    except FileNotFoundError:
-        raise CliError(f"trace file not found: {path}") from None
-    except IsADirectoryError:
-        raise CliError(f"trace file is a directory: {path}") from None
-    except PermissionError:
-        raise CliError(f"no permission to read {path}") from None
-    events.sort(key=lambda e: (e[0], e[1]))
-    t0 = events[0][0] if events else 0
-    for _, _, ev in events:
+    events = load_trace(path)
+    t0 = events[0]["ts"] if events else 0
+    for ev in events:
         out.write(format_text(ev, t0) + "\n")
     return len(events)
 

@@ -344,23 +344,15 @@ class DeviceRuntime:
         self._server = ControlServer(self.control_endpoint)
         session.add_source(self._server, self._serve_control)
         if self.watch_parent:
-            self._parent = ParentWatch.from_env()
-            if self._parent is not None:
-                # heard even while a ``hang`` fault stops everything else
-                session.add_lifeline(self._parent, self._on_parent)
+            self._parent = session.watch_parent(self._parent_gone)
         self._log(
             f"serving {self.device.name} (id {self.device.device_id}, "
             f"{self.device.num_queues} queue(s)) on {self.control_endpoint}"
         )
 
-    def _on_parent(self) -> None:
-        parent = self._parent
-        assert parent is not None
-        if parent.parent_gone():
-            self._log("parent process is gone: exiting")
-            self.stop("parent gone")
-        else:  # readable yet alive: never spin on it
-            self.session.remove_source(parent)
+    def _parent_gone(self) -> None:
+        self._log("parent process is gone: exiting")
+        self.stop("parent gone")
 
     def _on_kicks(self, listener: DoorbellListener) -> None:
         kick = self.session.kick

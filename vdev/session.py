@@ -128,6 +128,7 @@ from typing import IO, Any, NoReturn, Protocol, cast
 
 from hostops.clock import monotonic
 from hostops.poll import FdSource, Pollable, Poller, Waker
+from hostops.process import ParentWatch
 from hostops.signals import kill_self
 from hostops.trace import DEVICE_ENV, KERNEL_ENV, TraceSink, clock_ns, sink_from_env
 from vdev.device import PENDING, Device, TimerHandle, _source_key
@@ -493,6 +494,24 @@ class DeviceSession:
         if self.tracer is not None:
             self.tracer.emit("ring_broken", index, why=why)
         self.transport.ring_broken(ring, why)
+
+    def watch_parent(self, on_gone: Callable[[], None]) -> ParentWatch | None:
+        """Call ``on_gone`` when the process that launched us dies (the
+        :class:`~hostops.process.ParentWatch` of our environment, a lifeline: heard even
+        during a ``hang`` fault). Returns the watch, or None when not launched with
+        one."""
+        parent = ParentWatch.from_env()
+        if parent is None:
+            return None
+
+        def check() -> None:
+            if parent.parent_gone():
+                on_gone()
+            else:  # readable yet alive: never spin on it
+                self.remove_source(parent)
+
+        self.add_lifeline(parent, check)
+        return parent
 
     def add_lifeline(self, obj: Pollable, callback: Callable[[], None]) -> None:
         """:meth:`add_source`, and keep listening to ``obj`` during a ``hang`` fault

@@ -360,24 +360,16 @@ class VhostUserBackend:
         self._server = UnixServer(self.socket_path)
         self.session.add_source(self._server, self._accept)
         if self.watch_parent:
-            self._parent = ParentWatch.from_env()
-            if self._parent is not None:
-                # heard even while a ``hang`` fault stops everything else
-                self.session.add_lifeline(self._parent, self._on_parent)
+            self._parent = self.session.watch_parent(self._parent_gone)
         self._log(
             f"listening on {self.socket_path} ({self.device.num_queues} queue(s), "
             f"features {self.offered:#x})"
         )
         self._log(f"protocol features offered: {self.offered_protocol:#x}")
 
-    def _on_parent(self) -> None:
-        parent = self._parent
-        assert parent is not None
-        if parent.parent_gone():
-            self._log("parent process is gone: exiting")
-            self.stop("parent gone")
-        else:  # readable yet alive: never spin on it
-            self.session.remove_source(parent)
+    def _parent_gone(self) -> None:
+        self._log("parent process is gone: exiting")
+        self.stop("parent gone")
 
     def _on_kick(self, vring: _Vring, efd: EventFd) -> None:
         if vring.kick is not efd or efd.closed:  # replaced earlier in this round
