@@ -535,14 +535,9 @@ class KernelSocket(Socket):
         return got
 
     def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, Any]:
-        """As ``socket.recvfrom_into``."""
-        mv = memoryview(buffer).cast("B")
-        n = mv.nbytes if nbytes == 0 else nbytes
-        if n < 0 or n > mv.nbytes:
-            raise ValueError("nbytes is greater than the length of the buffer")
-        data, addr = self.recvfrom(n, flags)
-        mv[: len(data)] = data
-        return len(data), addr
+        """As ``socket.recvfrom_into`` (the kernel writes straight into ``buffer``)."""
+        got: tuple[int, Any] = self._owner.sys.recvfrom_into(self._kfd, buffer, nbytes, flags)
+        return got
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
         """As ``socket.sendfile`` (always the ``send`` loop: no host ``sendfile``)."""

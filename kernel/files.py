@@ -53,6 +53,9 @@ __all__ = [
     "NodeTable",
     "check_buffersize",
     "byte_view",
+    "BadBufferError",
+    "BadBufferTypeError",
+    "writable_view",
     "POLLIN",
     "POLLPRI",
     "POLLOUT",
@@ -462,6 +465,44 @@ def byte_view(data: Any) -> bytes | bytearray | memoryview:
     return mv if mv.ndim == 1 and mv.itemsize == 1 and mv.format == "B" else mv.cast("B")
 
 
+class BadBufferError(OSError, ValueError):
+    """A receive size that does not fit the caller's buffer (or is negative):
+    ``OSError(EINVAL)`` as Linux reports a bad ``recv`` length, and a ``ValueError``
+    as the socket module raises it (``except ValueError`` keeps working)."""
+
+
+class BadBufferTypeError(OSError, TypeError):
+    """A receive buffer that is not a writable, contiguous bytes-like object:
+    ``OSError(EINVAL)``, and a ``TypeError`` as the socket module raises it."""
+
+
+def writable_view(buffer: Any, nbytes: Any, what: str) -> memoryview:
+    """The first ``nbytes`` bytes (0: all) of ``buffer`` as a flat writable memoryview,
+    for ``recv_into``-style calls. A buffer that is not writable, contiguous and
+    bytes-like is :class:`BadBufferTypeError`; ``nbytes`` that is not an int is
+    ``TypeError``; negative or larger than the buffer, :class:`BadBufferError` (both
+    EINVAL)."""
+    if not isinstance(nbytes, int) or isinstance(nbytes, bool):
+        raise TypeError(f"{what}: nbytes must be an int, not {type(nbytes).__name__}")
+    try:
+        mv = memoryview(buffer)
+    except TypeError:
+        raise BadBufferTypeError(
+            errno.EINVAL, f"{what}: a writable bytes-like object is required"
+        ) from None
+    if mv.readonly:
+        raise BadBufferTypeError(errno.EINVAL, f"{what}: the buffer is read-only")
+    if not mv.c_contiguous:
+        raise BadBufferTypeError(errno.EINVAL, f"{what}: the buffer is not contiguous")
+    if mv.ndim != 1 or mv.itemsize != 1 or mv.format != "B":
+        mv = mv.cast("B")
+    if nbytes < 0:
+        raise BadBufferError(errno.EINVAL, f"negative buffersize in {what}")
+    if nbytes > mv.nbytes:
+        raise BadBufferError(errno.EINVAL, f"{what}: buffer too small for requested bytes")
+    return mv[:nbytes] if nbytes else mv
+
+
 def _not_supported(what: str) -> OSError:
     return io_error(errno.EOPNOTSUPP, f"{what} is not supported on this socket")
 
@@ -559,14 +600,22 @@ class SocketFile(File):
             off += n
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        """Receive into ``buffer`` (at most ``nbytes``; 0: its size); the count."""
-        mv = memoryview(buffer).cast("B")
-        n = mv.nbytes if nbytes == 0 else nbytes
-        if n > mv.nbytes:
-            raise ValueError("buffer too small for requested bytes")
-        data = self.recv(n, flags)
+        """Receive into ``buffer`` (at most ``nbytes``; 0: its size); the count. This
+        default goes through :meth:`recv`'s bytes (sockets override it to copy once)."""
+        mv = writable_view(buffer, nbytes, "recv_into")
+        data = self.recv(mv.nbytes, flags)
         mv[: len(data)] = data
         return len(data)
+
+    def recvfrom_into(
+        self, buffer: Any, nbytes: int = 0, flags: int = 0
+    ) -> tuple[int, tuple[str, int]]:
+        """Receive into ``buffer`` (at most ``nbytes``; 0: its size): the count and
+        the sender's address. This default goes through :meth:`recvfrom`'s bytes."""
+        mv = writable_view(buffer, nbytes, "recvfrom_into")
+        data, addr = self.recvfrom(mv.nbytes, flags)
+        mv[: len(data)] = data
+        return len(data), addr
 
     def getsockname(self) -> tuple[str, int]:
         """The local address."""

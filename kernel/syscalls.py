@@ -400,9 +400,22 @@ class Syscalls:
         s.sendall(byte_view(data), _flags(flags))
 
     def recv_into(self, fd: int, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        """Receive into a writable buffer (at most ``nbytes``, 0: its size)."""
+        """Receive into a writable buffer (at most ``nbytes``, 0: its size); the count,
+        as ``socket.recv_into``. A datagram longer than that is truncated (the rest is
+        discarded). EBADF for a bad fd; EAGAIN non-blocking with nothing queued;
+        EINVAL (also a ``ValueError`` / ``TypeError``, as the socket module raises)
+        for a read-only or non-buffer object, a negative ``nbytes`` or one larger than
+        the buffer."""
         s = self._sock(fd)
-        return s.recv_into(buffer, check_buffersize(nbytes, "recv_into"), _flags(flags))
+        return s.recv_into(buffer, nbytes, _flags(flags))
+
+    def recvfrom_into(
+        self, fd: int, buffer: Any, nbytes: int = 0, flags: int = 0
+    ) -> tuple[int, Any]:
+        """:meth:`recv_into` that also returns the sender's address: ``(n, addr)``, as
+        ``socket.recvfrom_into``."""
+        s = self._sock(fd)
+        return s.recvfrom_into(buffer, nbytes, _flags(flags))
 
     def getsockname(self, fd: int) -> Any:
         """The socket's local address."""

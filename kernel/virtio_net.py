@@ -21,15 +21,30 @@ are the ``virtio_net_hdr``. With MRG_RXBUF, ``num_buffers`` says how many consec
 completions make the packet (checked: 1..queue size); the parts are joined. The frame
 goes to the stack's receiver (as a memoryview into shared memory when it fits one
 buffer: no copy; the receiver copies what it keeps), then the buffers go back into the
-ring in one batch (the queue's ``refill`` hook: one publish and at most one kick per
-batch of completions). A completion shorter than the header, or a merged packet whose
+ring in batches (the queue's ``refill`` hook: one publish and at most one kick per
+batch): a refill waits until at least an eighth of the ring's buffers are free
+(:attr:`NetLink.rx_refill_batch`), so the device always holds seven eighths of them
+and a stream of completions costs one kick per batch rather than one per interrupt.
+*Recycling*: every receive buffer is one descriptor, written once
+(``DriverQueue.add(keep=True)``); when it comes back it is made available again as
+it is (``DriverQueue.republish``: only its head goes into the available ring). The
+device never writes the descriptor table of a split ring (§2.7.5), and nothing is
+read back from it: the buffer's address and size are this side's own, and a used
+length is checked against them (``rx_recycled`` counts the recycled postings; with
+virtqueue tracing on, buffers are posted afresh so that every posting is traced).
+A completion shorter than the header, or a merged packet whose
 count is absurd, is dropped and counted (``rx_bad_frames``).
 
 Transmit. :meth:`NetLink.transmit` never blocks: it copies header + frame into one DMA
 buffer (one descriptor), publishes, and kicks unless EVENT_IDX says the device is still
-busy. No free buffer or descriptor → ``OSError(ENOBUFS)`` (counted ``tx_dropped_nobufs``)
-after one attempt to reap finished transmissions; link down → ``ENETDOWN``; a failed
-device → ``EIO``. :meth:`NetLink.wait_tx_room` lets a blocking sender wait for room.
+busy. Transmit completions are wanted late: with EVENT_IDX the transmit queue asks for
+an interrupt only once three quarters of the frames in flight are sent
+(``DriverQueue.delayed_interrupts``, as Linux's ``virtqueue_enable_cb_delayed``), so a
+stream of frames costs the device one interrupt per many frames; a sender short of
+buffers reaps what is done itself first. No free buffer or descriptor →
+``OSError(ENOBUFS)`` (counted ``tx_dropped_nobufs``) after one attempt to reap
+finished transmissions; link down → ``ENETDOWN``; a failed device → ``EIO``.
+:meth:`NetLink.wait_tx_room` lets a blocking sender wait for room.
 
 Recovery (see :mod:`kernel.transport`). After the device was reset or restarted every
 receive buffer is posted again (a merged packet being assembled is dropped) and the
@@ -54,7 +69,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hostops.sync import Condition, Lock
-from vdev.virtio import DeviceId, F, NetF, VirtioError, bit
+from vdev.virtio import DeviceId, F, NetF, UsageError, VirtioError, bit
 from vdev.virtio.net import (
     ETH_HLEN,
     GSO_NONE,
@@ -136,13 +151,16 @@ def tx_pool_bytes(mtu: int, queue_size: int) -> int:
 
 
 class _RxBuf:
-    """Token of one receive buffer in the ring."""
+    """Token of one receive buffer in the ring (``dq``/``head``: the queue and chain it
+    is kept in, for recycling)."""
 
-    __slots__ = ("link", "addr")
+    __slots__ = ("link", "addr", "dq", "head")
 
     def __init__(self, link: NetLink, addr: int) -> None:
         self.link = link
         self.addr = addr
+        self.dq: Any = None
+        self.head = -1
 
     def complete(self, used_len: int) -> None:
         self.link._rx_done(self, used_len)
@@ -173,7 +191,8 @@ class NetLink:
     Attributes: ``name`` (``eth0``), ``mac``, ``mtu``, ``tx_csum``, ``tso4``,
     ``rx_csum`` (GUEST_CSUM), ``rx_tso4`` (GUEST_TSO4), ``mergeable`` (MRG_RXBUF),
     ``link_up``, ``counters`` (``rx_frames rx_bytes rx_bad_frames rx_merged tx_frames
-    tx_bytes tx_gso_frames tx_csum_offloaded tx_dropped_nobufs tx_dropped_link_down``).
+    tx_bytes tx_gso_frames tx_csum_offloaded tx_dropped_nobufs tx_dropped_link_down
+    tx_dropped_reset rx_refills rx_recycled``).
     """
 
     def __init__(
@@ -213,6 +232,8 @@ class NetLink:
                 "tx_dropped_nobufs",
                 "tx_dropped_link_down",
                 "tx_dropped_reset",
+                "rx_refills",
+                "rx_recycled",
             ),
             0,
         )
@@ -236,6 +257,10 @@ class NetLink:
                 f"buffers of {self.rx_buf_bytes} bytes"
             )
         self._rx_free: list[_RxBuf] = [_RxBuf(self, area + i * self.rx_buf_bytes) for i in range(n)]
+        #: Free receive buffers a refill waits for (an eighth of the ring, at least 1).
+        self.rx_refill_batch = max(1, n // 8)
+        #: Receive buffers are republished as they are (see the module docstring).
+        self.recycle_rx = True
         # merged packet being assembled: (parts, buffers still expected)
         self._merge: list[bytes] = []
         self._merge_left = 0
@@ -319,6 +344,7 @@ class NetLink:
         need = False
         for attempt in (0, 1):
             with q.lock:
+                q.dq.delayed_interrupts = True  # (a queue rebuilt by a reset too)
                 if q.failed is not None:
                     self._free(addr)
                     raise copy_error(q.failed)
@@ -402,22 +428,45 @@ class NetLink:
     def _rx_refill(self) -> None:
         q = self.rxq
         free = self._rx_free
-        if not free:
+        if len(free) < self.rx_refill_batch:  # the device still holds 7/8 of them
             return
         size = self.rx_buf_bytes
         with q.lock:
             if q.failed is not None or q.paused:
                 return
-            added = 0
-            while free and q.dq.num_free:
+            dq = q.dq
+            recycle = self.recycle_rx and getattr(q, "tracer", None) is None
+            added = recycled = 0
+            while free:  # bounded: one pass over the free buffers
                 b = free.pop()
                 try:
-                    q.add([], [(b.addr, size)], b)
+                    if b.dq is dq and recycle:
+                        try:
+                            dq.republish(b.head, b)
+                            recycled += 1
+                            added += 1
+                            continue
+                        except UsageError:
+                            pass  # not kept in this queue (any more): post it afresh
+                    if b.dq is dq:
+                        dq.forget(b.head)  # its descriptors go back to the free list
+                    b.dq = None
+                    if not dq.num_free:
+                        free.append(b)
+                        break
+                    if recycle:
+                        b.head = dq.add([], [(b.addr, size)], b, keep=True)
+                        b.dq = dq
+                    else:
+                        q.add([], [(b.addr, size)], b)
                 except VirtioError:
                     free.append(b)
                     break
                 added += 1
             need = q.publish() if added else False
+        c = self.counters
+        c["rx_refills"] += 1 if added else 0
+        c["rx_recycled"] += recycled
         if need:
             q.notify()
 

@@ -126,6 +126,11 @@ __all__ = [
     "KIND_HELLO",
     "KIND_WELCOME",
     "KIND_FRAME",
+    "KIND_BATCH",
+    "BATCH",
+    "BATCH_MAX_BYTES",
+    "BATCH_MAX_FRAMES",
+    "BATCH_RECORD",
     "KIND_BYE",
     "KIND_REGISTER",
     "KIND_ERROR",
@@ -165,6 +170,7 @@ PROTOCOL_VERSION = 1
 KIND_HELLO = b"H"
 KIND_WELCOME = b"W"
 KIND_FRAME = b"F"
+KIND_BATCH = b"M"
 KIND_BYE = b"B"
 KIND_REGISTER = b"R"
 KIND_ERROR = b"E"
@@ -179,6 +185,16 @@ OFFLOADS = frozenset({"csum", "tso4"})
 #: total length is 16 bits) behind an Ethernet header with one 802.1Q tag.
 MAX_FRAME = 0xFFFF + ETH_HLEN + 4
 
+#: The word a port puts in its hello's ``accepts`` to say it takes batch messages.
+BATCH = "batch"
+#: A batch record's header: the frame's length (little-endian u32), then the 12-byte
+#: ``virtio_net_hdr``, then the frame.
+BATCH_RECORD = 4 + NET_HDR_SIZE
+#: Largest batch message a sender builds (well under the channel's message cap).
+BATCH_MAX_BYTES = 64 * 1024
+#: Most frames in one batch message; a receiver walks at most this many records of one.
+BATCH_MAX_FRAMES = 256
+
 DEFAULT_AGE_S = 300.0
 DEFAULT_MAX_MACS = 4096
 DEFAULT_MAX_PORTS = 256
@@ -190,6 +206,7 @@ _RESERVED_PREFIX = b"\x01\x80\xc2\x00\x00"  # IEEE 802.1D §7.12.6 reserved grou
 _ZERO_MAC = b"\x00" * 6
 _PLAIN = NetHdr()
 _K_FRAME = KIND_FRAME[0]
+_K_BATCH = KIND_BATCH[0]
 _K_HELLO = KIND_HELLO[0]
 _K_STATS = KIND_STATS[0]
 _K_BYE = KIND_BYE[0]
@@ -505,6 +522,21 @@ class SwitchCore:
         if port is not None:
             port.counters.rx_frames += 1
             port.counters.dropped += 1
+
+    def count_again(self, in_port: int, nbytes: int, flooded: bool) -> None:
+        """Count a frame received on ``in_port`` that goes where the one before it
+        went (same addresses, decided by :meth:`decide` an instant before, with a
+        length that :meth:`decide` accepts): what :meth:`decide` would have counted."""
+        c = self.counters
+        c.frames += 1
+        if flooded:
+            c.flooded += 1
+        else:
+            c.forwarded += 1
+        port = self.ports.get(in_port)
+        if port is not None:
+            port.counters.rx_frames += 1
+            port.counters.rx_bytes += nbytes
 
     def count_tx(self, out_port: int, nbytes: int, flooded: bool) -> None:
         """One frame of ``nbytes`` was queued for ``out_port``."""
@@ -944,6 +976,7 @@ class _Link:
     peer: bytes | None = None
     tap: Any = None  # vdev.net_tap.TapBackend
     watch: PeerProcess | None = None
+    batch: bool = False  # the port said it takes batch messages
 
 
 class _TapSink:
@@ -999,7 +1032,7 @@ class SwitchServer:
     ) -> None:
         self.core = SwitchCore(age_s=age_s, max_macs=max_macs, max_ports=max_ports)
         self.impair = impair
-        self._held: tuple[tuple[int, ...], bool, NetHdr | None, Part, Any] | None = None
+        self._held: tuple[tuple[int, ...], bool, NetHdr | None, Any, Any] | None = None
         self._held_timer: TimerHandle | None = None
         self.endpoint = endpoint
         self.budget = max(1, budget)
@@ -1110,6 +1143,8 @@ class SwitchServer:
             kind = buf[0]
             if kind == _K_FRAME:
                 self._on_frame(peer, msg, buf)
+            elif kind == _K_BATCH:
+                self._on_batch(peer, msg, buf)
             elif kind == _K_HELLO:
                 self._on_hello(peer, bytes(buf[1:]))
             elif kind == _K_STATS:
@@ -1148,12 +1183,124 @@ class SwitchServer:
             else:
                 self._impaired(outs, flooded, hdr, msg, frame)
 
+    def _on_batch(self, peer: bytes, msg: Part, buf: memoryview) -> None:
+        """A batch message: every record is decided as a frame message would be; what
+        goes to a port that takes batches is gathered into one message per port (the
+        received message itself, not copied, when a port gets every record unchanged);
+        other ports get frame messages one by one."""
+        number = self._by_peer.get(peer)
+        core = self.core
+        hub = self._hub
+        assert hub is not None
+        if number is None:
+            core.counters.frames += 1
+            core.counters.unregistered += 1
+            core.counters.dropped += 1
+            hub.send(peer, KIND_REGISTER)
+            return
+        links = self._links
+        ports = core.ports
+        gathered: dict[int, list[tuple[int, bool, memoryview | bytes]]] = {}
+        total = len(buf)
+        off = 1
+        records = 0
+        intact = True  # every record was well-formed (the message may be relayed as is)
+        headers: dict[bytes, NetHdr] = {}  # at most BATCH_MAX_FRAMES entries
+        last_head = b""
+        outs: tuple[int, ...] = ()
+        flooded = False
+        for _ in range(BATCH_MAX_FRAMES):  # bounded: a batch holds at most this many
+            if off >= total:
+                break
+            if total - off < BATCH_RECORD:
+                core.count_bad(number, "malformed")
+                intact = False
+                break
+            flen = int.from_bytes(buf[off : off + 4], "little")
+            end = off + BATCH_RECORD + flen
+            if end > total:  # the record's length runs past the message
+                core.count_bad(number, "malformed")
+                intact = False
+                break
+            records += 1
+            rec = buf[off:end]
+            frame = buf[off + BATCH_RECORD : end]
+            hdr: NetHdr | None = None
+            if buf[off + 4] or buf[off + 5]:  # flags or gso_type: check it (§5.1.6.2.1)
+                hb = bytes(buf[off + 4 : off + BATCH_RECORD])
+                hdr = headers.get(hb)  # a stream's frames mostly share one header
+                if hdr is None:
+                    hdr = headers[hb] = NetHdr.unpack(hb)
+                if check_hdr(hdr, flen) is not None:
+                    core.count_bad(number, "bad_hdr")
+                    intact = False
+                    off = end
+                    continue
+            off = end
+            head = bytes(frame[:12])
+            if head == last_head and ETH_HLEN <= flen <= MAX_FRAME:
+                # the same addresses as the frame before, decided an instant ago: the
+                # same way (learning and ageing would change nothing in between)
+                core.count_again(number, flen, flooded)
+            else:
+                outs, flooded = core.decide(number, frame)
+                last_head = head if outs else b""
+            if not outs:
+                intact = False
+                continue
+            if self.impair is not None:
+                fmsg = [KIND_FRAME, bytes(rec[4:BATCH_RECORD]), frame]
+                self._impaired(outs, flooded, hdr, fmsg, frame)
+                continue
+            for o in outs:
+                link = links.get(o)
+                port = ports.get(o)
+                if link is None or port is None:
+                    continue
+                if not link.batch or link.peer is None:
+                    fmsg = [KIND_FRAME, bytes(rec[4:BATCH_RECORD]), frame]
+                    self._deliver((o,), flooded, hdr, fmsg, frame)
+                    continue
+                out = gathered.get(o)
+                if out is None:
+                    out = gathered[o] = []
+                if hdr is None or _takes(hdr, port.accepts):
+                    out.append((flen, flooded, rec))
+                    continue
+                pieces = self._adapt(hdr, frame, port.accepts)
+                if pieces is None:
+                    core.count_drop(o)
+                    continue
+                for h, piece in pieces:
+                    n = len(piece)
+                    out.append((n, flooded, b"".join((n.to_bytes(4, "little"), h.pack(), piece))))
+        if off < total and intact:  # records beyond the bound: the sender's fault
+            core.count_bad(number, "malformed")
+            intact = False
+        for o, out in gathered.items():
+            link = links.get(o)
+            if link is None or link.peer is None or not out:
+                continue
+            whole = intact and len(out) == records and all(type(r) is memoryview for *_, r in out)
+            m: Part | list[bytes | memoryview] = (
+                msg if whole else [KIND_BATCH, *(r for *_, r in out)]
+            )
+            status = hub.send(link.peer, m)
+            if status is SendStatus.SENT:
+                for n, flooded, _r in out:
+                    core.count_tx(o, n, flooded)
+            elif status is SendStatus.FULL:
+                for _ in out:
+                    core.count_full(o)
+            else:
+                self._remove(o, "connection gone")
+
     def _impaired(
         self,
         outs: tuple[int, ...],
         flooded: bool,
         hdr: NetHdr | None,
-        msg: Part,
+        msg: Part | list[Any],
         frame: bytes | memoryview,
     ) -> None:
         """:meth:`_deliver` through the :class:`Impairment` (see the module doc)."""
@@ -1188,11 +1335,12 @@ class SwitchServer:
         outs: tuple[int, ...],
         flooded: bool,
         hdr: NetHdr | None,
-        msg: Part,
+        msg: Part | list[Any],
         frame: bytes | memoryview,
     ) -> None:
         """Send one frame to ``outs``: ``msg`` is the whole frame message as received
-        (forwarded as it is), ``hdr`` its header (None: a plain header)."""
+        (forwarded as it is; or its parts, from a batch), ``hdr`` its header (None: a
+        plain header)."""
         core = self.core
         n = len(frame)
         adapted: dict[frozenset[str], list[tuple[NetHdr, bytes | memoryview]] | None] = {}
@@ -1301,6 +1449,9 @@ class SwitchServer:
         number = self._by_peer.get(peer)
         if number is not None:
             core.update_port(number, name=name, mac=mac, accepts=accepts)
+            link = self._links.get(number)
+            if link is not None:
+                link.batch = BATCH in accepts
         else:
             try:
                 port = core.add_port(
@@ -1313,7 +1464,7 @@ class SwitchServer:
                 hub.send(peer, [KIND_ERROR, str(e).encode()])
                 return
             number = port.number
-            self._links[number] = _Link(peer=peer)
+            self._links[number] = _Link(peer=peer, batch=BATCH in accepts)
             self._by_peer[peer] = number
             self._watch_pid(number, pid)
             mac_text = format_mac(mac) if mac else "-"

@@ -112,6 +112,7 @@ from ..files import (
     deadline_after,
     inet_address,
     remaining,
+    writable_view,
 )
 from .addr import ANY, ip_bytes, ip_ntoa, parse_ip
 from .config import EPHEMERAL_PORTS
@@ -1616,14 +1617,18 @@ class TcpSocket(SocketFile):
         return bytes(buf[:got])
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        """Receive into ``buffer`` (at most ``nbytes``, 0: its size); the count."""
-        mv = memoryview(buffer).cast("B")
-        if nbytes < 0:
-            raise ValueError("negative buffersize in recv_into")
-        n = mv.nbytes if nbytes == 0 else nbytes
-        if n > mv.nbytes:
-            raise ValueError("buffer too small for requested bytes")
-        return self._recv(mv, n, flags)
+        """Receive into ``buffer`` (at most ``nbytes``, 0: its size); the count. The
+        bytes go from the receive queue to ``buffer`` in one copy."""
+        mv = writable_view(buffer, nbytes, "recv_into")
+        return self._recv(mv, mv.nbytes, flags)
+
+    def recvfrom_into(
+        self, buffer: Any, nbytes: int = 0, flags: int = 0
+    ) -> tuple[int, tuple[str, int]]:
+        """:meth:`recv_into` and the peer's address."""
+        mv = writable_view(buffer, nbytes, "recvfrom_into")
+        n = self._recv(mv, mv.nbytes, flags)
+        return n, (ip_ntoa(self.raddr), self.rport)
 
     def recvfrom(self, n: int, flags: int = 0) -> tuple[bytes, tuple[str, int]]:
         """``recv`` and the peer's address."""
@@ -1646,7 +1651,8 @@ class TcpSocket(SocketFile):
                     raise io_error(errno.ENOTCONN)
                 if self.rcvq and n > 0:
                     k = min(n, len(self.rcvq))
-                    buf[:k] = self.rcvq[:k]
+                    with memoryview(self.rcvq) as q:  # released before the del below
+                        buf[:k] = q[:k]
                     if not flags & MSG_PEEK:
                         before = self._rcv_window()
                         del self.rcvq[:k]

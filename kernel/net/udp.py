@@ -82,6 +82,7 @@ from ..files import (
     deadline_after,
     inet_address,
     remaining,
+    writable_view,
 )
 from .addr import ANY, ip_bytes, ip_ntoa, parse_ip
 from .config import EPHEMERAL_PORTS
@@ -318,6 +319,8 @@ class UdpSocket(SocketFile):
         return e
 
     def _raise_pending(self) -> None:
+        if not self._error:  # the usual case, without the lock (a plain int read)
+            return
         e = self._take_error()
         if e:
             raise io_error(e)
@@ -441,11 +444,41 @@ class UdpSocket(SocketFile):
         """One datagram's data, truncated to ``n`` bytes."""
         return self.recvfrom(n, flags)[0]
 
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """One datagram's data written into ``buffer`` (truncated to ``nbytes``; 0:
+        the buffer's size); the count (see :meth:`recvfrom_into`)."""
+        return self.recvfrom_into(buffer, nbytes, flags)[0]
+
+    def recvfrom_into(
+        self, buffer: Any, nbytes: int = 0, flags: int = 0
+    ) -> tuple[int, tuple[str, int]]:
+        """One datagram written into ``buffer`` (truncated to ``nbytes``, 0: the
+        buffer's size; the rest of a longer datagram is discarded) and its sender.
+
+        Copies: the stack copied the payload once out of the receive buffer in shared
+        memory into the queued ``bytes`` (the ring's buffer is recycled at once); this
+        copies it from there into ``buffer``, with no bytes object in between."""
+        mv = writable_view(buffer, nbytes, "recvfrom_into")
+        data, addr = self._take(flags)
+        k = min(len(data), mv.nbytes)
+        if k == len(data):
+            mv[:k] = data
+        else:
+            with memoryview(data) as d:
+                mv[:k] = d[:k]
+        return k, addr
+
     def recvfrom(self, n: int, flags: int = 0) -> tuple[bytes, tuple[str, int]]:
         """One datagram (truncated to ``n``) and its sender; MSG_PEEK leaves it queued,
         MSG_DONTWAIT does not block."""
         if n < 0:
             raise ValueError("negative buffersize in recvfrom")
+        data, addr = self._take(flags)
+        return data[:n], addr
+
+    def _take(self, flags: int) -> tuple[bytes, tuple[str, int]]:
+        """The next datagram, whole, dequeued (unless MSG_PEEK); blocks per the
+        timeout (MSG_DONTWAIT: not at all)."""
         if flags & MSG_OOB:
             raise io_error(errno.EOPNOTSUPP, "MSG_OOB on a UDP socket")
         timeout = 0.0 if flags & MSG_DONTWAIT else self.timeout
@@ -461,7 +494,7 @@ class UdpSocket(SocketFile):
                     if not flags & MSG_PEEK:
                         self._queue.popleft()
                         self._queued -= len(data) + DATAGRAM_OVERHEAD
-                    return data[:n], addr
+                    return data, addr
             left = remaining(deadline)
             if timeout is not None and timeout > 0 and left == 0:
                 raise TimeoutError(errno.ETIMEDOUT, "timed out")

@@ -259,6 +259,7 @@ class _InFlight:
     token: Any
     descs: list[int]
     writable_len: int
+    keep: bool = False  # the chain's descriptors stay written after use (republish)
 
 
 class DriverQueue:
@@ -293,6 +294,8 @@ class DriverQueue:
         self._free: list[int] = list(range(n - 1, -1, -1))  # stack of free descriptors
         self._inflight: list[_InFlight | None] = [None] * n
         self._n_inflight = 0
+        # chains added with keep=True and used: head -> record, descriptors untouched
+        self._kept: dict[int, _InFlight] = {}
         self._avail_idx = 0  # next avail index (shadow, not yet published)
         self._published = 0  # avail.idx last written to memory
         self._kicked = 0  # avail.idx at the last kick decision
@@ -303,6 +306,10 @@ class DriverQueue:
         self._avail_event = 2 + 4 * n  # word index of used.avail_event
         self.broken: DeviceSpecError | UsageError | None = None
         self.stats = DriverQueueStats()
+        self.delayed_interrupts = False
+        """With EVENT_IDX: :meth:`enable_interrupts` asks for an interrupt only once
+        three quarters of the chains in flight are used (as Linux's
+        ``virtqueue_enable_cb_delayed`` does for transmit queues), not at the next."""
 
     # -- state
     @property
@@ -327,10 +334,16 @@ class DriverQueue:
         token: Any,
         *,
         indirect_table: int | None = None,
+        keep: bool = False,
     ) -> int:
         """Write one chain (readable buffers first, then writable ones) and put its head
         in the available ring; returns the head. Not visible to the device until
         :meth:`kick_prepare` publishes it.
+
+        With ``keep`` the chain's descriptors are not freed when the device has used
+        it: :meth:`republish` makes the same chain available again without writing
+        its descriptors (e.g. a receive buffer recycled as it is), :meth:`forget`
+        frees them.
 
         With ``indirect_table`` (a guest address with room for 16 bytes per buffer, and
         INDIRECT_DESC negotiated) the chain goes into that table and takes a single ring
@@ -406,12 +419,38 @@ class DriverQueue:
                 else:
                     desc_pack(desc, 16 * descs[i - 1], a, ln, VRING_DESC_F_WRITE, 0)
             head = descs[0]
-        self._inflight[head] = _InFlight(token, descs, wlen)
+        self._inflight[head] = _InFlight(token, descs, wlen, keep)
         self._n_inflight += 1
         self._a16[2 + self._avail_idx % self.size] = head
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
         self.stats.requests += 1
         return head
+
+    def republish(self, head: int, token: Any) -> None:
+        """Make the used chain ``head`` (added with ``keep=True``) available again as
+        it is, with ``token``: only its head goes into the available ring. The device
+        never writes the descriptor table of a split ring (§2.7.5), so the chain is
+        the one written by :meth:`add`; nothing read back from it is trusted anyway
+        (completions are checked against this side's record). :class:`UsageError` if
+        ``head`` is not a kept, used chain."""
+        if self.broken is not None:
+            raise self.broken
+        rec = self._kept.pop(head, None)
+        if rec is None:
+            raise UsageError(f"descriptor {head} is not a kept chain")
+        rec.token = token
+        self._inflight[head] = rec
+        self._n_inflight += 1
+        self._a16[2 + self._avail_idx % self.size] = head
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+        self.stats.requests += 1
+
+    def forget(self, head: int) -> None:
+        """Free the descriptors of the used, kept chain ``head`` (no-op if it is not
+        one)."""
+        rec = self._kept.pop(head, None)
+        if rec is not None:
+            self._free.extend(rec.descs)
 
     def kick_prepare(self) -> bool:
         """Publish every chain added since the last call (one 16-bit store of avail.idx,
@@ -480,7 +519,10 @@ class DriverQueue:
                 )
                 break
             inflight[uid] = None
-            free.extend(rec.descs)
+            if rec.keep:
+                self._kept[uid] = rec
+            else:
+                free.extend(rec.descs)
             out.append((rec.token, ulen))
             last = (last + 1) & 0xFFFF
         self._last_used = last
@@ -508,7 +550,10 @@ class DriverQueue:
         """Re-enable interrupts and re-check: returns True if used entries arrived in
         the meantime (reap again before sleeping — the lost-wake-up guard)."""
         if self.event_idx:
-            self._a16[self._used_event] = self._last_used
+            # §2.7.10: the device interrupts once used.idx passes used_event. Delayed:
+            # ahead < in flight, so the chains in flight always reach it.
+            ahead = self._n_inflight * 3 // 4 if self.delayed_interrupts else 0
+            self._a16[self._used_event] = (self._last_used + ahead) & 0xFFFF
         else:
             self._a16[0] = 0
         self.memory.barrier()
