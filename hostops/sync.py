@@ -7,11 +7,14 @@ here, so that a deterministic simulated host can later substitute its own. Today
 primitives *are* :mod:`threading`'s (aliases, zero overhead). :func:`start_thread`
 creates and starts a named thread (daemon by default, so a forgotten thread never keeps
 the interpreter alive) and returns it; the returned :class:`Thread` offers ``join``,
-``is_alive``, ``name`` and ``ident``.
+``is_alive``, ``name`` and ``ident``. :func:`relax` is a busy-poll loop's pause: it
+lets the other threads of this process (the GIL) and the other processes on this core
+run for a moment (``sched_yield``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +29,9 @@ __all__ = [
     "Thread",
     "start_thread",
     "current_thread_name",
+    "current_thread_id",
     "is_main_thread",
+    "relax",
 ]
 
 Lock = threading.Lock
@@ -36,6 +41,14 @@ Condition = threading.Condition
 Semaphore = threading.Semaphore
 BoundedSemaphore = threading.BoundedSemaphore
 Thread = threading.Thread
+
+
+def relax() -> None:
+    """One pause of a busy-poll loop: give up the CPU and the GIL for a moment
+    (``sched_yield(2)``; CPython releases the GIL around it), so that a thread of this
+    process waiting for the GIL and a process waiting for this core get to run while
+    we spin. Returns at once when nobody is waiting."""
+    os.sched_yield()
 
 
 def start_thread(target: Callable[..., None], *args: Any, name: str, daemon: bool = True) -> Thread:
@@ -52,6 +65,12 @@ def start_thread(target: Callable[..., None], *args: Any, name: str, daemon: boo
 def current_thread_name() -> str:
     """Return the name of the calling thread."""
     return threading.current_thread().name
+
+
+def current_thread_id() -> int:
+    """Return the calling thread's identifier (unique among live threads; may be
+    reused once a thread has exited)."""
+    return threading.get_ident()
 
 
 def is_main_thread() -> bool:

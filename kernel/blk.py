@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 :class:`BlkDriver` binds to DeviceId.BLOCK on the bus. It accepts SIZE_MAX, SEG_MAX,
 BLK_SIZE, FLUSH, RO, DISCARD, WRITE_ZEROES plus the ring features EVENT_IDX,
-INDIRECT_DESC and VERSION_1, reads :class:`~vdev.virtio.blk.BlkConfig`, sets up queue 0
-and builds a :class:`BlockDevice`.
+INDIRECT_DESC and VERSION_1 (and MQ when the spec asks for several queues), reads
+:class:`~vdev.virtio.blk.BlkConfig`, sets up its request queues (queue 0, or
+``min(queues, num_queues)`` of them with MQ) and builds a :class:`BlockDevice`.
 
 The block layer is asynchronous at its core and never blocks (blk-mq style)::
 
@@ -118,8 +119,27 @@ write, DISCARD and WRITE_ZEROES when it is submitted and when it finished; the b
 file layer's readahead stays coherent through them.
 
 Batching: ``submit(..., kick=False)`` adds chains without publishing them;
-:meth:`BlockDevice.kick` publishes them all with one ``kick_prepare`` (and at most one
-doorbell, usually none with EVENT_IDX while the device is busy).
+:meth:`BlockDevice.kick` publishes them all with one ``kick_prepare`` per queue (and at
+most one doorbell each, usually none with EVENT_IDX while the device is busy).
+
+Multi-queue (VIRTIO_BLK_F_MQ, ``kernel.Blk(..., queues=N)``). Each request queue is a
+*hardware context* as in blk-mq: its virtqueue, its own software queue and its own
+request slots (one per ring entry), all under that virtqueue's lock; the DMA pool is
+shared. A request goes to the queue of the submitting thread
+(:meth:`BlockDevice.current_queue`: each thread gets one, round robin, and keeps it --
+Linux maps CPUs to hardware contexts the same way); the parts of a split request go to
+that queue and the following ones, so a large I/O is worked on through every ring at
+once. A request stays on its queue for good (its slot is that queue's): a reset
+resubmits it there. Whatever orders requests across the whole disk runs through queue
+0 only -- the journal replay after a reset and the integrity mode's read-backs and
+rewrites (an integrity FLUSH is queued on queue 0) -- and while it is up
+(``_replaying``, the barrier) the other queues dispatch nothing, exactly as the single
+queue dispatched nothing else. The journal itself is one per disk (``_jlock``). After
+a batch of completions on any queue every queue with requests waiting is dispatched
+(they wait on the shared DMA pool or on queue 0's work, which that batch may have
+ended). The transport resets and restarts every queue together and hands each its own
+chains back (``_on_reset``, queue 0 first: it rebuilds the replay). Counters stay per
+queue (``dev.queues[i].stats``); the trace names each event's queue (``q``).
 """
 
 from __future__ import annotations
@@ -128,16 +148,17 @@ import errno
 import logging
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
-from hostops.sync import Lock
+from hostops.sync import Lock, current_thread_id
 from vdev.virtio import SECTOR_SIZE, BlkF, BlkStatus, BlkType, DeviceId, F, VirtioError, bit
 from vdev.virtio.blk import CONFIG_BYTES, DISCARD_SEGMENT, REQ_HEADER, BlkConfig
 
 from .bus import VirtioDriver, register_driver
 from .errors import DeviceControlError, blk_status_errno, copy_error, io_error
-from .transport import KernelQueue, VirtioTransport
+from .transport import MAX_QUEUES, KernelQueue, VirtioTransport
 
 __all__ = [
     "BlkDriver",
@@ -155,6 +176,7 @@ __all__ = [
     "INTEGRITY_COUNTERS",
     "READAHEAD_COUNTERS",
     "MAX_INTO",
+    "MAX_THREAD_MAP",
     "WriteWatcher",
 ]
 
@@ -171,6 +193,8 @@ INLINE_BYTES = 4096
 MAX_SEGMENTS = 32
 #: Most ``(offset, view)`` entries of a read's ``into`` scatter list (Linux's IOV_MAX).
 MAX_INTO = 1024
+#: Threads :meth:`BlockDevice.current_queue` remembers (beyond: the thread id picks).
+MAX_THREAD_MAP = 4096
 #: Operations write watchers hear of.
 _WRITE_OPS = frozenset(("write", "discard", "write_zeroes"))
 #: Features the driver understands.
@@ -364,6 +388,7 @@ class _Req:
         "checked",
         "verify",
         "dest",
+        "hctx",
     )
 
     def __init__(
@@ -408,6 +433,7 @@ class _Req:
         #: IN with ``into=``: ``(offset in this request, caller's view)`` pairs the data
         #: is copied to straight from shared memory (the callback gets the byte count)
         self.dest: list[tuple[int, memoryview]] | None = None
+        self.hctx = 0  # the request queue it goes to (its slot belongs to that queue)
 
     def complete(self, used_len: int) -> None:
         """The device returned this chain (interrupt thread)."""
@@ -446,22 +472,52 @@ class _Check:
         self.todo: list[int] = []  # sectors the next read-back covers
 
 
+class _Hctx:
+    """One request queue of a :class:`BlockDevice` (blk-mq's hardware context): its
+    virtqueue, its software queue (FIFO) and the request slots of its ring (one per
+    entry, with their inline pages). Everything here is guarded by ``queue.lock``."""
+
+    __slots__ = ("index", "queue", "pending", "slots", "inline")
+
+    def __init__(self, index: int, queue: KernelQueue) -> None:
+        self.index = index
+        self.queue = queue
+        self.pending: deque[_Req] = deque()
+        self.slots: deque[int] = deque()
+        self.inline: dict[int, int] = {}
+
+
 class BlockDevice:
     """A virtio-blk disk as the kernel's block layer sees it.
 
     Attributes: ``name`` (``"vda"``), ``size`` (bytes), ``readonly``, ``features``
     (negotiated feature names), ``config`` (:class:`BlkConfig`), ``block_size`` (the
     device's preferred block size; requests are addressed in 512-byte sectors),
-    ``max_request_bytes`` (largest single request; bigger I/O is split), ``queue``.
+    ``max_request_bytes`` (largest single request; bigger I/O is split), ``queues``
+    (its request queues, :class:`~kernel.transport.KernelQueue`, each with ``.stats``;
+    more than one with VIRTIO_BLK_F_MQ) and ``queue`` (the first).
 
     Offsets and lengths given to the block layer must be multiples of 512 (the
     syscall layer does read-modify-write for anything else) and lie inside the disk.
     """
 
-    def __init__(self, transport: VirtioTransport, queue: KernelQueue, config: BlkConfig):
+    def __init__(
+        self,
+        transport: VirtioTransport,
+        queue: KernelQueue | Sequence[KernelQueue],
+        config: BlkConfig,
+    ):
         self.transport = transport
         self.name = transport.name
-        self.queue = queue
+        queues = [queue] if isinstance(queue, KernelQueue) else list(queue)
+        if not 1 <= len(queues) <= MAX_QUEUES:
+            raise ValueError(f"{transport.name}: {len(queues)} request queues (1..{MAX_QUEUES})")
+        #: The request queues (one per virtqueue; a thread submits to one of them).
+        self.queues: list[KernelQueue] = queues
+        self.queue = queues[0]
+        self._hctx = [_Hctx(i, q) for i, q in enumerate(queues)]
+        self._thread_hctx: dict[int, int] = {}  # thread id -> its request queue
+        self._next_hctx = 0  # the queue the next new thread gets (round robin)
         self.config = config
         self.feature_bits = transport.features
         self.features = transport.feature_names
@@ -484,7 +540,7 @@ class BlockDevice:
         self.has_discard = transport.has_feature(BlkF.DISCARD)
         self.has_write_zeroes = transport.has_feature(BlkF.WRITE_ZEROES)
         self._indirect = transport.has_feature(F.INDIRECT_DESC)
-        n = queue.size
+        n = min(q.size for q in queues)
         # -- request geometry
         seg_max = config.seg_max if transport.has_feature(BlkF.SEG_MAX) and config.seg_max else 0
         # §2.7.5.3.1: no chain longer than the queue size, an indirect table included
@@ -512,22 +568,24 @@ class BlockDevice:
         self.max_write_zeroes_sectors = (
             config.max_write_zeroes_sectors or _MAX_DISCARD_SECTORS_DEFAULT
         ) & 0xFFFFFFFF
-        # -- slots: one per ring entry, carved from the DMA pool once
+        # -- slots: one per ring entry of every queue, carved from the DMA pool once
         assert transport.memory is not None and transport.dma is not None
         self._buf = transport.memory.buf
         self._dma = transport.dma
         self._slot_bytes = _align(_S_TABLE + 16 * (max_segs + 2), 64)
-        area = transport.dma.alloc(self._slot_bytes * n)
-        if area is None:
-            raise ValueError(f"{self.name}: DMA pool too small for {n} request slots")
-        self._slots: deque[int] = deque(area + i * self._slot_bytes for i in range(n))
+        entries = sum(q.size for q in queues)
         # inline data: one page per slot when the pool can spare it (an eighth at most)
-        self._inline: dict[int, int] = {}
-        if INLINE_BYTES * n <= transport.dma_size // 8:
-            pages = transport.dma.alloc(INLINE_BYTES * n)
+        inline = INLINE_BYTES * entries <= transport.dma_size // 8
+        for h in self._hctx:
+            qn = h.queue.size
+            area = transport.dma.alloc(self._slot_bytes * qn)
+            if area is None:
+                raise ValueError(f"{self.name}: DMA pool too small for {entries} request slots")
+            h.slots.extend(area + i * self._slot_bytes for i in range(qn))
+            pages = transport.dma.alloc(INLINE_BYTES * qn) if inline else None
             if pages is not None:
-                self._inline = {
-                    area + i * self._slot_bytes: pages + i * INLINE_BYTES for i in range(n)
+                h.inline = {
+                    area + i * self._slot_bytes: pages + i * INLINE_BYTES for i in range(qn)
                 }
         # A request must fit the pool once it has drained (else it would wait forever):
         # shrink the request size until the allocator can actually hand out one.
@@ -540,7 +598,6 @@ class BlockDevice:
                 raise ValueError(f"{self.name}: DMA pool too small for one sector")
             self.max_request_bytes = max(SECTOR_SIZE, self.max_request_bytes // 2)
             self.max_request_bytes -= self.max_request_bytes % SECTOR_SIZE
-        self._pending: deque[_Req] = deque()
         self._rejected: deque[tuple[_Req, OSError]] = deque()
         # -- the write journal (volatile write cache only; interrupt thread): acknowledged
         # writes a completed FLUSH does not cover yet, replayed after a device restart
@@ -568,6 +625,8 @@ class BlockDevice:
             0,
         )
         self._watchers: list[WriteWatcher] = []  # copied on change: read without a lock
+        self._tlock = Lock()  # guards the thread -> queue map
+        self._jlock = Lock()  # guards the journal and the replay waves (completions)
         # -- integrity mode (opt-in: the spec's ``integrity``)
         #: Whether reads are verified against CRCs of what was written and fsync reads
         #: the journal back before its FLUSH (``kernel.Blk(..., integrity=True)``).
@@ -579,12 +638,16 @@ class BlockDevice:
         self._igen = 0  # write generation: grows with every finished write
         self._ilock = Lock()  # guards the four above and _barriers
         self._barriers = 0  # integrity work in progress: only urgent requests dispatch
-        self._urgent: deque[_Req] = deque()  # integrity requests, ahead of the rest
-        queue.refill = self._refill
-        queue.on_failed = self._on_failed
-        queue.on_reset = self._on_reset
-        queue.watch = True  # look for lost interrupts while requests are in flight
-        queue.timeout_s = getattr(transport.spec, "request_timeout", None)
+        # integrity requests, ahead of the rest; always on the first queue (its lock)
+        self._urgent: deque[_Req] = deque()
+        timeout = getattr(transport.spec, "request_timeout", None)
+        for h in self._hctx:
+            q = h.queue
+            q.refill = self._refill_hook(h)
+            q.on_failed = self._failed_hook(h)
+            q.on_reset = self._reset_hook(h)
+            q.watch = True  # look for lost interrupts while requests are in flight
+            q.timeout_s = timeout
         transport.on_release(self._release)
 
     # ------------------------------------------------------------------ info
@@ -595,8 +658,38 @@ class BlockDevice:
 
     @property
     def pending(self) -> int:
-        """Requests waiting in the software queue for room in the ring."""
-        return len(self._pending)
+        """Requests waiting in the software queues for room in their ring."""
+        return sum(len(h.pending) for h in self._hctx)
+
+    def current_queue(self) -> int:
+        """The index of the request queue the calling thread submits to. Each thread
+        gets one the first time it submits, round robin, and keeps it (as Linux maps
+        each CPU to one hardware context). Beyond :data:`MAX_THREAD_MAP` threads the
+        thread's id picks the queue (still stable per thread)."""
+        hctx = self._hctx
+        if len(hctx) == 1:
+            return 0
+        tid = current_thread_id()
+        i = self._thread_hctx.get(tid)
+        if i is None:
+            with self._tlock:
+                i = self._thread_hctx.get(tid)
+                if i is None:
+                    if len(self._thread_hctx) >= MAX_THREAD_MAP:
+                        return tid % len(hctx)
+                    i = self._next_hctx
+                    self._next_hctx = (i + 1) % len(hctx)
+                    self._thread_hctx[tid] = i
+        return i
+
+    def _refill_hook(self, h: _Hctx) -> Callable[[], None]:
+        return lambda: self._refill(h)
+
+    def _failed_hook(self, h: _Hctx) -> Callable[[OSError], None]:
+        return lambda error: self._on_failed(h, error)
+
+    def _reset_hook(self, h: _Hctx) -> Callable[[list[Any], OSError | None], None]:
+        return lambda tokens, error: self._on_reset(h, tokens, error)
 
     def __repr__(self) -> str:
         ro = " ro" if self.readonly else ""
@@ -612,9 +705,21 @@ class BlockDevice:
         size_max = self.config.size_max if self.transport.has_feature(BlkF.SIZE_MAX) else 0
         if size_max and nbytes > size_max:
             raise ValueError(f"segment size {nbytes} exceeds the device's size_max {size_max}")
-        with self.queue.lock:
+        with self._all_queues():
             self.segment_bytes = nbytes
             self.max_request_bytes = min(self.max_request_bytes, self.max_segments * nbytes)
+
+    @contextmanager
+    def _all_queues(self) -> Iterator[None]:
+        """Hold every queue's lock (taken in queue order; nothing else holds two)."""
+        locks = [h.queue.lock for h in self._hctx]
+        for lock in locks:
+            lock.acquire()
+        try:
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
 
     # ------------------------------------------------------------------ submission
     def submit(
@@ -653,17 +758,48 @@ class BlockDevice:
         reqs = self._build(op, offset, length_or_data, callback, into)
         if reqs is None:
             return
+        hctx = self._hctx
+        nq = len(hctx)
+        if nq == 1:
+            groups = [(hctx[0], reqs)]
+        else:
+            # the submitting thread's queue; the parts of a split request spread over
+            # the following ones; an integrity FLUSH starts its read-back from queue 0
+            first = 0 if self.integrity and op == "flush" else self.current_queue()
+            if len(reqs) == 1:
+                reqs[0].hctx = first
+                groups = [(hctx[first], reqs)]
+            else:
+                by: dict[int, list[_Req]] = {}
+                for i, r in enumerate(reqs):
+                    r.hctx = (first + i) % nq
+                    by.setdefault(r.hctx, []).append(r)
+                groups = [(hctx[i], rs) for i, rs in by.items()]
         if self.integrity:
             self._track_submit(reqs)
-        q = self.queue
-        with q.lock:
-            err = q.failed
-            need = False
-            if err is None:
-                if self._watchers and op in _WRITE_OPS:
-                    self._watch_locked(reqs)
-                self._pending.extend(reqs)
-                need = self._dispatch_locked(kick and not q.completing)
+        writes = op in _WRITE_OPS
+        notify: list[KernelQueue] = []
+        late: list[_Req] = []
+        late_err: OSError | None = None
+        err: OSError | None = None
+        for n, (h, rs) in enumerate(groups):
+            q = h.queue
+            with q.lock:
+                e = q.failed
+                if e is None:
+                    # announced under the first queue's lock (a watcher being added
+                    # holds every queue's lock): announced, or queued before it came
+                    if not n and writes and self._watchers:
+                        self._watch_locked(reqs)
+                    h.pending.extend(rs)
+                    if self._dispatch_locked(h, kick and not q.completing):
+                        notify.append(q)
+            if e is not None:
+                if not n:
+                    err = e
+                    break
+                late += rs  # parts of a request already under way: it fails
+                late_err = e
         if err is not None:
             for r in reqs:
                 if r.tracked:
@@ -671,20 +807,24 @@ class BlockDevice:
             # Refused outright (never via the callback: a callback that resubmits on
             # error would otherwise recurse without end once the device is gone).
             raise copy_error(err)
+        for r in late:
+            r.fail(copy_error(late_err))  # type: ignore[arg-type]
         if self._rejected:
             self._fail_rejected()
-        if need:
+        for q in notify:
             q.notify()
 
     def kick(self) -> None:
-        """Publish every chain queued with ``kick=False`` (one doorbell at most)."""
-        q = self.queue
-        with q.lock:
-            if q.failed is not None or q.paused:
-                return
-            need = q.publish()
-        if need:
-            q.notify()
+        """Publish every chain queued with ``kick=False`` (one doorbell per queue at
+        most)."""
+        for h in self._hctx:
+            q = h.queue
+            with q.lock:
+                if q.failed is not None or q.paused:
+                    continue
+                need = q.publish()
+            if need:
+                q.notify()
 
     def _check_range(self, offset: int, length: int) -> None:
         if not isinstance(offset, int) or not isinstance(length, int):
@@ -705,19 +845,19 @@ class BlockDevice:
         :class:`WriteWatcher`; the block file layer's readahead keeps coherent so).
         Writes queued before are not announced: wait until :meth:`idle` to be sure
         none is left."""
-        with self.queue.lock:
+        with self._all_queues():
             if watcher not in self._watchers:
                 self._watchers = [*self._watchers, watcher]
 
     def remove_write_watcher(self, watcher: WriteWatcher) -> None:
         """Stop telling ``watcher`` (unknown watchers are ignored)."""
-        with self.queue.lock:
+        with self._all_queues():
             self._watchers = [w for w in self._watchers if w is not watcher]
 
     def _watch_locked(self, reqs: list[_Req]) -> None:
-        """Announce a write-type op about to be queued to the watchers (queue lock
-        held: a watcher added later sees it in flight) and make its completion tell
-        them too."""
+        """Announce a write-type op about to be queued to the watchers (its first
+        queue's lock held: a watcher added later sees it in flight) and make its
+        completion tell them too."""
         watchers = self._watchers
         off = reqs[0].sector * SECTOR_SIZE
         n = sum(r.nbytes or r.nsect * SECTOR_SIZE for r in reqs)
@@ -738,9 +878,12 @@ class BlockDevice:
     def idle(self) -> bool:
         """Whether no request is queued or in flight right now (the device owes
         nothing, timed-out requests included)."""
-        q = self.queue
-        with q.lock:
-            return not self._pending and not self._urgent and not q.dq.in_flight
+        for h in self._hctx:
+            q = h.queue
+            with q.lock:
+                if h.pending or (not h.index and self._urgent) or q.dq.in_flight:
+                    return False
+        return True
 
     def _build(
         self,
@@ -847,31 +990,36 @@ class BlockDevice:
         ]
 
     # ------------------------------------------------------------------ dispatch
-    def _dispatch_locked(self, publish: bool) -> bool:
-        """Move requests from the software queue into the ring while they fit (FIFO).
-        Caller holds the queue lock. Returns True if the doorbell must be rung.
-        Requests that cannot be added at all are parked in ``_rejected`` and failed by
-        :meth:`_fail_rejected` once the lock is released."""
-        pending = self._pending
-        q = self.queue
+    def _dispatch_locked(self, h: _Hctx, publish: bool) -> bool:
+        """Move requests from queue ``h``'s software queue into its ring while they fit
+        (FIFO). Caller holds ``h.queue.lock``. Returns True if the doorbell must be
+        rung. Requests that cannot be added at all are parked in ``_rejected`` and
+        failed by :meth:`_fail_rejected` once the lock is released. Journal replays
+        and integrity requests go through queue 0 only; while they are up, the other
+        queues dispatch nothing."""
+        pending = h.pending
+        q = h.queue
         dq = q.dq
         if dq.broken is not None or q.paused:
             return False  # the interrupt thread is about to reset / fail the device
-        slots = self._slots
+        slots = h.slots
         buf = self._buf
         seg_bytes = self.segment_bytes
         indirect = self._indirect
-        inline = self._inline
+        inline = h.inline
         add = q.add
+        first = not h.index
         urgent = self._urgent
         while True:
             # journal replays first, then integrity requests; while integrity work is in
             # progress (a barrier) nothing else goes
             if self._replaying:
+                if not first:
+                    break
                 src = pending
-            elif urgent:
+            elif urgent and first:
                 src = urgent
-            elif self._barriers:
+            elif self._barriers or urgent:
                 break
             else:
                 src = pending
@@ -880,7 +1028,13 @@ class BlockDevice:
             r = src[0]
             if self._replaying and (not r.replay or r.wave > self._wave):
                 break  # journaled writes first, wave by wave: later writes still win
-            if r.rtype == _FLUSH and self.integrity and not r.checked and not self._replaying:
+            if (
+                r.rtype == _FLUSH
+                and self.integrity
+                and not r.checked
+                and not self._replaying
+                and first
+            ):
                 if self._check_start(r):
                     continue  # the journal's read-back goes first, behind a barrier
             resubmit = r.slot >= 0  # back from a reset: slot and data are in place
@@ -956,32 +1110,45 @@ class BlockDevice:
             r, err = self._rejected.popleft()
             r.fail(err)
 
-    def _refill(self) -> None:
-        q = self.queue
-        with q.lock:
-            if q.failed is not None:
-                return
-            need = self._dispatch_locked(True)
-        if self._rejected:
-            self._fail_rejected()
-        if need:
-            q.notify()
+    def _refill(self, h: _Hctx | None = None) -> None:
+        """Dispatch into queue ``h`` (after a batch of its completions), then into every
+        other queue with requests waiting: the DMA pool is shared, and replays and
+        integrity work on queue 0 hold the others back (their end lets them go)."""
+        hctx = self._hctx
+        first = h if h is not None else hctx[0]
+        for g in (first, *[g for g in hctx if g is not first]):
+            if g is not first and not g.pending and (g.index or not self._urgent):
+                continue
+            q = g.queue
+            with q.lock:
+                if q.failed is not None:
+                    return
+                need = self._dispatch_locked(g, True)
+            if self._rejected:
+                self._fail_rejected()
+            if need:
+                q.notify()
 
-    def _on_failed(self, error: OSError) -> None:
-        q = self.queue
+    def _on_failed(self, h: _Hctx, error: OSError) -> None:
+        q = h.queue
         with q.lock:
-            reqs = list(self._urgent) + list(self._pending)
-            self._urgent.clear()
-            self._pending.clear()
+            reqs = list(h.pending)
+            h.pending.clear()
+            if not h.index:
+                reqs = list(self._urgent) + reqs
+                self._urgent.clear()
         for r in reqs:
             r.fail(copy_error(error))
 
-    def _on_reset(self, tokens: list[Any], error: OSError | None) -> None:
-        """The device was reset or restarted (interrupt thread; the new ring is live,
-        ``refill`` runs next). Requests that were in flight go back to the front of
-        the software queue with their slot and data buffer (a restart after a death or
-        a timeout: their callers see success), or fail with ``error`` (the device broke
-        the ring); one whose caller was told it timed out only gives its buffers back."""
+    def _on_reset(self, h: _Hctx, tokens: list[Any], error: OSError | None) -> None:
+        """The device was reset or restarted (interrupt thread; the new ring of queue
+        ``h`` is live, ``refill`` runs next; the transport calls this for every queue,
+        queue 0 first). Requests that were in flight go back to the front of their
+        software queue with their slot and data buffer (a restart after a death or a
+        timeout: their callers see success), or fail with ``error`` (the device broke
+        the ring); one whose caller was told it timed out only gives its buffers back.
+        The journal is replayed through queue 0 (built at its call), ahead of
+        everything on every queue."""
         again: list[_Req] = []
         urgent: list[_Req] = []
         for r in tokens:
@@ -996,10 +1163,13 @@ class BlockDevice:
                 if r.rtype == _FLUSH:
                     r.checked = False  # read the journal back again after the replays
                 again.append(r)
-        q = self.queue
+        q = h.queue
         with q.lock:
+            pending = h.pending
+            if h.index:  # the journal and integrity work are queue 0's
+                pending.extendleft(reversed(again))
+                return
             self._urgent.extendleft(reversed(urgent))
-            pending = self._pending
             if self.integrity:
                 for r in pending:
                     if r.rtype == _FLUSH:
@@ -1018,6 +1188,10 @@ class BlockDevice:
         touch the same 4 KiB (and every DISCARD / WRITE_ZEROES) go in later *waves*;
         a wave is dispatched once the one before it completed. A journal that
         overflowed cannot be replayed whole: the next FLUSH reports it."""
+        with self._jlock:
+            return self._replays_locked()
+
+    def _replays_locked(self) -> list[_Req]:
         if self._jlost_upto >= 0:
             self._flush_error = True
         out: list[_Req] = []
@@ -1050,6 +1224,10 @@ class BlockDevice:
 
     def _journal_add(self, r: _Req) -> None:
         """An acknowledged write (interrupt thread): remember it until a FLUSH covers it."""
+        with self._jlock:
+            self._journal_add_locked(r)
+
+    def _journal_add_locked(self, r: _Req) -> None:
         self._jseq += 1
         src = r.src
         data: bytes | memoryview | None = None
@@ -1068,6 +1246,10 @@ class BlockDevice:
 
     def _journal_trim(self, upto: int) -> None:
         """A FLUSH covering writes acknowledged up to ``upto`` completed."""
+        with self._jlock:
+            self._journal_trim_locked(upto)
+
+    def _journal_trim_locked(self, upto: int) -> None:
         j = self._journal
         while j and j[0][0] <= upto:
             _s, _t, _sec, _n, data, _z, _ns = j.popleft()
@@ -1189,11 +1371,11 @@ class BlockDevice:
     def _read_again(self, r: _Req) -> None:
         """Send read ``r`` again (its slot and buffer are in place; ``refill`` runs
         after the batch of completions)."""
-        q = self.queue
-        with q.lock:
-            err = q.failed
+        h = self._hctx[r.hctx]
+        with h.queue.lock:
+            err = h.queue.failed
             if err is None:
-                self._pending.appendleft(r)
+                h.pending.appendleft(r)
                 return
         self._finish(r, copy_error(err), None)
 
@@ -1278,13 +1460,14 @@ class BlockDevice:
         """Queue integrity requests ahead of everything else and dispatch."""
         if not reqs:
             return
-        q = self.queue
+        h = self._hctx[0]
+        q = h.queue
         with q.lock:
             err = q.failed
             need = False
             if err is None:
                 self._urgent.extend(reqs)
-                need = self._dispatch_locked(not q.completing)
+                need = self._dispatch_locked(h, not q.completing)
         if err is not None:
             for r in reqs:
                 r.fail(copy_error(err))
@@ -1399,12 +1582,12 @@ class BlockDevice:
     def _check_end(self, chk: _Check, err: OSError | None) -> None:
         """The read-back is over: the FLUSH goes (or fails with ``err``)."""
         f = chk.flush
-        q = self.queue
+        h = self._hctx[f.hctx]
         found = False
         if err is not None:
-            with q.lock:
+            with h.queue.lock:
                 try:
-                    self._pending.remove(f)
+                    h.pending.remove(f)
                     found = True
                 except ValueError:  # failed with the device already
                     pass
@@ -1491,20 +1674,21 @@ class BlockDevice:
 
     def _finish(self, r: _Req, err: OSError | None, data: bytes | None) -> None:
         if r.replay:
-            self._replaying -= 1
-            left = self._wave_left
-            left[r.wave] -= 1
-            while self._wave < len(left) and not left[self._wave]:
-                self._wave += 1  # the next wave may go
-            if err is not None:
-                self._flush_error = True  # a journaled write did not land again
+            with self._jlock:
+                self._replaying -= 1
+                left = self._wave_left
+                left[r.wave] -= 1
+                while self._wave < len(left) and not left[self._wave]:
+                    self._wave += 1  # the next wave may go
+                if err is not None:
+                    self._flush_error = True  # a journaled write did not land again
         if r.dma >= 0:
             if r.owned:
                 self._dma.free(r.dma)
                 r.owned = False
             r.dma = -1
         if r.slot >= 0:
-            self._slots.append(r.slot)  # deque.append is thread-safe
+            self._hctx[r.hctx].slots.append(r.slot)  # deque.append is thread-safe
             r.slot = -1
         if r.tracked:
             self._untrack(r, err is None)
@@ -1579,6 +1763,12 @@ class BlockDevice:
         self._wait("write_zeroes", offset, length)
 
 
+def _wanted_queues(transport: VirtioTransport) -> int:
+    """The request queues the spec asks for (``queues``; 1 when it does not say)."""
+    n = getattr(transport.spec, "queues", 1)
+    return n if isinstance(n, int) and 1 <= n <= MAX_QUEUES else 1
+
+
 class BlkDriver(VirtioDriver):
     """The virtio-blk driver: binds DeviceId.BLOCK, builds a :class:`BlockDevice`."""
 
@@ -1589,8 +1779,19 @@ class BlkDriver(VirtioDriver):
         super().__init__(transport)
         self._block: BlockDevice | None = None
 
+    @classmethod
+    def features_for(cls, transport: VirtioTransport, offered: int) -> int:
+        """:meth:`features`, plus VIRTIO_BLK_F_MQ when the spec asks for more than one
+        request queue (``kernel.Blk(..., queues=N)``)."""
+        chosen = cls.features(offered)
+        if _wanted_queues(transport) > 1:
+            chosen |= offered & bit(BlkF.MQ)
+        return chosen
+
     def probe(self) -> None:
-        """Read the config space, set up queue 0, build the block device."""
+        """Read the config space, set up the request queues (``num_queues`` of them
+        with VIRTIO_BLK_F_MQ, at most as many as asked for; else queue 0), build the
+        block device."""
         t = self.transport
         data = b""
         for size in (CONFIG_BYTES, 24, 8):
@@ -1602,8 +1803,21 @@ class BlkDriver(VirtioDriver):
         if len(data) < 8:
             raise t.probe_error("cannot read the virtio-blk config space (capacity)")
         config = BlkConfig.unpack(data)
-        q = t.setup_queue(0, t.queue_cap)
-        self._block = BlockDevice(t, q, config)
+        nq = 1
+        if t.has_feature(BlkF.MQ):
+            # §5.2.3 / §5.2.4: with VIRTIO_BLK_F_MQ, num_queues in config space is the
+            # number of request queues; it must be at least 1 and no more than the rings
+            # the device reported (GET_DEVICE_INFO). The driver uses as many as it asked
+            # for, at most that number.
+            have = config.num_queues if len(data) >= 36 else 0
+            rings = t.info.num_queues if t.info is not None else 1
+            if not 1 <= have <= rings:
+                raise t.probe_error(
+                    f"VIRTIO_BLK_F_MQ with num_queues {have} (the device has {rings} rings)"
+                )
+            nq = min(have, _wanted_queues(t))
+        queues = [t.setup_queue(i, t.queue_cap) for i in range(nq)]
+        self._block = BlockDevice(t, queues, config)
         t.on_config_change(self._config_changed)
 
     def _config_changed(self) -> None:

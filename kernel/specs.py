@@ -40,6 +40,7 @@ from hostops.process import python_argv
 from vdev.virtio import DeviceId, NetF, bit
 from vdev.virtio.faults import FaultPlan, FaultPlanError
 from vdev.virtio.net import MAX_MTU, MIN_MTU, S_LINK_UP, NetConfig, format_mac, parse_mac
+from vdev.virtio.poll import DEFAULT_POLL_US, MAX_POLL_US
 
 __all__ = [
     "DeviceSpec",
@@ -55,7 +56,11 @@ __all__ = [
     "DEFAULT_REQUEST_TIMEOUT_S",
     "DEFAULT_RESTART_BUDGET",
     "resolve_fault_plan",
+    "MAX_BLK_QUEUES",
 ]
+
+#: Most request queues of a :class:`Blk` (``queues``).
+MAX_BLK_QUEUES = 16
 
 #: ``on_device_death`` values: restart the device process (and reset a device that broke
 #: the ring or timed out), or fail the device for good (the foundation's behaviour).
@@ -68,7 +73,7 @@ DEFAULT_RESTART_BUDGET = (3, 60.0)
 
 def _check_recovery_options(who: str, spec: DeviceSpec) -> None:
     """ValueError naming the field when ``on_device_death``, ``request_timeout``,
-    ``restart_budget`` or ``faults`` is malformed."""
+    ``restart_budget``, ``poll_us``, ``device_poll_us`` or ``faults`` is malformed."""
     if spec.on_device_death not in DEATH_POLICIES:
         raise ValueError(
             f"{who}: on_device_death {spec.on_device_death!r} is not one of {DEATH_POLICIES}"
@@ -90,6 +95,14 @@ def _check_recovery_options(who: str, spec: DeviceSpec) -> None:
         raise ValueError(
             f"{who}: restart_budget {b!r} is not (max restarts >= 0, window seconds > 0)"
         )
+    for name in ("poll_us", "device_poll_us"):
+        p = getattr(spec, name)
+        if p is None and name == "device_poll_us":
+            continue
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= MAX_POLL_US:
+            raise ValueError(
+                f"{who}: {name} {p!r} is not a number of microseconds in 0..{MAX_POLL_US}"
+            )
     f = spec.faults
     if f is not None and not isinstance(f, FaultPlan | dict | str | os.PathLike):
         raise ValueError(f"{who}: faults {f!r} is not a FaultPlan, a dict or a plan file path")
@@ -115,9 +128,13 @@ def _init_recovery(
     request_timeout: float | None,
     restart_budget: tuple[int, float],
     faults: Any,
+    poll_us: float = DEFAULT_POLL_US,
+    device_poll_us: float | None = None,
 ) -> None:
-    """Set and check the recovery options of a spec with a hand-written ``__init__``
-    (a frozen dataclass with positional-only arguments)."""
+    """Set and check the recovery (and polling) options of a spec with a hand-written
+    ``__init__`` (a frozen dataclass with positional-only arguments)."""
+    object.__setattr__(spec, "poll_us", poll_us)
+    object.__setattr__(spec, "device_poll_us", device_poll_us)
     object.__setattr__(spec, "on_device_death", on_device_death)
     object.__setattr__(spec, "request_timeout", request_timeout)
     object.__setattr__(spec, "restart_budget", restart_budget)
@@ -181,6 +198,13 @@ class DeviceSpec:
     restart_budget: tuple[int, float] = field(default=DEFAULT_RESTART_BUDGET, kw_only=True)
     #: A fault plan for the device process (a FaultPlan, a dict, or a plan file).
     faults: Any = field(default=None, kw_only=True, compare=False)
+    #: Hybrid polling on the kernel side: after an interrupt, the interrupt thread
+    #: watches the used ring up to this many microseconds (an adaptive window,
+    #: :mod:`vdev.virtio.poll`) while requests are in flight; 0 turns it off.
+    poll_us: float = field(default=DEFAULT_POLL_US, kw_only=True)
+    #: Hybrid polling on the device side: ``--poll-us`` of the device process the
+    #: kernel starts (None: the device's default; 0 turns it off).
+    device_poll_us: float | None = field(default=None, kw_only=True)
 
     kind: ClassVar[str] = ""
     name_prefix: ClassVar[str] = "vd"
@@ -232,6 +256,8 @@ class DeviceSpec:
         if not self.kind:
             raise TypeError(f"{type(self).__name__} does not name a device kind")
         extra: list[str] = []
+        if self.device_poll_us is not None:
+            extra += ["--poll-us", f"{self.device_poll_us:g}"]
         if faults_file is not None:
             extra += ["--faults", faults_file]
             if faults_state is not None:
@@ -269,6 +295,11 @@ class Blk(DeviceSpec):
     the FLUSH goes out. It costs a CRC per 512 bytes read or written, about 150 bytes
     of memory per written sector (at most ``kernel.blk.INTEGRITY_MAX_SECTORS``), and
     an fsync reads back everything written since the previous one.
+
+    ``queues`` (default 1, at most :data:`MAX_BLK_QUEUES`): request queues. With more
+    than one the device is started with ``--num-queues N`` and offers
+    VIRTIO_BLK_F_MQ; the driver takes it and spreads requests over the queues by
+    submitting thread (:meth:`kernel.blk.BlockDevice.current_queue`).
     """
 
     path: str | None = None
@@ -276,6 +307,7 @@ class Blk(DeviceSpec):
     queue_size: int = 128
     memory_size: int | None = None
     integrity: bool = field(default=False, kw_only=True)
+    queues: int = field(default=1, kw_only=True)
 
     kind: ClassVar[str] = "blk"
     name_prefix: ClassVar[str] = "vd"
@@ -294,6 +326,11 @@ class Blk(DeviceSpec):
         _check_queue_size("Blk", self.queue_size)
         if not isinstance(self.integrity, bool):
             raise ValueError(f"Blk: integrity {self.integrity!r} is not True or False")
+        n = self.queues
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"Blk: queues must be an int, got {type(n).__name__} {n!r}")
+        if not 1 <= n <= MAX_BLK_QUEUES:
+            raise ValueError(f"Blk: queues {n} is not in 1..{MAX_BLK_QUEUES}")
 
     @classmethod
     def memory(
@@ -311,7 +348,8 @@ class Blk(DeviceSpec):
         return self.path is not None
 
     def device_args(self) -> list[str]:
-        """``--image PATH`` or ``--memory SIZE``, then ``[--readonly] --queue-size N``."""
+        """``--image PATH`` or ``--memory SIZE``, then ``[--readonly] --queue-size N``
+        and, with several queues, ``--num-queues N``."""
         if self.path is not None:
             args = ["--image", os.fspath(self.path)]
         else:
@@ -319,7 +357,19 @@ class Blk(DeviceSpec):
         if self.readonly:
             args.append("--readonly")
         args += ["--queue-size", str(self.queue_size)]
+        if self.queues > 1:
+            args += ["--num-queues", str(self.queues)]
         return args
+
+    def dma_bytes(self, queue_size: int) -> int | None:
+        """The default pool, plus for each further queue eight times its inline pages
+        (the driver gives a queue inline pages while they take at most an eighth of the
+        pool) and its request slots; None with one queue (the transport's default)."""
+        if self.queues == 1:
+            return None
+        from .transport import DEFAULT_DMA_BYTES
+
+        return DEFAULT_DMA_BYTES + (self.queues - 1) * queue_size * (8 * 4096 + 1024)
 
 
 @dataclass(frozen=True)
@@ -618,9 +668,20 @@ class Custom(DeviceSpec):
         request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S,
         restart_budget: tuple[int, float] = DEFAULT_RESTART_BUDGET,
         faults: Any = None,
+        poll_us: float = DEFAULT_POLL_US,
+        device_poll_us: float | None = None,
         **options: Any,
     ) -> None:
-        _init_recovery(self, "Custom", on_device_death, request_timeout, restart_budget, faults)
+        _init_recovery(
+            self,
+            "Custom",
+            on_device_death,
+            request_timeout,
+            restart_budget,
+            faults,
+            poll_us,
+            device_poll_us,
+        )
         if not isinstance(device, str) or not (
             _KIND_NAME.match(device) or _CLASS_PATH.match(device)
         ):
@@ -722,8 +783,11 @@ class Attach(DeviceSpec):
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT_S,
         ip: str = "10.0.0.2/24",
         gateway: str | None = None,
+        poll_us: float = DEFAULT_POLL_US,
     ) -> None:
-        _init_recovery(self, "Attach", on_device_death, request_timeout, restart_budget, None)
+        _init_recovery(
+            self, "Attach", on_device_death, request_timeout, restart_budget, None, poll_us
+        )
         if not isinstance(endpoint, str) or not endpoint.startswith("ipc://"):
             raise ValueError(f"Attach: endpoint {endpoint!r} is not an ipc:// endpoint")
         path = endpoint[len("ipc://") :]

@@ -56,6 +56,18 @@ driver's software queue dispatches into the room just freed). Index 0xFFFF
 (``CONFIG_CHANGE``) runs the config-change hooks (a transport may check the device
 status first).
 
+Hybrid polling (:mod:`vdev.virtio.poll`, ``spec.poll_us``; 0 turns it off): after an
+interrupt the thread reaps the queue but leaves its interrupts off
+(``service_queue(arm=False)``) and, on its next rounds, watches the used ring for the
+adaptive window (:meth:`VirtioTransport._busy_poll`; the poller is looked at without
+sleeping between rounds, so a dying device or a config change is still noticed); a
+caller woken by the last completion typically submits again within the window and
+its completion needs no interrupt. When the window ends empty the queue is armed --
+reaped again with interrupts re-enabled and re-checked -- and only then does the
+thread sleep; the first interrupt after that, or a long idle sleep, teaches the window.
+:attr:`KernelQueue.pollable` leaves a queue out; :meth:`VirtioTransport.wait_armed`
+waits until every queue is armed (the state a driver at rest must leave its rings in).
+
 Tracing
 -------
 With a :class:`~vdev.virtio.trace.Tracer` set on the transport before its queues are
@@ -136,7 +148,7 @@ from hostops.errors import TransportError
 from hostops.poll import Pollable, Poller, Waker
 from hostops.rundir import RuntimeDir
 from hostops.shm import PageAllocator
-from hostops.sync import Condition, Event, Lock, current_thread_name, start_thread
+from hostops.sync import Condition, Event, Lock, current_thread_name, relax, start_thread
 from vdev.virtio import (
     DeviceSpecError,
     DriverQueue,
@@ -149,6 +161,7 @@ from vdev.virtio import (
     feature_names,
 )
 from vdev.virtio.control import CONFIG_CHANGE
+from vdev.virtio.poll import PollWindow
 from vdev.virtio.trace import (
     FRAME_CAP,
     Tracer,
@@ -339,6 +352,10 @@ class KernelQueue:
         self.watch_used = False
         #: Completions found by the periodic check, their interrupt never came.
         self.lost_interrupts_recovered = 0
+        #: Hybrid polling: after an interrupt, the interrupt thread may watch this
+        #: queue's used ring (interrupts left off) while chains are in flight; a driver
+        #: sets False where the wait for completions is not worth a core.
+        self.pollable = True
         self._seen: list[tuple[Any, float] | None] = [None] * self.size
         self._lost_mark = -1  # used.idx at the last tick that saw unreaped entries
         #: The queue's tracer (None: not traced); see :meth:`enable_trace`.
@@ -573,6 +590,15 @@ class VirtioTransport:
         self._recovered = Condition(Lock())
         self._budget_log: list[float] = []  # monotonic times of recent recoveries
         self._next_tick: float | None = None
+        #: Hybrid polling on the interrupt thread (:mod:`vdev.virtio.poll`): the
+        #: adaptive window after an interrupt (``spec.poll_us`` its bound; 0: off).
+        self.poll = PollWindow(spec.poll_us)
+        self._polling = self.poll.enabled
+        # queues reaped with interrupts left off, to be polled then armed
+        self._unarmed: dict[int, KernelQueue] = {}
+        self._armed_at = 0.0  # when the interrupt thread last armed (0: not measuring)
+        self._armed = Condition(Lock())  # wait_armed() waits on it
+        self._armed_waiters = 0
 
     # ------------------------------------------------------------------ properties
     @property
@@ -768,11 +794,17 @@ class VirtioTransport:
                     sources = self._irq_sources()
                     for src in sources:
                         poller.register(src)
-                ready = poller.poll(self._poll_timeout())
+                timeout = 0.0 if self._unarmed else self._poll_timeout()
+                ready = poller.poll(timeout)
                 if self._stopping:
                     break
                 if waker in ready:
                     waker.drain()
+                if self._armed_at and not ready and timeout:
+                    # woke armed with nothing to do: a long sleep says the device is idle
+                    now = monotonic()
+                    if self.poll.slept(now - self._armed_at, work=False):
+                        self._armed_at = now
                 indices, gone = self._collect_interrupts(ready)
                 if indices:
                     self._interrupt(indices)
@@ -782,7 +814,14 @@ class VirtioTransport:
                         self._next_tick = now + TICK_S
                         self._tick(now)
                 if gone is None and self._recovery_req is None:
+                    if self._unarmed:
+                        self._busy_poll()
                     continue
+                # the queues are rebuilt (armed) by a recovery, or gone
+                self._unarmed.clear()
+                if self._armed_waiters:
+                    with self._armed:
+                        self._armed.notify_all()
                 # a recovery may replace the sources (a new process): let go of them
                 for src in sources:
                     try:
@@ -801,11 +840,66 @@ class VirtioTransport:
             crash = f"{self.name}: interrupt handler crashed"
             self.fail(io_error(errno.EIO, crash, culprit="device-gone"))
         finally:
+            self._unarmed.clear()  # the thread is gone: nobody polls
+            with self._armed:
+                self._armed.notify_all()
             for src in (*sources, waker):
                 try:
                     poller.unregister(src)
                 except Exception:
                     pass
+
+    def _busy_poll(self) -> None:
+        """Hybrid polling (interrupt thread): watch the used rings of the queues reaped
+        with interrupts left off, for up to the poll window (a caller woken by the last
+        completion typically submits again within it); what arrives is reaped (still
+        unarmed) and the loop goes round once more (its sources looked at without
+        sleeping). When the window ends empty -- or a queue is being reset or broken --
+        the queue is armed: reaped once more with interrupts re-enabled and re-checked
+        (§2.7.10), so nothing completed in between is stranded; only then does the
+        thread sleep."""
+        unarmed = self._unarmed
+        for i, q in list(unarmed.items()):
+            if q.paused or q.dq.broken is not None:
+                del unarmed[i]
+                self.service_queue(q)  # arm (and reap what came meanwhile)
+        pw = self.poll
+        window = pw.window
+        if unarmed and window and self.failed is None:
+            queues = list(unarmed.values())
+            start = now = monotonic()
+            deadline = start + window
+            while now < deadline and self._recovery_req is None and not self._stopping:
+                hit = [q for q in queues if q.dq.has_used()]
+                if hit:
+                    pw.hit(monotonic() - start)
+                    for q in hit:
+                        self.service_queue(q, arm=False)
+                    return
+                relax()
+                now = monotonic()
+            else:
+                pw.miss(now - start)
+        for q in unarmed.values():
+            self.service_queue(q)
+        unarmed.clear()
+        self._armed_at = monotonic()
+        if self._armed_waiters:
+            with self._armed:
+                self._armed.notify_all()
+
+    def wait_armed(self, timeout_s: float | None = None) -> bool:
+        """Wait until the interrupt thread polls no queue any more -- every queue has
+        interrupts armed (§2.7.10), as a driver at rest must -- for at most
+        ``timeout_s`` seconds (None: no limit); True if so. Hybrid polling leaves a
+        queue unarmed for up to one poll window after its last completion: what
+        inspects the rings at rest (tests, ring views) waits for this first."""
+        with self._armed:
+            self._armed_waiters += 1
+            try:
+                return self._armed.wait_for(lambda: not self._unarmed, timeout_s)
+            finally:
+                self._armed_waiters -= 1
 
     def _poll_timeout(self) -> float:
         """:data:`TICK_S` (at most) while a watched queue has chains in flight, else
@@ -911,18 +1005,34 @@ class VirtioTransport:
                     self.tracer.emit("config")
                 self._config_changed()
             elif 0 <= i < nq and self.queues[i] is not None:
-                self.service_queue(self.queues[i], interrupt=True)
+                q = self.queues[i]
+                if self._polling and q.pollable:
+                    if self._armed_at:  # the first interrupt since arming: learn
+                        self.poll.slept(monotonic() - self._armed_at, work=True)
+                        self._armed_at = 0.0
+                    if self.poll.window:
+                        self.service_queue(q, interrupt=True, arm=False)
+                        self._unarmed[i] = q  # _busy_poll watches it or arms it
+                        continue
+                    self.service_queue(q, interrupt=True)
+                    self._armed_at = monotonic()
+                else:
+                    self.service_queue(q, interrupt=True)
             else:
                 self.spurious_interrupts += 1
 
-    def service_queue(self, q: KernelQueue, *, interrupt: bool = False) -> int:
+    def service_queue(self, q: KernelQueue, *, interrupt: bool = False, arm: bool = True) -> int:
         """Reap queue ``q`` (disable → reap → re-enable → re-check), then run the
         completions and the queue's ``refill`` hook outside the lock. Returns how many
-        requests completed. Runs on the interrupt thread (or by a poller)."""
+        requests completed. Runs on the interrupt thread (or by a poller).
+
+        ``arm=False`` (hybrid polling, interrupt thread only): reap what is there and
+        leave interrupts off; the caller must arm the queue -- call again with ``arm``
+        -- before it sleeps."""
         if q.paused:  # being reset: its chains are off the ring
             return 0
         if q.tracer is not None:  # the one test per batch that tracing costs
-            return self._service_queue_traced(q, interrupt)
+            return self._service_queue_traced(q, interrupt, arm)
         dq = q.dq
         batch: list[tuple[Any, int]] = []
         with q.lock:
@@ -935,7 +1045,7 @@ class VirtioTransport:
                 # (leaving early would strand used entries behind a stale used_event).
                 for _ in range(dq.size + 1):
                     batch += dq.get_used()
-                    if dq.broken is not None or not dq.enable_interrupts():
+                    if dq.broken is not None or not arm or not dq.enable_interrupts():
                         break
             except DeviceSpecError:
                 pass
@@ -976,7 +1086,7 @@ class VirtioTransport:
                 log.exception("%s: queue refill failed", self.name)
         return len(batch)
 
-    def _service_queue_traced(self, q: KernelQueue, interrupt: bool) -> int:
+    def _service_queue_traced(self, q: KernelQueue, interrupt: bool, arm: bool = True) -> int:
         """:meth:`service_queue` with ``irq_recv``, one ``reap`` event per entry and
         ``irq_mode`` (what it writes to used_event / avail.flags) -- the same reaping,
         the same order; the payload is read before the completion callback frees its
@@ -999,7 +1109,7 @@ class VirtioTransport:
                     tracer.emit("irq_mode", q.index, on=False, flags=1)
                 for _ in range(dq.size + 1):  # bounded as in service_queue
                     batch += dq.get_used()
-                    if dq.broken is not None:
+                    if dq.broken is not None or not arm:
                         break
                     more = dq.enable_interrupts()
                     if dq.event_idx:

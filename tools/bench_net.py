@@ -33,6 +33,10 @@ Kicks and interrupts per packet count *frames on the ring*: a TSO super-frame is
 The ``stages`` table of the TCP rows gives the CPU time each process spent per MiB
 received.
 
+``poll="off"`` (``vlab bench net --poll off``) boots every kernel -- this one and the
+peer's -- with hybrid polling off on both sides of each ring (``poll_us=0``,
+``device_poll_us=0``); the default leaves it on.
+
 This is a benchmark, not a test: it prints numbers and never judges them.
 """
 
@@ -52,6 +56,19 @@ from tools.errors import CliError
 from tools.table import render_table
 
 __all__ = ["NetRow", "SIZES", "TCP_ROWS", "run_net"]
+
+#: Environment variable that carries ``--poll off`` to the peer process.
+POLL_ENV = "VLAB_BENCH_POLL"
+
+
+def _net_spec(**kw: Any) -> Any:
+    """``kernel.Net(**kw)`` with the run's polling setting (:data:`POLL_ENV`)."""
+    import kernel
+
+    if os.environ.get(POLL_ENV) == "off":
+        kw.update(poll_us=0, device_poll_us=0)
+    return kernel.Net(**kw)
+
 
 #: Payload sizes of the rows (bytes).
 SIZES = (64, 256, 1024, 4096, 16384, 65507)
@@ -168,7 +185,7 @@ def _peer_virtio(switch: str) -> None:
 
     import kernel
 
-    spec = kernel.Net(backend="switch", switch=switch, ip="10.0.0.2/24", mtu=BENCH_MTU)
+    spec = _net_spec(backend="switch", switch=switch, ip="10.0.0.2/24", mtu=BENCH_MTU)
     with kernel.boot(devices=[spec]) as k:
         fd = k.sys.socket(2, 2)
         k.sys.setsockopt(fd, 1, 8, 8 << 20)  # SOL_SOCKET, SO_RCVBUF
@@ -253,7 +270,7 @@ def _peer_virtio_tcp(switch: str) -> None:
     import kernel
     from kernel.files import SOCK_STREAM
 
-    spec = kernel.Net(backend="switch", switch=switch, ip="10.0.0.2/24", mtu=TCP_MTU)
+    spec = _net_spec(backend="switch", switch=switch, ip="10.0.0.2/24", mtu=TCP_MTU)
     with kernel.boot(devices=[spec]) as k:
         lfd = k.sys.socket(type=SOCK_STREAM)
         k.sys.bind(lfd, ("0.0.0.0", TCP_PORT))
@@ -503,7 +520,7 @@ def _run_tcp(
             for name, size, offload in rows_wanted:
                 if offload not in kernels:
                     ip = "10.0.0.1/24" if offload else "10.0.0.3/24"
-                    spec = kernel.Net(
+                    spec = _net_spec(
                         backend="switch", switch=switch_ep, ip=ip, mtu=TCP_MTU, offload=offload
                     )
                     kernels[offload] = kernel.boot(devices=[spec])
@@ -543,13 +560,37 @@ def run_net(
     stages_table: bool = False,
     tcp: bool = False,
     profile: str | None = None,
+    poll: str = "on",
 ) -> int:
     """Run the UDP_STREAM rows -- or, with ``tcp``, the TCP_STREAM rows
     (:data:`TCP_ROWS`) -- and print them (with ``stages_table``, also the CPU time each
     process on the virtio path spent per received packet, or per MiB for TCP); returns
     the exit status. With ``profile`` (a directory), py-spy records every process on the
     virtio path while the virtio rows run (:mod:`tools.profile`) and a last line names
-    the directory."""
+    the directory. ``poll`` ``"off"`` turns hybrid polling off in every kernel and
+    device of the run."""
+    if poll not in ("on", "off"):
+        raise CliError(f"--poll {poll!r}: bench net takes on or off", 2)
+    old = os.environ.get(POLL_ENV)
+    os.environ[POLL_ENV] = poll  # this process's kernels and, inherited, the peer's
+    try:
+        return _run_net(seconds, as_json, plot, only, stages_table, tcp, profile)
+    finally:
+        if old is None:
+            os.environ.pop(POLL_ENV, None)
+        else:
+            os.environ[POLL_ENV] = old
+
+
+def _run_net(
+    seconds: float,
+    as_json: bool,
+    plot: str | None,
+    only: list[str] | None,
+    stages_table: bool,
+    tcp: bool,
+    profile: str | None,
+) -> int:
     if tcp:
         return _run_net_tcp(seconds, as_json, plot, only, stages_table, profile)
     picked = _select([f"udp-{n}" for n in SIZES], only)
@@ -562,7 +603,7 @@ def run_net(
     rows: list[NetRow] = []
     stage_rows: list[list[Any]] = []
     with _bench_switch() as (switch_ep, switch_pid):
-        spec = kernel.Net(backend="switch", switch=switch_ep, ip="10.0.0.1/24", mtu=BENCH_MTU)
+        spec = _net_spec(backend="switch", switch=switch_ep, ip="10.0.0.1/24", mtu=BENCH_MTU)
         with kernel.boot(devices=[spec]) as k:
             vpeer = _Peer("virtio", switch_ep)
             npeer = _Peer("native")

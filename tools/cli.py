@@ -101,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.add_argument(
+        "--queues",
+        type=int,
+        default=1,
+        metavar="N",
+        help="blk: request queues of the disk, 1..16 (VIRTIO_BLK_F_MQ; the depth-32 rows "
+        "then submit from N threads; default 1)",
+    )
+    b.add_argument(
+        "--poll",
+        choices=("on", "off", "both"),
+        default="on",
+        help="hybrid polling in the kernels and devices (on: the default; off: every wait "
+        "is a doorbell; blk only: both, each row with polling on and off)",
+    )
+    b.add_argument(
         "--only",
         action="append",
         default=None,
@@ -116,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--stages",
         action="store_true",
-        help="net: also print the CPU time per packet of each process on the virtio path",
+        help="blk, net: also print the CPU time per request (blk) or packet (net) of each "
+        "process on the virtio path",
     )
     b.add_argument(
         "--profile",
@@ -348,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise CliError("bench trace-cost: --plot, --tcp and --stages are for net", 2)
                 if args.profile is not None:
                     raise CliError("bench trace-cost: --profile is for bench blk and net", 2)
+                if args.queues != 1 or args.poll != "on":
+                    raise CliError("bench trace-cost: --queues and --poll are for bench blk", 2)
                 return trace_cost.run_trace_cost(
                     before=args.before,
                     rounds=args.rounds,
@@ -361,6 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 if args.image:
                     raise CliError("bench net: --image is for bench blk", 2)
+                if args.queues != 1:
+                    raise CliError("bench net: --queues is for bench blk", 2)
+                if args.poll == "both":
+                    raise CliError("bench net: --poll takes on or off (both is for bench blk)", 2)
                 return bench_net.run_net(
                     seconds=args.seconds,
                     as_json=args.json,
@@ -369,17 +391,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     stages_table=args.stages,
                     tcp=args.tcp,
                     profile=args.profile,
+                    poll=args.poll,
                 )
             from tools import bench
 
-            if args.plot or args.tcp or args.stages:
-                raise CliError("bench blk: --plot, --tcp and --stages are for bench net", 2)
+            if args.plot or args.tcp:
+                raise CliError("bench blk: --plot and --tcp are for bench net", 2)
             return bench.run_blk(
                 image=args.image,
                 seconds=args.seconds,
                 as_json=args.json,
                 only=args.only,
                 profile=args.profile,
+                queues=args.queues,
+                poll=args.poll,
+                stages=args.stages,
             )
         if args.command == "vm":
             from tools import vm

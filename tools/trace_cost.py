@@ -122,11 +122,11 @@ def round_order(r: int) -> tuple[str, ...]:
 
 def pick_rows(stdout: str, wanted: Sequence[str], what: str) -> dict[str, tuple[str, float]]:
     """``{row: (unit, virtio)}`` for the ``wanted`` rows from a ``vlab bench --json``
-    output (its last ``{"rows": ...}`` line); a missing row or a malformed output
-    raises :class:`CliError` naming ``what`` ran."""
+    output (its last JSON object line with ``"rows"``); a missing row or a malformed
+    output raises :class:`CliError` naming ``what`` ran."""
     doc: Any = None
     for line in reversed(stdout.splitlines()):
-        if line.startswith('{"rows"'):
+        if line.startswith("{") and '"rows"' in line:
             try:
                 doc = json.loads(line)
             except ValueError:

@@ -61,25 +61,29 @@ def serve(
     control: str | None = None,
     vhost_user: str | None = None,
     shm_by_name: bool = False,
+    poll_us: float | None = None,
 ) -> int:
     """Serve ``device`` in this process until SIGTERM (or the parent's death) and return
     the exit status: over ZeroMQ with the control channel bound at ``control``
     (``ipc://...``, what ``kernel.boot`` gives a device process; ``shm_by_name``: a
     device started by hand that ``kernel.Attach(control)`` connects to, as
     ``--shm-by-name``), or as a vhost-user back-end listening on the Unix socket
-    ``vhost_user`` (for QEMU). Exactly one of the two; ValueError otherwise."""
+    ``vhost_user`` (for QEMU). Exactly one of the two; ValueError otherwise.
+    ``poll_us`` bounds the device's hybrid-polling window (0: off; default
+    :data:`vdev.virtio.poll.DEFAULT_POLL_US`)."""
     if (control is None) == (vhost_user is None):
         raise ValueError("serve: give exactly one of control= or vhost_user=")
     if shm_by_name and vhost_user is not None:
         raise ValueError("serve: shm_by_name is for control=, not vhost_user=")
+    kw: dict[str, Any] = {} if poll_us is None else {"poll_us": poll_us}
     if vhost_user is not None:
         from .vhost_user import serve as serve_vhost_user
 
-        return serve_vhost_user(device, vhost_user)
+        return serve_vhost_user(device, vhost_user, **kw)
     from .runtime import serve as serve_zmq
 
     assert control is not None
-    return serve_zmq(device, control, shm_by_name=shm_by_name)
+    return serve_zmq(device, control, shm_by_name=shm_by_name, **kw)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,9 @@
 """``python -m vdev KIND ...``: run one device process.
 
-    python -m vdev blk --image PATH [--readonly] [--queue-size N] --control ENDPOINT
-    python -m vdev blk --memory SIZE [--readonly] [--queue-size N] --control ENDPOINT
+    python -m vdev blk --image PATH [--readonly] [--queue-size N] [--num-queues N]
+                       --control ENDPOINT
+    python -m vdev blk --memory SIZE [--readonly] [--queue-size N] [--num-queues N]
+                       --control ENDPOINT
     python -m vdev blk --image PATH ... --vhost-user SOCKET_PATH
     python -m vdev net --backend NAME [backend options] [--mac MAC] [--mtu N]
                        [--queue-size N] (--control ENDPOINT | --vhost-user SOCKET_PATH)
@@ -13,6 +15,9 @@ Any kind other than ``blk``, ``net`` and ``switch`` is looked up in
 kinds registered at run time) or, given as ``pkg.module:Class``, imported directly; its
 options come from the kind's options hook and build the device (``--seed 7`` →
 ``RngDevice(seed=7)``). An unknown kind or class is one line on stderr, exit 2.
+
+``blk --num-queues N`` (1..16, default 1) gives the disk N request queues and offers
+VIRTIO_BLK_F_MQ when N > 1 (§5.2.3; ``num_queues`` in config space).
 
 ``net`` serves virtio-net (:mod:`vdev.net`) over the backend NAME: ``loopback`` (every
 frame sent comes back), ``pcap`` (``--record PATH`` and/or ``--replay PATH
@@ -46,6 +51,11 @@ and ``--faults-device NAME`` (the name the plan's ``device`` filter matches). Th
 in use is logged at start (and traced as a ``proc`` ``faults`` event). No traceback
 unless ``VLAB_DEBUG=1``.
 
+Every kind takes ``--poll-us US``: after draining a ring the device watches it up to
+that many microseconds (an adaptive window, :mod:`vdev.virtio.poll`) before it arms
+notifications and sleeps, so a driver that submits again quickly needs no doorbell;
+``0`` turns hybrid polling off (default :data:`vdev.virtio.poll.DEFAULT_POLL_US`).
+
 This module stays cheap to import: the device and runtime are imported after the
 arguments have been parsed.
 """
@@ -60,6 +70,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vdev.virtio.constants import MAX_QUEUE_SIZE
+from vdev.virtio.poll import DEFAULT_POLL_US, MAX_POLL_US
 from vdev.virtio.units import parse_size
 
 if TYPE_CHECKING:
@@ -92,6 +103,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _num_queues(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= n <= 16:
+        raise argparse.ArgumentTypeError(f"{n} queues: not in 1..16")
+    return n
+
+
 def _queue_size(text: str) -> int:
     try:
         n = int(text)
@@ -102,6 +123,18 @@ def _queue_size(text: str) -> int:
             f"queue size {n} is not a power of two in 1..{MAX_QUEUE_SIZE}"
         )
     return n
+
+
+def _poll_us(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_POLL_US:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of microseconds in 0..{MAX_POLL_US}"
+        )
+    return value
 
 
 def _endpoint(text: str) -> str:
@@ -152,6 +185,13 @@ def build_parser(net_backends: dict[str, BackendSpec] | None = None) -> argparse
         type=_queue_size,
         default=256,
         help="largest queue size the driver may use (power of two, default 256)",
+    )
+    blk.add_argument(
+        "--num-queues",
+        metavar="N",
+        type=_num_queues,
+        default=1,
+        help="request queues, 1..16 (default 1; more offer VIRTIO_BLK_F_MQ)",
     )
     _add_transport(blk)
     _add_net(sub, net_backends)
@@ -228,6 +268,14 @@ def _add_transport(kind: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --control: a device started by hand for a kernel to attach to "
         "(kernel.Attach(ENDPOINT)): map memory by POSIX shm name, report the pid",
+    )
+    kind.add_argument(
+        "--poll-us",
+        metavar="US",
+        type=_poll_us,
+        default=DEFAULT_POLL_US,
+        help="hybrid polling: watch a drained ring up to this many microseconds before "
+        f"sleeping (adaptive; 0 turns it off; default {DEFAULT_POLL_US})",
     )
     faults = kind.add_argument_group("fault injection (docs/faults.md)")
     faults.add_argument(
@@ -313,7 +361,7 @@ def _open_blk(args: argparse.Namespace) -> BlkDevice:
             backend = RawFileBackend(path, readonly=args.readonly)
         except OSError as e:
             raise UsageFailure(f"{PROG} blk: cannot open image {path}: {e.strerror}") from None
-    return BlkDevice(backend, queue_size=args.queue_size)
+    return BlkDevice(backend, queue_size=args.queue_size, num_queues=args.num_queues)
 
 
 def _physical_memory() -> int:
@@ -447,22 +495,17 @@ def _serve(
 ) -> int:
     """Serve ``device`` over the transport the command line chose (under ``injector``'s
     fault plan, if any)."""
-    from vdev import serve
-
+    kw: dict[str, Any] = {"poll_us": args.poll_us}
+    if injector is not None:
+        kw["injector"] = injector
     try:
-        if getattr(args, "shm_by_name", False):
-            from vdev.runtime import serve as serve_attachable
-
-            return serve_attachable(device, args.control, injector=injector, shm_by_name=True)
-        if injector is None:
-            return serve(device, control=args.control, vhost_user=args.vhost_user)
         if args.vhost_user is not None:
             from vdev.vhost_user import serve as serve_vhost_user
 
-            return serve_vhost_user(device, args.vhost_user, injector=injector)
+            return serve_vhost_user(device, args.vhost_user, **kw)
         from vdev.runtime import serve as serve_zmq
 
-        return serve_zmq(device, args.control, injector=injector)
+        return serve_zmq(device, args.control, shm_by_name=args.shm_by_name, **kw)
     except Exception as e:
         if debug:
             raise

@@ -73,6 +73,12 @@ console waits for a key press; an entropy source may wait for its pool. Such a d
   the driver never sees part of the batch (a frame spread over several receive buffers
   with virtio-net's MRG_RXBUF must appear whole, §5.1.6.4). Checked as ``complete()``
   checks one chain, all before anything is pushed.
+* :meth:`Device.pull_available` ``(queue)`` serves ``queue`` at once: the chains the
+  driver has made available since the last drain go through ``handle()`` now, kick or
+  no kick. A device that needs a buffer *now* -- a network card with a frame to
+  deliver and no receive buffer kept -- asks for them instead of waiting: a driver
+  does not kick for buffers a polling device is expected to see (hybrid polling,
+  :mod:`vdev.virtio.poll`), and even with kicks the frame may be ahead of the kick.
 * :meth:`Device.watch` ``(source, callback)`` calls ``callback()`` on the runtime's loop
   whenever ``source`` is readable: an int fd, an object with ``fileno()``, or a hostops
   pollable (anything with ``_pollable()``, e.g. a ZeroMQ socket wrapper). It is
@@ -288,6 +294,10 @@ class DeviceHost(Protocol):
 
     def kept(self, queue: int) -> int:
         """How many chains of ``queue`` are kept."""
+        ...
+
+    def pull_available(self, queue: int) -> int:
+        """Serve ``queue``'s available chains now; how many went to ``handle()``."""
         ...
 
     def watch(self, source: Any, callback: Callable[[], None]) -> None:
@@ -520,6 +530,24 @@ class Device:
         if host is None:
             raise UsageError(f"{self!r} is not attached to a runtime: nothing to complete")
         host.complete_many(queue, completions)
+
+    def pull_available(self, queue: int) -> int:
+        """Serve ``queue`` now: the chains the driver has made available since the last
+        drain go through :meth:`handle` at once (a chain kept there counts), as a kick
+        would have them -- for a device that needs a buffer *now* (see "Devices that
+        are not request/response"). Returns how many chains were served; 0 when
+        ``queue`` is not running, broken, being drained at this moment (the drain in
+        progress takes them) or has nothing available. At most the device's budget of
+        chains; a ring with more left is served in the loop's next round.
+
+        Raises :class:`~vdev.virtio.errors.UsageError` for a queue that does not exist.
+        """
+        host = self._session
+        if host is None:
+            if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
+                raise UsageError(f"queue {queue!r} does not exist ({self.num_queues} queues)")
+            return 0
+        return host.pull_available(queue)
 
     def kept(self, queue: int) -> int:
         """How many chains of ``queue`` the device keeps now (returned :data:`PENDING`

@@ -76,8 +76,10 @@ completed with one :meth:`~vdev.Device.complete_many`, so ``used.idx`` moves onc
 the driver (Linux reads ``num_buffers`` from the first buffer and takes the others
 from the used ring at once) never sees part of a frame; without it a frame that does
 not fit the next buffer is dropped (``rx_dropped_too_big``) and the buffer stays for
-the next frame, ``num_buffers`` is 1. No buffer (or not enough for a merged frame) →
-the frame is dropped (``rx_dropped_no_buffer``) and ``receive`` returns False. Nothing
+the next frame, ``num_buffers`` is 1. No buffer (or not enough for a merged frame)
+even after taking what the driver posted since the receive queue was last drained
+(:meth:`~vdev.Device.pull_available`: no kick is needed for them) → the frame is
+dropped (``rx_dropped_no_buffer``) and ``receive`` returns False. Nothing
 ever waits and nothing grows: the only queue is the driver's own buffers (at most the
 queue size). A backend that ran out of buffers and stopped reading (back-pressure) is
 told when the driver posts one again (its ``resume_rx()``). With the
@@ -468,6 +470,13 @@ class NetDevice(Device):
     # ------------------------------------------------------------------ FrameSink
     def rx_buffers_available(self) -> bool:
         """True if the driver has posted receive buffers not used yet."""
+        return bool(self._rx) or self._pull_rx()
+
+    def _pull_rx(self) -> bool:
+        """Take the receive buffers the driver posted since the receive queue was last
+        drained -- a driver need not kick for them (a polling device is expected to
+        look, :meth:`~vdev.Device.pull_available`); True if any are kept now."""
+        self.pull_available(RX_QUEUE)
         return bool(self._rx)
 
     @property
@@ -505,7 +514,7 @@ class NetDevice(Device):
         if not self.link_up:
             m.inc("rx_dropped_link_down")
             return False
-        if not self._rx:  # the common drop: check before doing any work on the frame
+        if not self._rx and not self._pull_rx():  # the common drop: check before any work
             m.inc("rx_dropped_no_buffer")
             return False
         frames = self._shape_rx(hdr, frame)
@@ -692,7 +701,7 @@ class NetDevice(Device):
             m.inc("rx_dropped_over_mtu")  # §5.1.4.1
             return False
         rx = self._rx
-        if not rx:
+        if not rx and not self._pull_rx():
             m.inc("rx_dropped_no_buffer")
             return False
         total = NET_HDR_SIZE + n
@@ -705,12 +714,15 @@ class NetDevice(Device):
             self._fill(chain, hdr, frame, 0, n)
             self.complete(RX_QUEUE, chain, total)
         else:
-            need = total
-            count = 0
-            for chain in rx:  # bounded: at most the queue size is kept
-                count += 1
-                need -= chain.writable_len
-                if need <= 0:
+            for attempt in (0, 1):  # the second time with the buffers posted meanwhile
+                need = total
+                count = 0
+                for chain in rx:  # bounded: at most the queue size is kept
+                    count += 1
+                    need -= chain.writable_len
+                    if need <= 0:
+                        break
+                if need <= 0 or attempt or not self.pull_available(RX_QUEUE):
                     break
             if need > 0:
                 m.inc("rx_dropped_no_buffer")

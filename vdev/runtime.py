@@ -127,6 +127,7 @@ from vdev.virtio.control import (
 )
 from vdev.virtio.errors import AddressError, ProtocolError, UsageError
 from vdev.virtio.memory import FlatMemory
+from vdev.virtio.poll import DEFAULT_POLL_US
 from vdev.virtio.ring import RingLayout
 from vdev.virtio.status import describe_status, next_status
 
@@ -204,8 +205,9 @@ class DeviceRuntime:
     :func:`hostops.signals.wake_on_signals`; main thread only, used by :func:`serve`).
     ``shm_by_name``: the device was started on its own to be attached to
     (``--shm-by-name``): it maps memory by POSIX shm name only and reports its pid (see
-    the module docstring). The rings, the loop and the device's event sources are
-    :attr:`session`'s.
+    the module docstring). ``poll_us`` bounds the hybrid-polling window after a drain
+    (0: off; :mod:`vdev.virtio.poll`). The rings, the loop and the device's event
+    sources are :attr:`session`'s.
     """
 
     #: Seconds the poller sleeps at most when idle (stop() and the parent watch wake it
@@ -224,6 +226,7 @@ class DeviceRuntime:
         injector: FaultInjector | None = None,
         endpoint_dir: str | None = None,
         shm_by_name: bool = False,
+        poll_us: float = DEFAULT_POLL_US,
     ) -> None:
         if device.num_queues < 1:
             raise UsageError(f"{device!r} has no queues")
@@ -250,6 +253,7 @@ class DeviceRuntime:
             counters=RUNTIME_COUNTERS,
             log_prefix=f"vdev[{device.name} {os.getpid()}]: ",
             log_file=log,
+            poll_us=poll_us,
         )
         self.session.idle_timeout = self.idle_timeout
         self.session.trace_from_env(sys.argv)

@@ -33,11 +33,12 @@ this one object, so a tracer or a fault injector hooks in at one place.
 The loop (single-threaded; the only thread that touches the device)::
 
     while not stopping:
-        ready = poller.poll(0 if pending else min(idle_timeout, earliest timer))
+        ready = poller.poll(0 if pending or unarmed else min(idle_timeout, next timer))
         for each ready source: its callback      (transport's, or the device's watch)
         fire the timers that are due              (heap; at most those due now)
         serve the pending rings                   (at most ``budget`` chains each)
         flush the interrupts owed by completions made outside a drain
+        nothing pending: poll the unarmed rings   (hybrid polling, below), then arm them
 
 Serving a ring is the disable–drain–re-enable–recheck loop of
 :mod:`vdev.virtio.queue`, hand-inlined on purpose (it is the hot path: ``vlab bench
@@ -81,6 +82,18 @@ object with ``fileno()``, or a hostops pollable; plain fds are wrapped in
 ordered by deadline (cancelled timers are dropped lazily, and the heap is rebuilt when
 they outnumber the live ones). Exceptions escaping device callbacks are device bugs:
 logged (rate limited), counted as ``handler_errors``, and the loop goes on.
+
+Hybrid polling (:mod:`vdev.virtio.poll`; ``poll_us``, ``python -m vdev KIND --poll-us``;
+0 turns it off). A drain that finds its ring empty normally ends by re-enabling
+notifications and re-checking; with polling on and the window open it ends with
+notifications still off and the ring *unarmed*. At the end of the round (no ring
+pending) :meth:`DeviceSession._busy_poll` watches the unarmed rings' avail index for the
+window: a chain that shows up marks its ring pending (the next round drains it, the
+sources looked at without sleeping in between); when the window ends empty every
+unarmed ring is armed and re-checked before the loop may sleep. The first kick after
+that, or an idle wake-up, teaches the window (``PollWindow.slept``). The counters
+``poll_hits``, ``poll_misses``, ``poll_us``, ``poll_grown``, ``poll_shrunk`` and the gauge
+``poll_window_us`` join :meth:`DeviceSession.metrics`.
 
 Counters (:attr:`DeviceSession.counters`, shared with the transport, plain ints):
 :data:`SESSION_COUNTERS` plus the transport's own; per ring (:meth:`ring_metrics`): the
@@ -130,6 +143,7 @@ from hostops.clock import monotonic
 from hostops.poll import FdSource, Pollable, Poller, Waker
 from hostops.process import ParentWatch
 from hostops.signals import kill_self
+from hostops.sync import relax
 from hostops.trace import DEVICE_ENV, KERNEL_ENV, TraceSink, clock_ns, sink_from_env
 from vdev.device import PENDING, Device, TimerHandle, _source_key
 from vdev.injector import LIFECYCLE_ACTIONS, FaultInjector
@@ -145,6 +159,7 @@ from vdev.virtio.errors import (
 )
 from vdev.virtio.faults import Fired
 from vdev.virtio.memory import GuestMemory
+from vdev.virtio.poll import PollWindow
 from vdev.virtio.queue import Chain, DeviceQueue, DeviceQueueStats
 from vdev.virtio.ring import DESC, USED_ELEM, RingLayout
 from vdev.virtio.trace import SeqCounter, Tracer
@@ -295,6 +310,7 @@ class DeviceSession:
         log_prefix: str = "",
         log_file: IO[str] | None = None,
         clock: Callable[[], float] = monotonic,
+        poll_us: float = 0,
     ) -> None:
         if device.num_queues < 1:
             raise UsageError(f"{device!r} has no queues")
@@ -333,6 +349,13 @@ class DeviceSession:
         self.on_crash: Callable[[str], NoReturn] | None = None
         self._refuse_features_ok = False  # a refuse_features_ok fault awaits FEATURES_OK
         self._lifelines: dict[int, tuple[Pollable, Callable[[], None]]] = {}
+        #: Hybrid polling (:mod:`vdev.virtio.poll`): the adaptive window after a drain
+        #: (``poll_us`` its bound; 0: off, every drain arms at once).
+        self.poll = PollWindow(poll_us)
+        self._polling = self.poll.enabled
+        # rings drained with notifications left off, to be polled then armed
+        self._unarmed: dict[int, tuple[Ring, DeviceQueue]] = {}
+        self._armed_at = 0.0  # when the loop last armed its rings (0: not measuring)
         device._attach(self)
 
     # ================================================================== tracing
@@ -489,6 +512,7 @@ class DeviceSession:
         for ring in self.rings:
             ring.broken = True
         self._pending.clear()
+        self._unarmed.clear()
         index = queue if queue is not None and 0 <= queue < len(self.rings) else 0
         ring = self.rings[index]
         if self.tracer is not None:
@@ -586,7 +610,7 @@ class DeviceSession:
             poller = self._poller
             assert poller is not None
         if timeout is None:
-            if self._pending:
+            if self._pending or self._unarmed:
                 timeout = 0.0
             elif self._timers:
                 timeout = self._timer_timeout()
@@ -595,7 +619,13 @@ class DeviceSession:
         if timeout and self.trace_flush is not None:
             self.trace_flush()  # about to sleep: nothing traced waits behind us
         sources = self._sources
-        for obj in poller.poll(timeout):
+        ready = poller.poll(timeout)
+        if self._armed_at and not ready and timeout:
+            # woke armed with nothing to do: a long sleep says the driver is idle
+            now = monotonic()
+            if self.poll.slept(now - self._armed_at, work=False):
+                self._armed_at = now
+        for obj in ready:
             if self.stopping:
                 return
             entry = sources.get(id(obj))
@@ -613,6 +643,58 @@ class DeviceSession:
             self.serve_pending()
         if self._owed:
             self._flush()
+        if self._unarmed and not self._pending and not self.stopping:
+            self._busy_poll()
+
+    # ================================================================== hybrid polling
+    def _leave_unarmed(self, ring: Ring, dq: DeviceQueue) -> bool:
+        """End of a drain with polling on: True if ``ring`` stays unarmed, to be polled
+        (the window is open); False: arm it now (the window is 0; the sleep that follows
+        is measured, see :mod:`vdev.virtio.poll`)."""
+        if self.poll.window:
+            self._unarmed[ring.index] = (ring, dq)
+            return True
+        self._armed_at = monotonic()
+        return False
+
+    def _busy_poll(self) -> None:
+        """Watch the avail index of the rings drained with notifications left off for
+        up to the poll window; work found marks its ring pending (still unarmed: the
+        next round drains it). When the window ends empty, arm every such ring and
+        re-check it (§2.7.10: a chain published meanwhile is seen here, or the driver
+        sees the armed avail_event / flag and kicks) -- only then may the loop sleep."""
+        unarmed = self._unarmed
+        pw = self.poll
+        window = pw.window
+        if window and not self.stopping:
+            entries = list(unarmed.values())
+            start = now = monotonic()
+            deadline = start + window
+            while now < deadline:
+                found = False
+                for ring, dq in entries:
+                    if dq.has_avail() and ring.dq is dq and not ring.broken:
+                        self._pending[ring.index] = None
+                        found = True
+                if found:
+                    pw.hit(monotonic() - start)
+                    return
+                relax()
+                now = monotonic()
+            pw.miss(now - start)
+        tracer = self.tracer
+        for ring, dq in unarmed.values():
+            if ring.dq is not dq or ring.broken:
+                continue
+            if dq.enable_notifications():
+                self._pending[ring.index] = None
+            if tracer is not None:
+                if dq.event_idx:
+                    tracer.emit("kick_mode", ring.index, on=True, avail_event=dq.last_avail)
+                else:
+                    tracer.emit("kick_mode", ring.index, on=True, flags=0)
+        unarmed.clear()
+        self._armed_at = monotonic()
 
     def stop(self) -> None:
         """Make :meth:`run` return (signal-handler and thread safe)."""
@@ -700,6 +782,7 @@ class DeviceSession:
         """Stop serving ``ring``: release the chains kept on it (then
         ``device.released()``), keep its position as the base and its counters."""
         self._pending.pop(ring.index, None)
+        self._unarmed.pop(ring.index, None)
         self._owed.pop(ring, None)
         if ring.kept:
             self._release(ring)
@@ -769,6 +852,10 @@ class DeviceSession:
             return False
         ring = self.rings[index]
         ring.kicks += 1
+        if self._armed_at:
+            # the first kick after arming: how long the driver let us sleep
+            self.poll.slept(monotonic() - self._armed_at, work=True)
+            self._armed_at = 0.0
         if self.tracer is not None:
             self.tracer.emit("kick_recv", index)
         if self.injector is not None and not self._kick_faults(ring):
@@ -814,6 +901,7 @@ class DeviceSession:
         if self.tracer is not None:
             self.tracer.emit("ring_broken", ring.index, why=why)
         self._pending.pop(ring.index, None)
+        self._unarmed.pop(ring.index, None)
         self.transport.ring_broken(ring, why)
 
     @property
@@ -860,7 +948,7 @@ class DeviceSession:
         handle = self.device.handle
         budget = self.budget
         handled = chains = 0
-        self._draining = ring
+        outer, self._draining = self._draining, ring  # pull_available() may nest
         try:
             while True:
                 dq.disable_notifications()
@@ -903,10 +991,12 @@ class DeviceSession:
                         # ping-pong); EVENT_IDX keeps this to one interrupt per reap
                         self._interrupt(ring, dq)
                 self._interrupt(ring, dq)
+                if self._polling and self._leave_unarmed(ring, dq):
+                    return False
                 if not dq.enable_notifications():
                     return False
         finally:
-            self._draining = None
+            self._draining = outer
             counters["chains"] += chains
 
     def _drain_traced(self, ring: Ring, dq: DeviceQueue) -> bool:
@@ -929,7 +1019,7 @@ class DeviceSession:
         handle = self.device.handle
         budget = self.budget
         handled = chains = 0
-        self._draining = ring
+        outer, self._draining = self._draining, ring  # pull_available() may nest
         try:
             while True:
                 dq.disable_notifications()
@@ -1011,6 +1101,8 @@ class DeviceSession:
                     if not chains % INTERRUPT_EVERY:
                         self._interrupt_traced(ring, dq)
                 self._interrupt_traced(ring, dq)
+                if self._polling and self._leave_unarmed(ring, dq):
+                    return False
                 more = dq.enable_notifications()
                 # what the device wrote (§2.7.10): avail_event = last_avail, or used.flags 0
                 if dq.event_idx:
@@ -1020,7 +1112,7 @@ class DeviceSession:
                 if not more:
                     return False
         finally:
-            self._draining = None
+            self._draining = outer
             counters["chains"] += chains
 
     def _interrupt_traced(self, ring: Ring, dq: DeviceQueue) -> None:
@@ -1389,6 +1481,22 @@ class DeviceSession:
         if self._draining is not ring:
             self._owed[ring] = None
 
+    def pull_available(self, queue: int) -> int:
+        """Serve ring ``queue`` now (see :meth:`vdev.device.Device.pull_available`):
+        one drain round, nested in whatever callback or drain asked for it."""
+        ring = self._ring_arg(queue, "pull_available")
+        dq = ring.dq
+        if dq is None or ring.broken or self._draining is ring or not dq.has_avail():
+            return 0
+        before = self.counters["chains"] + self.counters["bad_chains"]
+        drain = self._drain if self.tracer is None and self.injector is None else self._drain_traced
+        try:
+            if drain(ring, dq):
+                self._pending[ring.index] = None  # budget spent: the rest next round
+        except RingError as e:
+            self.ring_broken(ring, str(e))
+        return self.counters["chains"] + self.counters["bad_chains"] - before
+
     def kept(self, queue: int) -> int:
         """:meth:`vdev.device.Device.kept`."""
         return len(self._ring_arg(queue, "kept").kept)
@@ -1520,4 +1628,5 @@ class DeviceSession:
         if self.injector is not None:
             for name, n in self.injector.counters.items():
                 out[name] = out.get(name, 0) + n
+        out.update(self.poll.metrics())
         return out

@@ -496,11 +496,19 @@ class DeviceHarness:
 
     # ------------------------------------------------------------ requests
     def submit(
-        self, queue: int, out: Sequence[bytes] = (), in_sizes: Sequence[int] = ()
+        self,
+        queue: int,
+        out: Sequence[bytes] = (),
+        in_sizes: Sequence[int] = (),
+        *,
+        kick: bool = True,
     ) -> Request:
         """Make one chain available on ``queue``: a readable buffer per ``out`` item,
         then a writable buffer per ``in_sizes`` item; kick if the ring asks for it and
-        run the device. Returns the :class:`Request` (``.completion`` once answered)."""
+        run the device. Returns the :class:`Request` (``.completion`` once answered).
+        ``kick=False`` publishes the chain and stops there -- no kick, the device does
+        not run: a driver relying on the device to look (hybrid polling,
+        :meth:`~vdev.Device.pull_available`)."""
         q = self._queue(queue)
         if q.dq is None:
             raise RuntimeError("negotiate() first")
@@ -529,10 +537,11 @@ class DeviceHarness:
             self._alloc.free(block)
             raise
         q.inflight[req.head] = req
-        if q.dq.kick_prepare():
+        if q.dq.kick_prepare() and kick:
             self.kicks[queue] += 1
             self.session.kick(queue)
-        self._step()
+        if kick:
+            self._step()
         return req
 
     def request(

@@ -122,6 +122,7 @@ from vdev.session import SESSION_COUNTERS, DeviceSession, Ring
 from vdev.virtio.constants import bit
 from vdev.virtio.errors import AddressError, ProtocolError, UsageError
 from vdev.virtio.memory import RegionMemory
+from vdev.virtio.poll import DEFAULT_POLL_US
 from vdev.virtio.ring import RingLayout
 from vdev.virtio.vhost_user import (
     F_PROTOCOL_FEATURES,
@@ -237,8 +238,9 @@ class VhostUserBackend:
     served per ring per round; ``message_timeout`` bounds how long the rest of a
     message may take once its first byte arrived; ``watch_parent`` ends the loop when
     the process that launched this one with :class:`hostops.DeviceProcess` dies (no
-    effect otherwise). The rings, the loop and the device's event sources are
-    :attr:`session`'s.
+    effect otherwise); ``poll_us`` bounds the hybrid-polling window after a drain (0:
+    off; :mod:`vdev.virtio.poll`). The rings, the loop and the device's event sources
+    are :attr:`session`'s.
     """
 
     #: Seconds the poller sleeps at most when idle.
@@ -256,6 +258,7 @@ class VhostUserBackend:
         log: Any = None,
         watch_parent: bool = True,
         injector: FaultInjector | None = None,
+        poll_us: float = DEFAULT_POLL_US,
     ) -> None:
         if device.num_queues < 1 or device.num_queues > 256:
             raise UsageError(f"{device!r}: vhost-user rings are numbered 0..255")
@@ -269,6 +272,7 @@ class VhostUserBackend:
             counters=BACKEND_COUNTERS,
             log_prefix=f"vhost-user {device.name}: ",
             log_file=log,
+            poll_us=poll_us,
         )
         self.session.idle_timeout = self.idle_timeout
         self.session.trace_from_env(sys.argv)

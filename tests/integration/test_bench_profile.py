@@ -99,10 +99,12 @@ def test_bench_blk_profile(tmp_path):
     # 0.5 s: on a busy machine py-spy gets few sampling rounds in a shorter run
     run, out = _profiled(tmp_path, "blk", "--seconds", "0.5", "--only", "seqread-1m")
     lines = run.stdout.splitlines()
-    # the table as without --profile (header, rule, one row), then one line naming DIR
-    assert len(lines) == 4, run.stdout
-    assert lines[0].startswith("workload") and lines[2].startswith("seqread-1m ")
-    assert lines[3].startswith("profile (kernel, vda): ") and str(out) in lines[3], lines
+    # what it prints without --profile (the settings, the table: header, rule, one row;
+    # a blank line, the idle CPU line), then one line naming DIR
+    assert len(lines) == 7 and lines[0].startswith("virtio-blk with 1 request queue"), lines
+    assert lines[1].startswith("workload") and lines[3].startswith("seqread-1m ")
+    assert lines[4] == "" and lines[5].startswith("idle "), lines
+    assert lines[6].startswith("profile (kernel, vda): ") and str(out) in lines[6], lines
     assert run.stderr == "", run.stderr
     _check_profiles(out, ["kernel", "vda"])
     assert sorted(p.name for p in out.iterdir()) == [

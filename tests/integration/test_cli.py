@@ -49,6 +49,7 @@ ALL_ROWS = [
     "seqread-1m",
     "seqwrite-1m",
 ]
+ALL_ROWS_BOTH = [n for name in ALL_ROWS for n in (name, f"{name} poll-off")]
 
 
 @dataclass(repr=False)
@@ -253,25 +254,48 @@ def test_demo_write_restores_the_original_bytes(tmp_path, image):
 # --------------------------------------------------------------------------- bench
 
 
-def _bench_json(run: Run, names: list[str]) -> list[dict]:
+def _bench_json(run: Run, names: list[str], poll: str = "on", stages: bool = False) -> list[dict]:
     assert run.status == 0, run
     assert run.err == "", run
     lines = run.out.splitlines()
     assert len(lines) == 1, run  # one JSON object and nothing else
     doc = json.loads(lines[0])
-    assert set(doc) == {"rows"}, doc
+    assert set(doc) == {"queues", "poll", "idle_cpu", "rows"} | ({"stages"} if stages else set())
+    assert doc["queues"] == 1 and doc["poll"] == poll, doc
+    # CPU use of the idle kernel and device after the rows, per polling setting
+    modes = ["on", "off"] if poll == "both" else [poll]
+    assert sorted(doc["idle_cpu"]) == sorted(modes), doc
+    for cpu in doc["idle_cpu"].values():
+        assert set(cpu) == {"kernel", "device"} and all(v >= 0 for v in cpu.values()), doc
     rows = doc["rows"]
     assert [r["name"] for r in rows] == names, rows
     for r in rows:
         assert set(r) == ROW_KEYS, r
-        assert r["unit"] == ("MB/s" if r["name"].endswith("-1m") else "IOPS"), r
+        assert r["unit"] == ("MB/s" if r["name"].split()[0].endswith("-1m") else "IOPS"), r
         assert r["virtio"] > 0 and r["native"] > 0, r
         # ratio is rounded to 4 places from the unrounded rates (virtio/native are
         # rounded to 0.1): equal to the printed ones' quotient up to that rounding
         assert r["ratio"] == pytest.approx(r["virtio"] / r["native"], rel=1e-3, abs=1e-4), r
-        assert 0 < r["kicks_per_request"] <= 1, r  # a kick publishes >= 1 request
-        assert r["interrupts_per_request"] > 0, r
+        # a kick publishes >= 1 request; with hybrid polling a request may need none
+        assert 0 <= r["kicks_per_request"] <= 1, r
+        assert r["interrupts_per_request"] >= 0, r
     return rows
+
+
+def test_bench_json_with_polling_on_and_off(tmp_path):
+    run = vlab(tmp_path, "bench", "blk", "--seconds", "0.1", "--json", "--poll", "both", "--stages")
+    rows = _bench_json(run, ALL_ROWS_BOTH, poll="both", stages=True)
+    by_name = {r["name"]: r for r in rows}
+    stages = json.loads(run.out)["stages"]
+    assert sorted(stages) == sorted(ALL_ROWS_BOTH), stages
+    for name, cost in stages.items():
+        assert set(cost) == {"kernel", "kernel_poll", "device", "device_poll"}, cost
+        assert cost["kernel"] > 0 and cost["device"] >= 0, (name, cost)
+        if name.endswith("poll-off"):  # nobody polled
+            assert cost["kernel_poll"] == cost["device_poll"] == 0, (name, cost)
+    # without polling a depth-1 request sleeps on both sides: a doorbell each way
+    off = by_name["randread-4k-qd1 poll-off"]
+    assert off["kicks_per_request"] > 0.5 and off["interrupts_per_request"] > 0.5, off
 
 
 def test_bench_json_selected_rows(tmp_path):
@@ -364,8 +388,14 @@ def test_bench_plain_table_on_an_image(tmp_path):
     )
     assert run.status == 0, run
     assert run.err == "", run
-    header = run.out.splitlines()[0]
-    assert "virtio/native" in header.split("  "), run
+    lines = run.out.splitlines()
+    assert lines[0] == "virtio-blk with 1 request queue, hybrid polling on", run
+    assert "virtio/native" in lines[1].split("  "), run
+    assert re.fullmatch(
+        r"idle [0-9.]+ s after the rows \(polling on\): kernel [0-9.]+ % CPU, "
+        r"device [0-9.]+ % CPU",
+        lines[-1],
+    ), run
     rows = _table(run.out, "workload")
     assert [r["workload"] for r in rows] == ["randread-4k-qd1", "seqread-1m"], run
     assert [r["unit"] for r in rows] == ["IOPS", "MB/s"], run

@@ -369,7 +369,10 @@ def _run(image: str, sc: Scenario) -> None:
         assert 0 < driver_interrupts <= mq["interrupts_sent"]
 
         # at rest both sides must have asked to be woken for the next entry, or the
-        # next request would be stranded (the lost wake-up this file is about)
+        # next request would be stranded (the lost wake-up this file is about); with
+        # hybrid polling "at rest" begins when the poll windows have ended: the device's
+        # before it answered the metrics requests above, the kernel's here
+        assert dev.transport.wait_armed(HANG_TIMEOUT_S), "the interrupt thread never armed"
         with q.lock:
             w = _ring_words(dev)
         assert w["avail.idx"] == w["used.idx"] == total & 0xFFFF, w

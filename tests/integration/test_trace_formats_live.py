@@ -240,8 +240,14 @@ def test_ring_view_equals_the_shared_ring(tmp_path: Path) -> None:
         with cond:
             assert cond.wait_for(lambda: len(done) == 6, 20.0)
         k.sys.close(fd)
-        # quiescent: nothing in flight; the device process's last events reach the
-        # file at the latest when it exits (after this, only control messages follow)
+        # quiescent: nothing in flight, and both sides armed -- hybrid polling arms a
+        # ring when its window ends: the device's ended before it answers a control
+        # request (the round after its last drain), the kernel's is waited for; the
+        # device process's last events reach the file at the latest when it exits
+        # (after this, only control messages follow)
+        dev.metrics()
+        dev.metrics()
+        assert dev.transport.wait_armed(20.0)
         real = _real_ring(dev.ring_layout(0))
         stats = dev.queues[0].stats
     events = _events(trace)

@@ -15,7 +15,7 @@ from vdev.examples.rng import MAX_FILL, RngDevice, SeededStream
 from vdev.net import LoopbackBackend, NetDevice
 from vdev.registry import DeviceKind, KindError, device_kwargs, lookup, register_kind
 from vdev.testing import DeviceHarness, InvariantError, StillPending
-from vdev.virtio import BlkStatus, BlkType, DeviceId, F, NetF, bit
+from vdev.virtio import BlkStatus, BlkType, DeviceId, F, NetF, UsageError, bit
 from vdev.virtio.net import NET_HDR_SIZE, NetHdr
 
 pytestmark = pytest.mark.timeout(60)
@@ -123,6 +123,56 @@ def test_net_loopback_frame_comes_back_on_rx() -> None:
         assert sum(r.done for r in rx) == 1 and h.in_flight(0) == 3
         m = h.counters
         assert m["tx_frames"] == m["rx_frames"] == 1 and m["completions"] == 1
+
+
+def test_net_device_takes_receive_buffers_posted_without_a_kick() -> None:
+    """A frame that finds no kept receive buffer makes the device look at the ring
+    (Device.pull_available): buffers the driver published without kicking are used,
+    nothing is dropped."""
+    dev = NetDevice(LoopbackBackend(), mac=b"\x02\x00\x00\x00\x00\x01", queue_size=64)
+    with DeviceHarness(dev) as h:
+        h.negotiate()
+        rx = [h.submit(0, in_sizes=[1526], kick=False) for _ in range(3)]
+        assert h.counters["chains_kept"] == 0 and h.kicks[0] == 0  # not seen yet
+        frame = raw_frame(300)
+        assert h.request(1, out=[NetHdr().pack() + frame]).len == 0
+        [back] = h.take_completions(0)
+        assert back.written[NET_HDR_SIZE:] == frame
+        m = h.counters
+        assert m["rx_frames"] == 1 and m["rx_dropped_no_buffer"] == 0
+        assert m["chains_kept"] == 3 and h.in_flight(0) == 2
+        assert sum(r.done for r in rx) == 1
+
+
+def test_pull_available_serves_a_ring_once_and_not_inside_its_own_drain() -> None:
+    class Keeper(Device):
+        device_id = 0x7C
+        name = "keeper"
+        num_queues = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.pulled: list[int] = []
+
+        def handle(self, queue: int, chain: Chain) -> int | Pending:
+            if queue == 1:  # a request on queue 1 pulls queue 0, then itself
+                self.pulled += [self.pull_available(0), self.pull_available(1)]
+                return 0
+            return PENDING
+
+    dev = Keeper()
+    assert dev.pull_available(0) == 0  # not attached: nothing to serve
+    with pytest.raises(UsageError):
+        dev.pull_available(2)
+    with DeviceHarness(dev) as h:
+        h.negotiate()
+        for _ in range(5):
+            h.submit(0, in_sizes=[64], kick=False)
+        h.request(1, out=[b"go"])
+        assert dev.pulled == [5, 0]  # queue 1 is being drained: its own pull is 0
+        assert dev.kept(0) == 5 and dev.pull_available(0) == 0  # nothing new
+        with pytest.raises(UsageError):
+            dev.pull_available(-1)
 
 
 def test_reset_releases_kept_chains() -> None:

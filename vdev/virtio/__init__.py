@@ -31,6 +31,7 @@ from .errors import (
     VirtioError,
 )
 from .memory import FlatMemory, GuestMemory, RegionMemory
+from .poll import DEFAULT_POLL_US, PollWindow
 from .queue import (
     Chain,
     DeviceQueue,
@@ -74,6 +75,8 @@ __all__ = [
     "DeviceQueue",
     "DeviceQueueStats",
     "DriverQueue",
+    "PollWindow",
+    "DEFAULT_POLL_US",
     "DriverQueueStats",
     "Segment",
     "gather",
