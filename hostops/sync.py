@@ -29,7 +29,6 @@ __all__ = [
     "Thread",
     "start_thread",
     "current_thread_name",
-    "current_thread_id",
     "is_main_thread",
     "relax",
 ]
@@ -65,12 +64,6 @@ def start_thread(target: Callable[..., None], *args: Any, name: str, daemon: boo
 def current_thread_name() -> str:
     """Return the name of the calling thread."""
     return threading.current_thread().name
-
-
-def current_thread_id() -> int:
-    """Return the calling thread's identifier (unique among live threads; may be
-    reused once a thread has exited)."""
-    return threading.get_ident()
 
 
 def is_main_thread() -> bool:

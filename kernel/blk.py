@@ -152,7 +152,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from hostops.sync import Lock, current_thread_id
+from hostops.sync import Lock, current_thread_name
 from vdev.virtio import SECTOR_SIZE, BlkF, BlkStatus, BlkType, DeviceId, F, VirtioError, bit
 from vdev.virtio.blk import CONFIG_BYTES, DISCARD_SEGMENT, REQ_HEADER, BlkConfig
 
@@ -193,7 +193,7 @@ INLINE_BYTES = 4096
 MAX_SEGMENTS = 32
 #: Most ``(offset, view)`` entries of a read's ``into`` scatter list (Linux's IOV_MAX).
 MAX_INTO = 1024
-#: Threads :meth:`BlockDevice.current_queue` remembers (beyond: the thread id picks).
+#: Threads :meth:`BlockDevice.current_queue` remembers by name (then: CRC32 of the name).
 MAX_THREAD_MAP = 4096
 #: Operations write watchers hear of.
 _WRITE_OPS = frozenset(("write", "discard", "write_zeroes"))
@@ -318,17 +318,35 @@ class WriteWatcher(Protocol):
 
 class _Parent:
     """Gathers the parts of one split submit() and calls back once. A read keeps each
-    part's bytes (``parts[i]``) and joins them at the end."""
+    part's data (``parts[i]``) and joins them at the end: a part whose data lies in a
+    DMA buffer of its own stays there as a view into shared memory (its buffer *held*
+    until the join), so the bytes handed back are copied out of shared memory once."""
 
-    __slots__ = ("callback", "remaining", "error", "parts", "result", "lock")
+    __slots__ = ("callback", "remaining", "error", "parts", "result", "lock", "held", "free")
 
-    def __init__(self, callback: Callback, parts: int, read: bool, result: Any):
+    def __init__(
+        self,
+        callback: Callback,
+        parts: int,
+        read: bool,
+        result: Any,
+        free: Callable[[int], None] | None = None,
+    ):
         self.callback = callback
         self.remaining = parts
         self.error: OSError | None = None
-        self.parts: list[bytes] | None = [b""] * parts if read else None
+        self.parts: list[bytes | memoryview] | None = [b""] * parts if read else None
         self.result = result
         self.lock = Lock()
+        #: DMA buffers of finished parts whose data ``parts`` still views
+        self.held: list[int] = []
+        self.free = free  # gives a held buffer back to the DMA pool
+
+    def hold(self, i: int, view: memoryview, dma: int) -> None:
+        """Part ``i``'s data stays in its DMA buffer ``dma`` (``view``) until the join."""
+        assert self.parts is not None
+        self.parts[i] = view
+        self.held.append(dma)
 
     def part_done(self, err: OSError | None) -> None:
         with self.lock:
@@ -337,12 +355,17 @@ class _Parent:
             self.remaining -= 1
             done = self.remaining == 0
         if done:
+            parts, self.parts = self.parts, None
+            data = b"".join(parts) if parts is not None and self.error is None else None
+            del parts  # the views into shared memory, before their buffers go back
+            held, self.held = self.held, []
+            if self.free is not None:
+                for dma in held:
+                    self.free(dma)
             if self.error is not None:
-                self.parts = None
                 _deliver(self.callback, self.error)
-            elif self.parts is not None:
-                parts, self.parts = self.parts, None
-                _deliver(self.callback, b"".join(parts))
+            elif data is not None:
+                _deliver(self.callback, data)
             else:
                 _deliver(self.callback, self.result)
 
@@ -516,7 +539,7 @@ class BlockDevice:
         self.queues: list[KernelQueue] = queues
         self.queue = queues[0]
         self._hctx = [_Hctx(i, q) for i, q in enumerate(queues)]
-        self._thread_hctx: dict[int, int] = {}  # thread id -> its request queue
+        self._thread_hctx: dict[str, int] = {}  # thread name -> its request queue
         self._next_hctx = 0  # the queue the next new thread gets (round robin)
         self.config = config
         self.feature_bits = transport.features
@@ -664,22 +687,25 @@ class BlockDevice:
     def current_queue(self) -> int:
         """The index of the request queue the calling thread submits to. Each thread
         gets one the first time it submits, round robin, and keeps it (as Linux maps
-        each CPU to one hardware context). Beyond :data:`MAX_THREAD_MAP` threads the
-        thread's id picks the queue (still stable per thread)."""
+        each CPU to one hardware context); threads are told apart by name -- unique
+        unless given one twice (a thread id may be reused as soon as its thread exits:
+        short-lived threads would pile onto one queue) -- so threads sharing a name
+        share a queue. Beyond :data:`MAX_THREAD_MAP` threads the name's CRC32 picks
+        the queue (still stable per thread)."""
         hctx = self._hctx
         if len(hctx) == 1:
             return 0
-        tid = current_thread_id()
-        i = self._thread_hctx.get(tid)
+        name = current_thread_name()
+        i = self._thread_hctx.get(name)
         if i is None:
             with self._tlock:
-                i = self._thread_hctx.get(tid)
+                i = self._thread_hctx.get(name)
                 if i is None:
                     if len(self._thread_hctx) >= MAX_THREAD_MAP:
-                        return tid % len(hctx)
+                        return zlib.crc32(name.encode()) % len(hctx)
                     i = self._next_hctx
                     self._next_hctx = (i + 1) % len(hctx)
-                    self._thread_hctx[tid] = i
+                    self._thread_hctx[name] = i
         return i
 
     def _refill_hook(self, h: _Hctx) -> Callable[[], None]:
@@ -956,7 +982,8 @@ class BlockDevice:
         # ring and DMA pool allow), so the device works on one while the interrupt
         # thread copies another out.
         nparts = -(-length // step)
-        parent = _Parent(callback, nparts, rtype == _IN and into is None, length)
+        read = rtype == _IN and into is None
+        parent = _Parent(callback, nparts, read, length, self._dma.free if read else None)
         out = []
         for i, pos in enumerate(range(0, length, step)):
             n = min(step, length - pos)
@@ -1622,6 +1649,18 @@ class BlockDevice:
                     src = buf[r.dma : r.dma + n]
                     for rel, mv in r.dest:  # the one copy out of shared memory
                         mv[:] = src[rel : rel + len(mv)]
+            elif (
+                r.parent is not None
+                and r.owned
+                and not self.integrity
+                and r.parent.parts is not None
+                and not r.expired
+            ):
+                # a part of a split read: its data stays put until the parent joins
+                # the parts (the one copy out of shared memory); the parent frees it
+                r.parent.hold(r.part_off, buf[r.dma : r.dma + n], r.dma)
+                r.owned = False
+                r.dma = -1
             else:
                 dma = r.dma
                 data = buf[dma : dma + n].tobytes()  # the one copy out of shared memory

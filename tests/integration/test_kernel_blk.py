@@ -1102,3 +1102,36 @@ def test_both_transports_in_one_kernel(tmp_path, image, kind):
         assert _host_read(image, 0, 6) == _pattern(IMAGE_SIZE, 1)[:6]
     finally:
         tr.close()
+
+
+def test_split_reads_copy_once_and_give_their_buffers_back(image):
+    """The parts of a split read stay in their DMA buffers until the last one is in
+    (then one copy out of shared memory joins them): the data is right, and every
+    buffer goes back to the pool -- also when one part fails."""
+    plan = {
+        "seed": 1,
+        # the second part of the read at 1 MiB (sectors 3072..) fails, once
+        "rules": [
+            {
+                "when": {"event": "blk.read", "sector": [3072, 3072], "nth": 1},
+                "what": {"action": "ioerr"},
+            }
+        ],
+    }
+    with kernel.boot(devices=[kernel.Blk(image, faults=plan)]) as k:
+        dev = k.devices[0]
+        blk = dev.block
+        step = blk.max_request_bytes
+        assert step < 1 << 20, "the driver should split 1 MiB"
+        dma = dev.transport.dma
+        base = dma.used_bytes
+        r0 = dev.queues[0].stats.requests
+        with pytest.raises(OSError) as ei:
+            blk.read(1 << 20, 1 << 20)
+        assert ei.value.errno == errno.EIO and ei.value.culprit == "device-error"
+        assert dev.queues[0].stats.requests - r0 == -(-(1 << 20) // step)
+        assert dma.used_bytes == base  # the held part's buffer too
+        want = _host_read(image, 0, 3 << 20)
+        for off, n in ((0, 3 << 20), (1 << 20, (1 << 20) + 4096), (512, 2 * step + 512)):
+            assert blk.read(off, n) == want[off : off + n]
+            assert dma.used_bytes == base
