@@ -177,6 +177,7 @@ __all__ = [
     "READAHEAD_COUNTERS",
     "MAX_INTO",
     "MAX_THREAD_MAP",
+    "EARLY_PUBLISH_BYTES",
     "WriteWatcher",
 ]
 
@@ -191,6 +192,9 @@ MAX_BLOCK_SIZE = 64 << 10
 INLINE_BYTES = 4096
 #: The driver's own cap on data segments per request.
 MAX_SEGMENTS = 32
+#: Requests of at least this many data bytes are published as soon as they are added
+#: (the parts of a large write: the device works on one while the next is copied in).
+EARLY_PUBLISH_BYTES = 64 << 10
 #: Most ``(offset, view)`` entries of a read's ``into`` scatter list (Linux's IOV_MAX).
 MAX_INTO = 1024
 #: Threads :meth:`BlockDevice.current_queue` remembers by name (then: CRC32 of the name).
@@ -818,7 +822,7 @@ class BlockDevice:
                     if not n and writes and self._watchers:
                         self._watch_locked(reqs)
                     h.pending.extend(rs)
-                    if self._dispatch_locked(h, kick and not q.completing):
+                    if self._dispatch_locked(h, kick and not q.completing, kick):
                         notify.append(q)
             if e is not None:
                 if not n:
@@ -1017,13 +1021,17 @@ class BlockDevice:
         ]
 
     # ------------------------------------------------------------------ dispatch
-    def _dispatch_locked(self, h: _Hctx, publish: bool) -> bool:
+    def _dispatch_locked(self, h: _Hctx, publish: bool, eager: bool = False) -> bool:
         """Move requests from queue ``h``'s software queue into its ring while they fit
         (FIFO). Caller holds ``h.queue.lock``. Returns True if the doorbell must be
         rung. Requests that cannot be added at all are parked in ``_rejected`` and
         failed by :meth:`_fail_rejected` once the lock is released. Journal replays
         and integrity requests go through queue 0 only; while they are up, the other
-        queues dispatch nothing."""
+        queues dispatch nothing. ``publish``: publish what was added (else the
+        queue's ``refill`` will); ``eager``: publish each request of at least
+        :data:`EARLY_PUBLISH_BYTES` as soon as it is added, even inside a batch of
+        completions -- the device (polling) starts on it while the next one's data is
+        copied in."""
         pending = h.pending
         q = h.queue
         dq = q.dq
@@ -1037,6 +1045,7 @@ class BlockDevice:
         add = q.add
         first = not h.index
         urgent = self._urgent
+        early = False  # a large request was published at once (see below)
         while True:
             # journal replays first, then integrity requests; while integrity work is in
             # progress (a barrier) nothing else goes
@@ -1129,7 +1138,14 @@ class BlockDevice:
                 self._rejected.append((r, err))
                 if dq.broken is not None:
                     break
-        return q.publish() if publish and dq.broken is None else False
+                continue
+            if (publish or eager) and n >= EARLY_PUBLISH_BYTES:
+                # a large request is published as soon as it is in the ring: a device
+                # that polls starts on it while the next one's data is copied in
+                early = q.publish() or early
+        if dq.broken is not None:
+            return False
+        return (q.publish() if publish else False) or early
 
     def _fail_rejected(self) -> None:
         """Fail the requests :meth:`_dispatch_locked` could not add (no lock held)."""
