@@ -790,21 +790,41 @@ class BlockDevice:
             return
         hctx = self._hctx
         nq = len(hctx)
-        if nq == 1:
-            groups = [(hctx[0], reqs)]
+        if nq == 1:  # the one queue: the short way (no grouping)
+            h = hctx[0]
+            q = h.queue
+            if self.integrity:
+                self._track_submit(reqs)
+            need = False
+            with q.lock:
+                e = q.failed
+                if e is None:
+                    if self._watchers and op in _WRITE_OPS:
+                        self._watch_locked(reqs)
+                    h.pending.extend(reqs)
+                    need = self._dispatch_locked(h, kick and not q.completing, kick)
+            if e is not None:
+                for r in reqs:
+                    if r.tracked:
+                        self._untrack(r, False)
+                raise copy_error(e)  # refused outright (see below)
+            if self._rejected:
+                self._fail_rejected()
+            if need:
+                q.notify()
+            return
+        # the submitting thread's queue; the parts of a split request spread over the
+        # following ones; an integrity FLUSH starts its read-back from queue 0
+        first = 0 if self.integrity and op == "flush" else self.current_queue()
+        if len(reqs) == 1:
+            reqs[0].hctx = first
+            groups = [(hctx[first], reqs)]
         else:
-            # the submitting thread's queue; the parts of a split request spread over
-            # the following ones; an integrity FLUSH starts its read-back from queue 0
-            first = 0 if self.integrity and op == "flush" else self.current_queue()
-            if len(reqs) == 1:
-                reqs[0].hctx = first
-                groups = [(hctx[first], reqs)]
-            else:
-                by: dict[int, list[_Req]] = {}
-                for i, r in enumerate(reqs):
-                    r.hctx = (first + i) % nq
-                    by.setdefault(r.hctx, []).append(r)
-                groups = [(hctx[i], rs) for i, rs in by.items()]
+            by: dict[int, list[_Req]] = {}
+            for i, r in enumerate(reqs):
+                r.hctx = (first + i) % nq
+                by.setdefault(r.hctx, []).append(r)
+            groups = [(hctx[i], rs) for i, rs in by.items()]
         if self.integrity:
             self._track_submit(reqs)
         writes = op in _WRITE_OPS
