@@ -24,7 +24,7 @@ import pytest
 
 import kernel
 from kernel.blk import BlockDevice
-from kernel.blockfile import IOV_MAX, RA_MAX_BYTES
+from kernel.blockfile import IOV_MAX, RA_DIRECT_BYTES, RA_MAX_BYTES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -282,6 +282,24 @@ def test_o_direct_reads_nothing_ahead(image: tuple[Path, bytearray]) -> None:
         for off in range(0, 64 * BLOCK, BLOCK):
             assert k.sys.pread(fd, BLOCK, off) == model[off : off + BLOCK]
         assert _ra(k) == dict.fromkeys(_ra(k), 0)
+        k.sys.close(fd)
+
+
+def test_large_sequential_reads_go_straight_to_the_device(
+    image: tuple[Path, bytearray],
+) -> None:
+    """Reads of RA_DIRECT_BYTES or more are split and sent together without windows;
+    a stream of smaller reads right after them is read ahead again."""
+    path, model = image
+    big = RA_DIRECT_BYTES
+    with kernel.boot(devices=[kernel.Blk(str(path))]) as k:
+        fd = k.sys.open("/dev/vda", os.O_RDONLY)
+        for off in range(0, 6 * big, big):
+            assert k.sys.pread(fd, big, off) == model[off : off + big]
+        assert _ra(k)["readahead_bytes"] == 0
+        for off in range(6 * big, 6 * big + 64 * 16384, 16384):
+            assert k.sys.pread(fd, 16384, off) == model[off : off + 16384]
+        assert _ra(k)["readahead_hits"] > 0 and _ra(k)["readahead_bytes"] > 0
         k.sys.close(fd)
 
 
