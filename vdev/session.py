@@ -159,7 +159,7 @@ from vdev.virtio.errors import (
 )
 from vdev.virtio.faults import Fired
 from vdev.virtio.memory import GuestMemory
-from vdev.virtio.poll import PollWindow
+from vdev.virtio.poll import CONTENDED_US, PollWindow
 from vdev.virtio.queue import Chain, DeviceQueue, DeviceQueueStats
 from vdev.virtio.ring import DESC, USED_ELEM, RingLayout
 from vdev.virtio.trace import SeqCounter, Tracer
@@ -668,6 +668,7 @@ class DeviceSession:
         window = pw.window
         if window and not self.stopping:
             entries = list(unarmed.values())
+            contended = CONTENDED_US / 1e6
             start = now = monotonic()
             deadline = start + window
             while now < deadline:
@@ -679,9 +680,14 @@ class DeviceSession:
                 if found:
                     pw.hit(monotonic() - start)
                     return
+                before = now
                 relax()
                 now = monotonic()
-            pw.miss(now - start)
+                if now - before >= contended:  # we waited for the CPU: stop spinning
+                    pw.contended(now - start)
+                    break
+            else:
+                pw.miss(now - start)
         tracer = self.tracer
         for ring, dq in unarmed.values():
             if ring.dq is not dq or ring.broken:

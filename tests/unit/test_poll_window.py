@@ -51,8 +51,20 @@ def test_hits_leave_the_window_and_count_time() -> None:
         "poll_us": int(pw.spent * 1e6),
         "poll_grown": 0,
         "poll_shrunk": 0,
+        "poll_contended": 0,
         "poll_window_us": int(w * 1e6),
     }
+
+
+def test_a_poll_that_waited_for_the_cpu_shrinks_the_window() -> None:
+    pw = PollWindow(160, 10)
+    pw.window = pw.max_s
+    for _ in range(4):
+        pw.contended(60e-6)
+    assert round(pw.window * 1e6) == 10 and pw.contended_polls == 4 and pw.misses == 4
+    pw.contended(1e-6)
+    assert pw.window == 0 and pw.shrunk == 5
+    assert pw.metrics()["poll_contended"] == 5
 
 
 def test_zero_turns_polling_off_for_good() -> None:
