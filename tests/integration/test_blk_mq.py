@@ -204,63 +204,7 @@ def test_small_rings_back_pressure_every_queue(image: str) -> None:
 # --------------------------------------------------------------------------- recovery
 
 
-def test_sigkill_with_two_queues_resubmits_and_keeps_every_write(image: str) -> None:
-    """Four threads (two per queue) write and read back while the device process is
-    SIGKILLed: it is restarted once, what was in flight on both queues is resubmitted
-    and the unflushed journal replayed; every call succeeds, and after fsync the image
-    holds every acknowledged write."""
-    written: dict[int, bytes] = {}
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    halfway = threading.Barrier(5)
-    k = kernel.boot(devices=[kernel.Blk(image, queues=2)])
-    try:
-        dev = k.devices[0]
-        blk = dev.block
-        assert blk is not None
-        old_pid = dev.pid
-        fd = k.sys.open("/dev/vda", os.O_RDWR)
-
-        def worker(t: int) -> None:
-            rnd = random.Random(t)
-            base = t * (IMAGE_SIZE // 4)
-            try:
-                for i in range(60):
-                    if i == 20:
-                        halfway.wait(WAIT_S)  # the kill happens now, mid-stream
-                    off = base + rnd.randrange(0, (IMAGE_SIZE // 4 - 8192) // 512) * 512
-                    data = rnd.randbytes(8192)
-                    assert k.sys.pwrite(fd, data, off) == len(data)
-                    assert k.sys.pread(fd, len(data), off) == data
-                    with lock:
-                        for j in range(0, len(data), 512):
-                            written[off + j] = data[j : j + 512]
-            except BaseException as e:  # noqa: BLE001 - asserted below
-                errors.append(e)
-
-        threads = [
-            threading.Thread(target=worker, args=(t,), name=f"mq-kill-{t}") for t in range(4)
-        ]
-        for th in threads:
-            th.start()
-        halfway.wait(WAIT_S)
-        assert old_pid is not None
-        os.kill(old_pid, signal.SIGKILL)
-        for th in threads:
-            th.join(WAIT_S)
-        assert not any(th.is_alive() for th in threads)
-        assert errors == []
-        assert dev.failed is None and dev.pid != old_pid
-        assert dev.recovery["restarts"] == 1 and dev.recovery["recoveries"] == 1
-        assert blk.counters["journal_replayed"] > 0  # acknowledged, unflushed writes
-        assert all(n > 0 for n in _requests(k))
-        k.sys.fsync(fd)
-        k.sys.close(fd)
-    finally:
-        k.shutdown()
-    disk = _host(image)
-    for off, data in written.items():
-        assert disk[off : off + 512] == data, off
+# the SIGKILL-under-load run with two queues is test_kernel_recovery's, parametrized
 
 
 def test_silent_device_with_two_queues_times_out_then_is_reset(image: str) -> None:

@@ -51,11 +51,14 @@ def _kill(pid: int | None, sig: int = signal.SIGKILL) -> None:
 # --------------------------------------------------------------------------- restart
 
 
-def test_sigkill_under_load_every_call_succeeds(image: str) -> None:
+@pytest.mark.parametrize("queues", [1, 2])
+def test_sigkill_under_load_every_call_succeeds(image: str, queues: int) -> None:
     """Four threads write and read back their own regions while the device process is
     SIGKILLed: the kernel restarts it and resubmits what was in flight; every call
-    succeeds, every read returns what was written, and the image holds it all."""
-    k = kernel.boot(devices=[kernel.Blk(image)])
+    succeeds, every read returns what was written, and the image holds it all. With two
+    request queues (two threads on each) what was in flight on both is resubmitted and
+    the acknowledged, unflushed writes are replayed from the journal."""
+    k = kernel.boot(devices=[kernel.Blk(image, queues=queues)])
     written: dict[int, bytes] = {}
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -82,7 +85,9 @@ def test_sigkill_under_load_every_call_succeeds(image: str) -> None:
             except BaseException as e:  # noqa: BLE001 - asserted below
                 errors.append(e)
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        threads = [
+            threading.Thread(target=worker, args=(t,), name=f"kill-{queues}-{t}") for t in range(4)
+        ]
         for th in threads:
             th.start()
         halfway.wait(TIMEOUT)
@@ -94,6 +99,9 @@ def test_sigkill_under_load_every_call_succeeds(image: str) -> None:
         assert dev.failed is None
         assert dev.pid != old_pid and dev.pid is not None
         assert dev.recovery["restarts"] == 1 and dev.recovery["recoveries"] == 1
+        assert len(dev.queues) == queues and all(q.stats.requests > 0 for q in dev.queues)
+        if queues > 1:
+            assert dev.block.counters["journal_replayed"] > 0
         k.sys.fsync(fd)
     finally:
         k.shutdown()

@@ -22,6 +22,7 @@ import msgpack
 import pytest
 import zmq
 from netpeer import Switch
+from test_switch import Sink
 
 import kernel
 from hostops.clock import monotonic
@@ -268,40 +269,9 @@ def _eth(dst: bytes, src: bytes, payload: bytes) -> bytes:
     return dst + src + b"\x88\xb5" + payload
 
 
-class _Sink:
-    """A FrameSink on an in-process loop: records frames; ``buffers`` says whether the
-    "driver" has receive buffers."""
-
-    def __init__(self, loop: EventLoop) -> None:
-        self.loop = loop
-        self.frames: list[bytes] = []
-        self.link: bool | None = None
-        self.counts: dict[str, int] = {}
-        self.buffers = True
-
-    def receive(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
-        if not self.buffers:
-            return False
-        self.frames.append(bytes(frame))
-        return True
-
-    def rx_buffers_available(self) -> bool:
-        return self.buffers
-
-    def set_link(self, up: bool) -> None:
-        self.link = up
-
-    def watch(self, source: Any, callback: Callable[[], None]) -> None:
-        self.loop.watch(source, callback)
-
-    def unwatch(self, source: Any) -> None:
-        self.loop.unwatch(source)
-
-    def call_later(self, delay_s: float, callback: Callable[[], None]) -> Any:
-        return self.loop.call_later(delay_s, callback)
-
-    def count(self, name: str, n: int = 1) -> None:
-        self.counts[name] = self.counts.get(name, 0) + n
+def _frames(sink: Sink) -> list[bytes]:
+    """The frames ``sink`` received, without their headers."""
+    return [f for _, f in sink.frames]
 
 
 def _run_until(loop: EventLoop, done: Callable[[], bool], what: str) -> None:
@@ -328,8 +298,8 @@ def ports() -> Iterator[tuple[Switch, EventLoop]]:
         rundir.cleanup()
 
 
-def _port(loop: EventLoop, endpoint: str, n: int) -> tuple[SwitchBackend, _Sink]:
-    sink = _Sink(loop)
+def _port(loop: EventLoop, endpoint: str, n: int) -> tuple[SwitchBackend, Sink]:
+    sink = Sink(loop, f"p{n}")
     be = SwitchBackend(endpoint, mac=_mac(n), port_name=f"p{n}")
     be.attach(sink)
     _run_until(loop, lambda: sink.link is True, f"p{n} link up")
@@ -360,7 +330,7 @@ def test_a_burst_crosses_the_switch_as_one_batch_and_waits_for_buffers(
         s2.buffers = True
         p2.resume_rx()
         _run_until(loop, lambda: len(s2.frames) == n, "all frames at p2")
-        assert s2.frames == frames
+        assert _frames(s2) == frames
         assert s2.counts["switch_rx_frames"] == n and "switch_rx_dropped" not in s2.counts
         # the port without batches got every frame as a frame message of its own
         got: list[bytes] = []
@@ -403,7 +373,7 @@ def test_a_malformed_batch_is_cut_at_the_bad_record_and_counted(
         # a record too short for its own header
         raw.send(b"M" + rec(good[2]) + b"\x01\x02")
         _run_until(loop, lambda: len(s2.frames) == 3, "the good records")
-        assert s2.frames == [good[0], good[1], good[2]]
+        assert _frames(s2) == [good[0], good[1], good[2]]
         st = sw.stats()  # the good record after the first bad one came from the second
         assert st["switch"]["malformed"] == 2
         assert BATCH_RECORD == 16
