@@ -353,8 +353,8 @@ class KernelQueue:
         #: Completions found by the periodic check, their interrupt never came.
         self.lost_interrupts_recovered = 0
         #: Hybrid polling: after an interrupt, the interrupt thread may watch this
-        #: queue's used ring (interrupts left off) while chains are in flight; a driver
-        #: sets False where the wait for completions is not worth a core.
+        #: queue's used ring (interrupts left off) for the poll window; a driver sets
+        #: False where waiting for completions is not worth a core.
         self.pollable = True
         self._seen: list[tuple[Any, float] | None] = [None] * self.size
         self._lost_mark = -1  # used.idx at the last tick that saw unreaped entries

@@ -91,9 +91,11 @@ pending) :meth:`DeviceSession._busy_poll` watches the unarmed rings' avail index
 window: a chain that shows up marks its ring pending (the next round drains it, the
 sources looked at without sleeping in between); when the window ends empty every
 unarmed ring is armed and re-checked before the loop may sleep. The first kick after
-that, or an idle wake-up, teaches the window (``PollWindow.slept``). The counters
-``poll_hits``, ``poll_misses``, ``poll_us``, ``poll_grown``, ``poll_shrunk`` and the gauge
-``poll_window_us`` join :meth:`DeviceSession.metrics`.
+that, or an idle wake-up, teaches the window (``PollWindow.slept``); a poll that had to
+wait for the CPU ends at once and halves it (``PollWindow.contended``: another process
+needs the core). The counters ``poll_hits``, ``poll_misses``, ``poll_us``,
+``poll_grown``, ``poll_shrunk``, ``poll_contended`` and the gauge ``poll_window_us``
+join :meth:`DeviceSession.metrics`.
 
 Counters (:attr:`DeviceSession.counters`, shared with the transport, plain ints):
 :data:`SESSION_COUNTERS` plus the transport's own; per ring (:meth:`ring_metrics`): the
