@@ -1062,7 +1062,8 @@ class BlockDevice:
         seg_bytes = self.segment_bytes
         indirect = self._indirect
         inline = h.inline
-        add = q.add
+        # the ring's own add unless the queue is traced (then its traced copy)
+        add = q.add if q.tracer is not None else dq.add
         first = not h.index
         urgent = self._urgent
         early = False  # a large request was published at once (see below)
