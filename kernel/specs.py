@@ -103,6 +103,8 @@ def _check_recovery_options(who: str, spec: DeviceSpec) -> None:
             raise ValueError(
                 f"{who}: {name} {p!r} is not a number of microseconds in 0..{MAX_POLL_US}"
             )
+    if not isinstance(spec.poll_fixed, bool):
+        raise ValueError(f"{who}: poll_fixed {spec.poll_fixed!r} is not True or False")
     f = spec.faults
     if f is not None and not isinstance(f, FaultPlan | dict | str | os.PathLike):
         raise ValueError(f"{who}: faults {f!r} is not a FaultPlan, a dict or a plan file path")
@@ -205,6 +207,9 @@ class DeviceSpec:
     #: Hybrid polling on the device side: ``--poll-us`` of the device process the
     #: kernel starts (None: the device's default; 0 turns it off).
     device_poll_us: float | None = field(default=None, kw_only=True)
+    #: Hybrid polling without adaptation on both sides (every window lasts its bound;
+    #: the device gets ``--poll-fixed``): for measurements and tests.
+    poll_fixed: bool = field(default=False, kw_only=True)
 
     kind: ClassVar[str] = ""
     name_prefix: ClassVar[str] = "vd"
@@ -258,6 +263,8 @@ class DeviceSpec:
         extra: list[str] = []
         if self.device_poll_us is not None:
             extra += ["--poll-us", f"{self.device_poll_us:g}"]
+        if self.poll_fixed:
+            extra.append("--poll-fixed")
         if faults_file is not None:
             extra += ["--faults", faults_file]
             if faults_state is not None:

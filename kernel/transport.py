@@ -592,7 +592,7 @@ class VirtioTransport:
         self._next_tick: float | None = None
         #: Hybrid polling on the interrupt thread (:mod:`vdev.virtio.poll`): the
         #: adaptive window after an interrupt (``spec.poll_us`` its bound; 0: off).
-        self.poll = PollWindow(spec.poll_us)
+        self.poll = PollWindow(spec.poll_us, adaptive=not spec.poll_fixed)
         self._polling = self.poll.enabled
         # queues reaped with interrupts left off, to be polled then armed
         self._unarmed: dict[int, KernelQueue] = {}

@@ -54,7 +54,8 @@ unless ``VLAB_DEBUG=1``.
 Every kind takes ``--poll-us US``: after draining a ring the device watches it up to
 that many microseconds (an adaptive window, :mod:`vdev.virtio.poll`) before it arms
 notifications and sleeps, so a driver that submits again quickly needs no doorbell;
-``0`` turns hybrid polling off (default :data:`vdev.virtio.poll.DEFAULT_POLL_US`).
+``0`` turns hybrid polling off (default :data:`vdev.virtio.poll.DEFAULT_POLL_US`);
+``--poll-fixed`` keeps every window at that bound (no adaptation).
 
 This module stays cheap to import: the device and runtime are imported after the
 arguments have been parsed.
@@ -277,6 +278,11 @@ def _add_transport(kind: argparse.ArgumentParser) -> None:
         help="hybrid polling: watch a drained ring up to this many microseconds before "
         f"sleeping (adaptive; 0 turns it off; default {DEFAULT_POLL_US})",
     )
+    kind.add_argument(
+        "--poll-fixed",
+        action="store_true",
+        help="hybrid polling: every poll lasts exactly --poll-us (no adaptation)",
+    )
     faults = kind.add_argument_group("fault injection (docs/faults.md)")
     faults.add_argument(
         "--faults",
@@ -495,7 +501,7 @@ def _serve(
 ) -> int:
     """Serve ``device`` over the transport the command line chose (under ``injector``'s
     fault plan, if any)."""
-    kw: dict[str, Any] = {"poll_us": args.poll_us}
+    kw: dict[str, Any] = {"poll_us": args.poll_us, "poll_fixed": args.poll_fixed}
     if injector is not None:
         kw["injector"] = injector
     try:

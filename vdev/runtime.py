@@ -206,8 +206,8 @@ class DeviceRuntime:
     ``shm_by_name``: the device was started on its own to be attached to
     (``--shm-by-name``): it maps memory by POSIX shm name only and reports its pid (see
     the module docstring). ``poll_us`` bounds the hybrid-polling window after a drain
-    (0: off; :mod:`vdev.virtio.poll`). The rings, the loop and the device's event
-    sources are :attr:`session`'s.
+    (0: off; ``poll_fixed``: no adaptation; :mod:`vdev.virtio.poll`). The rings, the
+    loop and the device's event sources are :attr:`session`'s.
     """
 
     #: Seconds the poller sleeps at most when idle (stop() and the parent watch wake it
@@ -227,6 +227,7 @@ class DeviceRuntime:
         endpoint_dir: str | None = None,
         shm_by_name: bool = False,
         poll_us: float = DEFAULT_POLL_US,
+        poll_fixed: bool = False,
     ) -> None:
         if device.num_queues < 1:
             raise UsageError(f"{device!r} has no queues")
@@ -254,6 +255,7 @@ class DeviceRuntime:
             log_prefix=f"vdev[{device.name} {os.getpid()}]: ",
             log_file=log,
             poll_us=poll_us,
+            poll_fixed=poll_fixed,
         )
         self.session.idle_timeout = self.idle_timeout
         self.session.trace_from_env(sys.argv)

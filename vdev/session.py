@@ -313,6 +313,7 @@ class DeviceSession:
         log_file: IO[str] | None = None,
         clock: Callable[[], float] = monotonic,
         poll_us: float = 0,
+        poll_fixed: bool = False,
     ) -> None:
         if device.num_queues < 1:
             raise UsageError(f"{device!r} has no queues")
@@ -352,8 +353,9 @@ class DeviceSession:
         self._refuse_features_ok = False  # a refuse_features_ok fault awaits FEATURES_OK
         self._lifelines: dict[int, tuple[Pollable, Callable[[], None]]] = {}
         #: Hybrid polling (:mod:`vdev.virtio.poll`): the adaptive window after a drain
-        #: (``poll_us`` its bound; 0: off, every drain arms at once).
-        self.poll = PollWindow(poll_us)
+        #: (``poll_us`` its bound; 0: off, every drain arms at once; ``poll_fixed``:
+        #: always the bound).
+        self.poll = PollWindow(poll_us, adaptive=not poll_fixed)
         self._polling = self.poll.enabled
         # rings drained with notifications left off, to be polled then armed
         self._unarmed: dict[int, tuple[Ring, DeviceQueue]] = {}

@@ -239,8 +239,8 @@ class VhostUserBackend:
     message may take once its first byte arrived; ``watch_parent`` ends the loop when
     the process that launched this one with :class:`hostops.DeviceProcess` dies (no
     effect otherwise); ``poll_us`` bounds the hybrid-polling window after a drain (0:
-    off; :mod:`vdev.virtio.poll`). The rings, the loop and the device's event sources
-    are :attr:`session`'s.
+    off; ``poll_fixed``: no adaptation; :mod:`vdev.virtio.poll`). The rings, the loop
+    and the device's event sources are :attr:`session`'s.
     """
 
     #: Seconds the poller sleeps at most when idle.
@@ -259,6 +259,7 @@ class VhostUserBackend:
         watch_parent: bool = True,
         injector: FaultInjector | None = None,
         poll_us: float = DEFAULT_POLL_US,
+        poll_fixed: bool = False,
     ) -> None:
         if device.num_queues < 1 or device.num_queues > 256:
             raise UsageError(f"{device!r}: vhost-user rings are numbered 0..255")
@@ -273,6 +274,7 @@ class VhostUserBackend:
             log_prefix=f"vhost-user {device.name}: ",
             log_file=log,
             poll_us=poll_us,
+            poll_fixed=poll_fixed,
         )
         self.session.idle_timeout = self.idle_timeout
         self.session.trace_from_env(sys.argv)

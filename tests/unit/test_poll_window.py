@@ -86,3 +86,13 @@ def test_defaults_and_bad_values() -> None:
     with pytest.raises(UsageError, match="minimum"):
         PollWindow(100, -1)
     assert PollWindow(100, 500).min_s == pytest.approx(100e-6)  # capped by the bound
+
+
+def test_a_fixed_window_never_moves() -> None:
+    pw = PollWindow(100, adaptive=False)
+    assert pw.window == pytest.approx(100e-6)
+    pw.contended(1e-4)
+    assert pw.slept(1.0, work=False) is True and pw.slept(1e-6, work=True) is False
+    pw.miss(1e-4)
+    assert pw.window == pytest.approx(100e-6) and pw.grown == pw.shrunk == 0
+    assert pw.contended_polls == 1 and pw.misses == 2

@@ -47,6 +47,10 @@ An idle side therefore spends no CPU on polling: it polls at most once after its
 piece of work, and its next wake-up after a long sleep shrinks the window towards 0; a
 busy side with a quick peer polls just long enough to catch it. ``max_s`` 0 turns
 polling off (:attr:`PollWindow.enabled`): every drain then arms at once, as before.
+``adaptive=False`` pins the window at ``max_s`` (as vhost's ``busyloop_timeout``): it
+never grows, shrinks or turns off -- for measurements and tests that want every poll
+to last the bound whatever the machine's load (an idle side still spends nothing: it
+polls only after work).
 
 Counters (plain numbers, reported by both sides' metrics): :attr:`PollWindow.hits`,
 :attr:`PollWindow.misses`, :attr:`PollWindow.spent` (seconds spent polling),
@@ -90,9 +94,16 @@ class PollWindow:
         "grown",
         "shrunk",
         "contended_polls",
+        "adaptive",
     )
 
-    def __init__(self, max_us: float = DEFAULT_POLL_US, min_us: float | None = None) -> None:
+    def __init__(
+        self,
+        max_us: float = DEFAULT_POLL_US,
+        min_us: float | None = None,
+        *,
+        adaptive: bool = True,
+    ) -> None:
         if (
             isinstance(max_us, bool)
             or not isinstance(max_us, int | float)
@@ -109,9 +120,11 @@ class PollWindow:
         self.min_s = min(self.max_s, min_us / 1e6)
         #: A sleep this long or longer says the peer is idle (2 × ``max_s``).
         self.long_s = 2 * self.max_s
+        #: Whether the window adapts (else it stays at ``max_s``).
+        self.adaptive = bool(adaptive)
         #: The current window, seconds (0: arm and sleep at once). It starts at the
-        #: minimum: the first polls teach it the peer's pace.
-        self.window = self.min_s
+        #: minimum: the first polls teach it the peer's pace (fixed: the bound).
+        self.window = self.min_s if self.adaptive else self.max_s
         #: Polls that found work.
         self.hits = 0
         #: Polls whose window ended empty.
@@ -147,7 +160,7 @@ class PollWindow:
         self.misses += 1
         self.spent += spent_s
         self.contended_polls += 1
-        if self.window:
+        if self.window and self.adaptive:
             w = self.window / 2
             self.window = w if w >= self.min_s else 0.0
             self.shrunk += 1
@@ -161,6 +174,8 @@ class PollWindow:
         the next one from now)."""
         if not self.max_s:
             return False
+        if not self.adaptive:
+            return slept_s >= self.long_s
         if slept_s >= self.long_s:
             if self.window:
                 w = self.window / 2
