@@ -352,6 +352,7 @@ class KernelQueue:
         self.watch_used = False
         #: Completions found by the periodic check, their interrupt never came.
         self.lost_interrupts_recovered = 0
+        self._delayed = False  # see delayed_interrupts
         #: Hybrid polling: after an interrupt, the interrupt thread may watch this
         #: queue's used ring (interrupts left off) for the poll window; a driver sets
         #: False where waiting for completions is not worth a core.
@@ -494,6 +495,21 @@ class KernelQueue:
                 no_notify=bool(flags & 1),
             )
         return need
+
+    @property
+    def delayed_interrupts(self) -> bool:
+        """Ask for completion interrupts late (:attr:`DriverQueue.delayed_interrupts`:
+        with EVENT_IDX, once three quarters of the chains in flight are used) -- for
+        queues whose completions only give buffers back, such as a transmit queue. Kept
+        for the rings a reset or restart builds anew."""
+        return self._delayed
+
+    @delayed_interrupts.setter
+    def delayed_interrupts(self, on: bool) -> None:
+        with self.lock:
+            self._delayed = bool(on)
+            if self.dq is not None:
+                self.dq.delayed_interrupts = self._delayed
 
     @property
     def stats(self) -> DriverQueueStats:
@@ -1385,6 +1401,7 @@ class VirtioTransport:
                 indirect=self.has_feature(F.INDIRECT_DESC),
             )
             dq.stats = q._stats  # cumulative across resets
+            dq.delayed_interrupts = q._delayed
             kick = self._setup_vring(q.index, q.layout)
             with q.lock:
                 q.dq = dq

@@ -270,6 +270,7 @@ class NetLink:
         txq.on_failed = lambda err: self._tx_wake()
         rxq.on_reset = self._rx_reset
         txq.on_reset = self._tx_reset
+        txq.delayed_interrupts = True  # completions wanted late (module docstring)
         txq.watch = True  # lost transmit interrupts are looked for while frames are out
         rxq.watch = rxq.watch_used = True  # and lost receive interrupts, once seen used
         txq.timeout_s = getattr(t.spec, "request_timeout", None)
@@ -344,7 +345,6 @@ class NetLink:
         need = False
         for attempt in (0, 1):
             with q.lock:
-                q.dq.delayed_interrupts = True  # (a queue rebuilt by a reset too)
                 if q.failed is not None:
                     self._free(addr)
                     raise copy_error(q.failed)

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import kernel
+from tools.bench_net import cpu_seconds
 from tools.errors import CliError
 from tools.table import render_table
 
@@ -396,26 +397,18 @@ POLL_MODES = ("on", "off", "both")
 IDLE_MEASURE_S = 2.0
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _idle_cpu(device_pid: int | None, seconds: float) -> dict[str, float]:
     """CPU use (percent of one core) of this process (the kernel) and of the device
     process while neither has anything to do for ``seconds``."""
     pids = {"kernel": os.getpid()}
     if device_pid:
         pids["device"] = device_pid
-    before = {who: _cpu_seconds(pid) for who, pid in pids.items()}
+    before = {who: cpu_seconds(pid) for who, pid in pids.items()}
     start = time.perf_counter()
     time.sleep(seconds)  # a benchmark's measuring interval, not a wait for an event
     elapsed = time.perf_counter() - start
     return {
-        who: round(100 * (_cpu_seconds(pid) - before[who]) / elapsed, 2)
-        for who, pid in pids.items()
+        who: round(100 * (cpu_seconds(pid) - before[who]) / elapsed, 2) for who, pid in pids.items()
     }
 
 
@@ -425,9 +418,9 @@ def _cpu_snapshot(dev: object) -> dict[str, float]:
     pid = dev.pid  # type: ignore[attr-defined]
     metrics = dev.metrics()["device"]  # type: ignore[attr-defined]
     return {
-        "kernel": _cpu_seconds(os.getpid()),
+        "kernel": cpu_seconds(os.getpid()),
         "kernel_poll": dev.transport.poll.spent,  # type: ignore[attr-defined]
-        "device": _cpu_seconds(pid) if pid else 0.0,
+        "device": cpu_seconds(pid) if pid else 0.0,
         "device_poll": metrics.get("poll_us", 0) / 1e6,
     }
 

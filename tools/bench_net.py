@@ -55,7 +55,7 @@ from typing import Any
 from tools.errors import CliError
 from tools.table import render_table
 
-__all__ = ["NetRow", "SIZES", "TCP_ROWS", "run_net"]
+__all__ = ["NetRow", "SIZES", "TCP_ROWS", "run_net", "cpu_seconds"]
 
 #: Environment variable that carries ``--poll off`` to the peer process.
 POLL_ENV = "VLAB_BENCH_POLL"
@@ -309,7 +309,7 @@ def _peer_virtio_tcp(switch: str) -> None:
         t.join(2)
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used so far (0.0 if it is gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -326,16 +326,16 @@ class _Stages:
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
-        self.start = [_cpu_seconds(p) for p in pids]
+        self.start = [cpu_seconds(p) for p in pids]
 
     def per_packet_us(self, packets: int) -> list[float]:
         """CPU µs each process spent per packet since the start (``packets`` received)."""
-        now = [_cpu_seconds(p) for p in self.pids]
+        now = [cpu_seconds(p) for p in self.pids]
         return [(b - a) * 1e6 / max(1, packets) for a, b in zip(self.start, now, strict=True)]
 
     def per_mib_ms(self, nbytes: int) -> list[float]:
         """CPU ms each process spent per MiB received since the start."""
-        now = [_cpu_seconds(p) for p in self.pids]
+        now = [cpu_seconds(p) for p in self.pids]
         mib = max(1, nbytes) / (1 << 20)
         return [(b - a) * 1e3 / mib for a, b in zip(self.start, now, strict=True)]
 
