@@ -763,7 +763,8 @@ class Attach(DeviceSpec):
     Names: ``name_prefix`` (default: from the device id -- ``vda``, ``vdb`` for disks,
     ``eth0`` for NICs, ``<device name>0`` otherwise: ``rng0``). ``queue_size`` is the
     ring size the driver asks for (capped by the device); ``ip`` / ``gateway`` configure
-    the interface when the device is a NIC. The device's own options (image, fault
+    the interface when the device is a NIC, ``offload=False`` keeps its checksum/TSO
+    offloads off (as ``kernel.Net``'s). The device's own options (image, fault
     plan, ...) are its command line's, not the kernel's.
     """
 
@@ -773,6 +774,7 @@ class Attach(DeviceSpec):
     reconnect_timeout: float
     ip: str
     gateway: str | None
+    offload: bool
 
     transport: ClassVar[str] = "attach"
     not_started: ClassVar[str] = "an attached device"
@@ -791,6 +793,7 @@ class Attach(DeviceSpec):
         ip: str = "10.0.0.2/24",
         gateway: str | None = None,
         poll_us: float = DEFAULT_POLL_US,
+        offload: bool = True,
     ) -> None:
         _init_recovery(
             self, "Attach", on_device_death, request_timeout, restart_budget, None, poll_us
@@ -829,6 +832,17 @@ class Attach(DeviceSpec):
         object.__setattr__(self, "reconnect_timeout", float(t))
         object.__setattr__(self, "ip", ip)
         object.__setattr__(self, "gateway", gateway)
+        if not isinstance(offload, bool):
+            raise ValueError(f"Attach: offload must be True or False, got {offload!r}")
+        object.__setattr__(self, "offload", offload)
+
+    def dma_bytes(self, queue_size: int) -> int:
+        """Enough for any device, a NIC of the largest MTU included: the kernel learns
+        what the device is (and a NIC's MTU) only once attached. The region is a memfd
+        whose pages cost nothing until used."""
+        from .transport import DEFAULT_DMA_BYTES
+
+        return max(DEFAULT_DMA_BYTES, _net_dma_bytes(MAX_MTU, self.offload, queue_size))
 
     @property
     def name_prefix(self) -> str:  # type: ignore[override]

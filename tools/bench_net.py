@@ -70,6 +70,25 @@ def _net_spec(**kw: Any) -> Any:
     return kernel.Net(**kw)
 
 
+#: How a run's "where" names ring ports (``--ring``): ``ring:<switch endpoint>``.
+RING = "ring:"
+
+
+def _nic(where: str, index: int, *, ip: str, mtu: int, offload: bool = True) -> Any:
+    """The NIC of one kernel of the run: a port of the switch at ``where`` through a
+    device process of its own (``kernel.Net(backend="switch")``), or -- ``where`` is
+    ``ring:<endpoint>`` (``--ring``) -- ring port ``index`` of that switch
+    (``kernel.Attach``: no device process; its MTU is the switch's ``--ring-mtu``)."""
+    import kernel
+
+    if not where.startswith(RING):
+        return _net_spec(backend="switch", switch=where, ip=ip, mtu=mtu, offload=offload)
+    endpoint = f"{where[len(RING) :]}.ring{index}"
+    if os.environ.get(POLL_ENV) == "off":
+        return kernel.Attach(endpoint, ip=ip, offload=offload, poll_us=0)
+    return kernel.Attach(endpoint, ip=ip, offload=offload)
+
+
 #: Payload sizes of the rows (bytes).
 SIZES = (64, 256, 1024, 4096, 16384, 65507)
 #: The TCP_STREAM rows: (name, message size, offloads on the sending kernel).
@@ -185,7 +204,7 @@ def _peer_virtio(switch: str) -> None:
 
     import kernel
 
-    spec = _net_spec(backend="switch", switch=switch, ip="10.0.0.2/24", mtu=BENCH_MTU)
+    spec = _nic(switch, 1, ip="10.0.0.2/24", mtu=BENCH_MTU)
     with kernel.boot(devices=[spec]) as k:
         fd = k.sys.socket(2, 2)
         k.sys.setsockopt(fd, 1, 8, 8 << 20)  # SOL_SOCKET, SO_RCVBUF
@@ -270,7 +289,7 @@ def _peer_virtio_tcp(switch: str) -> None:
     import kernel
     from kernel.files import SOCK_STREAM
 
-    spec = _net_spec(backend="switch", switch=switch, ip="10.0.0.2/24", mtu=TCP_MTU)
+    spec = _nic(switch, 1, ip="10.0.0.2/24", mtu=TCP_MTU)
     with kernel.boot(devices=[spec]) as k:
         lfd = k.sys.socket(type=SOCK_STREAM)
         k.sys.bind(lfd, ("0.0.0.0", TCP_PORT))
@@ -325,8 +344,10 @@ class _Stages:
     NAMES = ("sender kernel", "sender device", "switch", "receiver device", "receiver kernel")
 
     def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.start = [cpu_seconds(p) for p in pids]
+        # a kernel on a ring port has no device process: its "device" is the switch
+        # (counted once, in its own column; pid 0 reads as no CPU)
+        self.pids = [0 if i in (1, 3) and p == pids[2] else p for i, p in enumerate(pids)]
+        self.start = [cpu_seconds(p) for p in self.pids]
 
     def per_packet_us(self, packets: int) -> list[float]:
         """CPU µs each process spent per packet since the start (``packets`` received)."""
@@ -520,9 +541,7 @@ def _run_tcp(
             for name, size, offload in rows_wanted:
                 if offload not in kernels:
                     ip = "10.0.0.1/24" if offload else "10.0.0.3/24"
-                    spec = _net_spec(
-                        backend="switch", switch=switch_ep, ip=ip, mtu=TCP_MTU, offload=offload
-                    )
+                    spec = _nic(switch_ep, 0 if offload else 2, ip=ip, mtu=TCP_MTU, offload=offload)
                     kernels[offload] = kernel.boot(devices=[spec])
                 k = kernels[offload]
                 pids = [os.getpid(), k.devices[0].pid or 0, sw_pid]
@@ -561,6 +580,7 @@ def run_net(
     tcp: bool = False,
     profile: str | None = None,
     poll: str = "on",
+    ring: bool = False,
 ) -> int:
     """Run the UDP_STREAM rows -- or, with ``tcp``, the TCP_STREAM rows
     (:data:`TCP_ROWS`) -- and print them (with ``stages_table``, also the CPU time each
@@ -568,13 +588,14 @@ def run_net(
     the exit status. With ``profile`` (a directory), py-spy records every process on the
     virtio path while the virtio rows run (:mod:`tools.profile`) and a last line names
     the directory. ``poll`` ``"off"`` turns hybrid polling off in every kernel and
-    device of the run."""
+    device of the run. ``ring``: the kernels attach to ring ports of the switch
+    (``--ring-ports``) instead of each having a device process."""
     if poll not in ("on", "off"):
         raise CliError(f"--poll {poll!r}: bench net takes on or off", 2)
     old = os.environ.get(POLL_ENV)
     os.environ[POLL_ENV] = poll  # this process's kernels and, inherited, the peer's
     try:
-        return _run_net(seconds, as_json, plot, only, stages_table, tcp, profile)
+        return _run_net(seconds, as_json, plot, only, stages_table, tcp, profile, ring)
     finally:
         if old is None:
             os.environ.pop(POLL_ENV, None)
@@ -590,9 +611,10 @@ def _run_net(
     stages_table: bool,
     tcp: bool,
     profile: str | None,
+    ring: bool = False,
 ) -> int:
     if tcp:
-        return _run_net_tcp(seconds, as_json, plot, only, stages_table, profile)
+        return _run_net_tcp(seconds, as_json, plot, only, stages_table, profile, ring)
     picked = _select([f"udp-{n}" for n in SIZES], only)
     sizes = [n for n in SIZES if f"udp-{n}" in picked]
     if plot:
@@ -602,8 +624,8 @@ def _run_net(
 
     rows: list[NetRow] = []
     stage_rows: list[list[Any]] = []
-    with _bench_switch() as (switch_ep, switch_pid):
-        spec = _net_spec(backend="switch", switch=switch_ep, ip="10.0.0.1/24", mtu=BENCH_MTU)
+    with _bench_switch(BENCH_MTU if ring else None) as (switch_ep, switch_pid):
+        spec = _nic(switch_ep, 0, ip="10.0.0.1/24", mtu=BENCH_MTU)
         with kernel.boot(devices=[spec]) as k:
             vpeer = _Peer("virtio", switch_ep)
             npeer = _Peer("native")
@@ -634,27 +656,50 @@ def _select(names: list[str], only: list[str] | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def _bench_switch() -> Iterator[tuple[str, int]]:
+def _bench_switch(ring_mtu: int | None = None) -> Iterator[tuple[str, int]]:
     """A ``python -m vdev switch`` process in a private runtime directory for the run:
-    yields its endpoint and pid; stopped and cleaned up on the way out."""
+    yields where the kernels plug in (its endpoint; with ``ring_mtu``, ``ring:<endpoint>``:
+    the switch serves three ring ports of that MTU, see :func:`_nic`) and its pid;
+    stopped and cleaned up on the way out."""
     from hostops.process import DeviceProcess, python_argv
     from hostops.rundir import RuntimeDir
 
     rundir = RuntimeDir.create()
     try:
         switch_ep = rundir.endpoint("bench-switch")
+        argv = ["vdev", "switch", "--listen", switch_ep]
+        if ring_mtu is not None:
+            argv += ["--ring-ports", "3", "--ring-mtu", str(ring_mtu)]
         sw = DeviceProcess.launch(
-            python_argv("vdev", "switch", "--listen", switch_ep),
+            python_argv(*argv),
             name="switch",
             log_path=os.path.join(rundir.path, "switch.log"),
         )
         try:
+            if ring_mtu is not None:
+                _wait_rings(switch_ep, sw)
+                switch_ep = RING + switch_ep
             yield switch_ep, sw.pid
         finally:
             sw.stop()
             sw.close()
     finally:
         rundir.cleanup()
+
+
+def _wait_rings(endpoint: str, sw: Any) -> None:
+    """Wait until the switch answers (its ring ports exist once it does)."""
+    from vdev.switch import SwitchClient
+
+    with SwitchClient(endpoint) as client:
+        for _ in range(20):
+            try:
+                client.stats(timeout_s=0.5)
+                return
+            except TimeoutError:
+                if not sw.alive:
+                    break
+    raise CliError("bench net: the switch with ring ports did not start")
 
 
 def _report(
@@ -681,13 +726,14 @@ def _run_net_tcp(
     only: list[str] | None,
     stages_table: bool,
     profile: str | None = None,
+    ring: bool = False,
 ) -> int:
     picked = _select([r[0] for r in TCP_ROWS], only)
     wanted = [r for r in TCP_ROWS if r[0] in picked]
     if plot:
         _check_plot_target(plot)
     profiler = _profiler(profile)
-    with _bench_switch() as (switch_ep, switch_pid):
+    with _bench_switch(TCP_MTU if ring else None) as (switch_ep, switch_pid):
         rows, stage_rows = _run_tcp(wanted, seconds, switch_ep, switch_pid, profiler)
     stages = "CPU time per MiB received, by process on the virtio path (ms):"
     _report(rows, as_json, plot, stage_rows if stages_table else None, stages)
@@ -720,13 +766,15 @@ def _roles(
     device (``eth0``), the switch, the peer kernel and the peer's device (one NIC, so
     also ``eth0`` there)."""
     name = k.devices[0].name
-    return {
+    roles = {
         "kernel": stage_pids[0],
         f"{name}{suffix}": stage_pids[1],
         "switch": stage_pids[2],
         "peer-kernel": peer.proc.pid,
         f"peer-{name}": int(before.get("device_pid") or 0),
     }
+    # ring ports: the devices are the switch itself, profiled once as "switch"
+    return {r: p for r, p in roles.items() if r == "switch" or p != stage_pids[2]}
 
 
 def _profiled(profiler: Any, roles: dict[str, int]) -> contextlib.AbstractContextManager[Any]:

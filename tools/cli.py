@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         "tcp-65536-notso) instead of UDP_STREAM",
     )
     b.add_argument(
+        "--ring",
+        action="store_true",
+        help="net: both kernels attach to ring ports of the switch (python -m vdev switch "
+        "--ring-ports): no device processes, frames copied ring to ring",
+    )
+    b.add_argument(
         "--stages",
         action="store_true",
         help="blk, net: also print the CPU time per request (blk) or packet (net) of each "
@@ -360,8 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.target == "trace-cost":
                 from tools import trace_cost
 
-                if args.plot or args.tcp or args.stages:
-                    raise CliError("bench trace-cost: --plot, --tcp and --stages are for net", 2)
+                if args.plot or args.tcp or args.stages or args.ring:
+                    raise CliError(
+                        "bench trace-cost: --plot, --tcp, --ring and --stages are for net", 2
+                    )
                 if args.profile is not None:
                     raise CliError("bench trace-cost: --profile is for bench blk and net", 2)
                 if args.queues != 1 or args.poll != "on":
@@ -392,11 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     tcp=args.tcp,
                     profile=args.profile,
                     poll=args.poll,
+                    ring=args.ring,
                 )
             from tools import bench
 
-            if args.plot or args.tcp:
-                raise CliError("bench blk: --plot and --tcp are for bench net", 2)
+            if args.plot or args.tcp or args.ring:
+                raise CliError("bench blk: --plot, --tcp and --ring are for bench net", 2)
             return bench.run_blk(
                 image=args.image,
                 seconds=args.seconds,

@@ -383,6 +383,7 @@ class NetDevice(Device):
         offloads = backend.offloads()
         self._backend_csum = "csum" in offloads
         self._backend_tso4 = "tso4" in offloads
+        self._tx_views = backend.takes_views
         backend.attach(self)  # its watches and timers start when the runtime does
 
     # ------------------------------------------------------------------ Device API
@@ -419,6 +420,7 @@ class NetDevice(Device):
         self._mtu_negotiated = bool(features & bit(NetF.MTU))
         injector = getattr(self._session, "injector", None)
         self._faulty = injector is not None
+        self._tx_views = self.backend.takes_views and not self._faulty  # held: copies
         if injector is not None:
             self._fault_clock = injector.clock
             self.metrics.declare(*NET_FAULT_COUNTERS)
@@ -540,7 +542,12 @@ class NetDevice(Device):
         else:
             hdr = NetHdr.unpack(chain.read(0, NET_HDR_SIZE))
         if len(first) == chain.readable_len:  # the usual layout: one buffer
-            frame: bytes | memoryview = bytes(first[NET_HDR_SIZE:])
+            # a view for a backend that copies it on (the driver may rewrite its
+            # buffer under us: the lengths checked stay what they were, a view's
+            # length cannot change, so the worst is a garbled frame of its own)
+            frame: bytes | memoryview = (
+                first[NET_HDR_SIZE:] if self._tx_views else bytes(first[NET_HDR_SIZE:])
+            )
         else:
             frame = chain.read(NET_HDR_SIZE, n)
         if not self._tx_valid(hdr, frame):
@@ -1051,6 +1058,7 @@ class LoopbackBackend(NetBackend):
     ``receive`` returned: False when the driver had no buffer for it."""
 
     name = "loopback"
+    takes_views = True  # receive() copies the frame into the receive buffers
 
     def offloads(self) -> frozenset[str]:
         """Checksum and TSO frames are looped back as they are."""

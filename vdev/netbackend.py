@@ -77,6 +77,14 @@ class NetBackend:
     #: The ``--backend`` name.
     name = ""
 
+    #: True: :meth:`send` is done with ``frame`` when it returns (it copies what it
+    #: keeps), so the device hands it a view of the driver's transmit buffer instead
+    #: of a copy -- the frame is copied once, by the backend, straight to where it
+    #: goes. False (the default): the device copies the frame out of shared memory
+    #: first, so the backend may keep it. (Frames held by a fault plan are always
+    #: copies.)
+    takes_views = False
+
     def __init__(self) -> None:
         self.sink: FrameSink | None = None
         #: The backend's own counters (also added to the device's, see :meth:`count`).

@@ -52,8 +52,16 @@ the attaching kernel's sealed memfd through ``/proc`` (``{"path":
 shrinking) or maps a POSIX shm name -- ``{"fd": N}`` is refused, and a name must be one
 our kernels create (``/vlab-...``, :data:`SHM_NAME_RE`), so a control peer cannot make it
 map and write into some other program's segment. A restarted device opens the same
-path again. GET_DEVICE_INFO then also carries the device's ``pid`` (the kernel did not
-start it and cannot know it).
+path again. The device watches the kernel whose memfd it maps (a pidfd on the pid of
+the path): when that kernel exits -- SIGKILL included -- the device resets at once
+(its memory unmapped, counted ``kernels_gone``) and waits for the next kernel.
+GET_DEVICE_INFO then also carries the device's ``pid`` (the kernel did not start it and
+cannot know it).
+
+Hosted (``host=LOOP``, :meth:`DeviceRuntime.start`): the runtime's session joins a loop
+that serves several devices in one thread (the switch's ring ports, :mod:`vdev.switch`)
+instead of running its own; it has no signals, parent watch or polling of its own, and
+:meth:`DeviceRuntime.stop` closes it at once.
 
 Reset (``RESET_DEVICE`` / ``SET_STATUS 0``) stops every
 queue (the chains the device keeps are released first), unmaps the region and calls
@@ -109,12 +117,13 @@ from hostops.control import ControlServer
 from hostops.doorbell import Doorbell, DoorbellListener
 from hostops.errors import TransportError
 from hostops.fdmem import MEM_FD_ENV, MappedFd, MappingError, require_shrink_seal
+from hostops.framechan import PeerProcess
 from hostops.process import ParentWatch
 from hostops.shm import SharedRegion
 from hostops.signals import wake_on_signals
 from vdev.device import RING_FEATURES, Device
 from vdev.injector import FaultInjector
-from vdev.session import SESSION_COUNTERS, DeviceSession, Ring
+from vdev.session import SESSION_COUNTERS, DeviceSession, LoopHost, Ring
 from vdev.virtio.constants import F, Status, bit
 from vdev.virtio.control import (
     CONFIG_CHANGE,
@@ -162,6 +171,7 @@ RUNTIME_COUNTERS = (
     "activations",  # DRIVER_OK accepted
     "internal_errors",  # exceptions that reached the loop's last-resort handler
     "endpoints_refused",  # SET_VRING_KICK/CALL endpoints outside the run directory
+    "kernels_gone",  # shm_by_name: the attached kernel exited, the device was reset
 )
 
 #: Exit status of a device process whose loop hit :data:`MAX_INTERNAL_ERRORS` unexpected
@@ -228,9 +238,16 @@ class DeviceRuntime:
         shm_by_name: bool = False,
         poll_us: float = DEFAULT_POLL_US,
         poll_fixed: bool = False,
+        host: LoopHost | None = None,
     ) -> None:
         if device.num_queues < 1:
             raise UsageError(f"{device!r} has no queues")
+        if host is not None and (signal_wakeup or watch_parent or poll_us):
+            raise UsageError(
+                "a hosted runtime has no signals, parent watch or polling of its own "
+                "(signal_wakeup=False, watch_parent=False, poll_us=0)"
+            )
+        self._host = host
         self.device = device
         self.control_endpoint = control_endpoint
         control_path = control_endpoint[6:] if control_endpoint.startswith("ipc://") else ""
@@ -258,7 +275,8 @@ class DeviceRuntime:
             poll_fixed=poll_fixed,
         )
         self.session.idle_timeout = self.idle_timeout
-        self.session.trace_from_env(sys.argv)
+        if host is None:  # several hosted devices would write one trace file at once
+            self.session.trace_from_env(sys.argv)
         self.tracer = self.session.tracer
         if injector is not None:
             self.session.attach_injector(injector)
@@ -275,6 +293,7 @@ class DeviceRuntime:
         self._call_bells: dict[str, Doorbell] = {}
         self._server: ControlServer | None = None
         self._parent: ParentWatch | None = None
+        self._kernel: PeerProcess | None = None  # shm_by_name: the attached kernel
         self._closed = False
         self.exit_reason = ""
         self._handlers = {
@@ -323,6 +342,17 @@ class DeviceRuntime:
             self.close()
         return self.exit_status
 
+    def start(self) -> None:
+        """Hosted runtime (``host=``): bind the control endpoint and join the host's
+        loop; the host's rounds serve it from now on, until :meth:`close`."""
+        if self._host is None:
+            raise UsageError("start() is for a hosted runtime; call run()")
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
     def _internal_error(self, e: Exception) -> None:
         """The loop's last-resort handler (see :meth:`run`)."""
         n = self.counters["internal_errors"] = self.counters.get("internal_errors", 0) + 1
@@ -340,10 +370,12 @@ class DeviceRuntime:
         if not self.session.stopping:
             self.exit_reason = reason
         self.session.stop()
+        if self._host is not None:  # nobody returns from run(): close now
+            self.close()
 
     def _open(self) -> None:
         session = self.session
-        session.open()
+        session.open(self._host, on_error=self._internal_error if self._host else None)
         if self.signal_wakeup:
             assert session.waker is not None
             self._unwake = wake_on_signals(session.waker)
@@ -397,6 +429,7 @@ class DeviceRuntime:
             *self._call_bells.values(),
             self._server,
             self._parent,
+            self._kernel,
         ]
         for obj in closables:
             if obj is None:
@@ -411,7 +444,7 @@ class DeviceRuntime:
                 self._log(f"closing {type(obj).__name__}: {e}")
         self._kick_listeners.clear()
         self._call_bells.clear()
-        self._server = self._parent = None
+        self._server = self._parent = self._kernel = None
         session.close()  # the waker, the device's watches, device.close()
         if self.exit_reason:
             self._log(f"exiting: {self.exit_reason}")
@@ -682,11 +715,40 @@ class DeviceRuntime:
             ) from None
         try:
             require_shrink_seal(fd)
-            return MappedFd.map(fd, size)
+            region = MappedFd.map(fd, size)
         except MappingError as e:
             raise ProtocolError(ErrorCode.BAD_ADDRESS, f"SET_MEM_TABLE: {path}: {e}") from None
         finally:
             os.close(fd)  # the mapping holds the memory
+        self._watch_kernel(int(path.split("/")[2]))
+        return region
+
+    def _watch_kernel(self, pid: int) -> None:
+        """Reset the device when the attached kernel (``pid``, whose memfd we map)
+        exits -- SIGKILL included: its memory is unmapped at once and the device
+        waits for the next kernel, as after a RESET_DEVICE."""
+        old = self._kernel
+        if old is not None and old.pid == pid:
+            return
+        if old is not None:
+            self.session.remove_source(old)
+            old.close()
+        self._kernel = watch = PeerProcess.open(pid)
+        if watch is not None:
+            self.session.add_lifeline(watch, partial(self._kernel_gone, watch))
+
+    def _kernel_gone(self, watch: PeerProcess) -> None:
+        self.session.remove_source(watch)
+        watch.close()
+        if self._kernel is not watch:
+            return
+        self._kernel = None
+        self.counters["kernels_gone"] += 1
+        self._log(f"the attached kernel (pid {watch.pid}) exited: resetting")
+        try:
+            self._reset()
+        except ProtocolError as e:
+            self._log(f"reset after the kernel exited: {e}")
 
     def _unmap(self) -> None:
         for ring in self.rings:

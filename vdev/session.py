@@ -103,6 +103,15 @@ Counters (:attr:`DeviceSession.counters`, shared with the transport, plain ints)
 ``kicks_received``, ``ring_errors``, ``handler_errors``, ``chains_released``, ``kept``
 (a gauge) and ``rule:<RULE>`` per spec rule the driver broke.
 
+Hosted sessions. A process may serve several devices from one thread (the switch's
+ring ports, :mod:`vdev.switch`): each session then *joins* a host loop
+(:class:`LoopHost`, ``open(host)``) instead of running its own. Its sources are the
+host's watches (dispatched exactly as :meth:`DeviceSession.run_once` does), the host's
+waker is its waker, and every round the host asks :meth:`DeviceSession.round_timeout`
+before it sleeps and calls :meth:`DeviceSession.after_round` (timers, pending rings,
+owed interrupts) after its callbacks. A hosted session does not busy-poll: a window
+spent on one device's rings would stall every other.
+
 The log is one line per event on the transport's log file, at most
 :data:`MAX_LOG_PER_KIND` lines of each kind, so a hostile driver cannot fill the disk.
 
@@ -168,6 +177,7 @@ from vdev.virtio.trace import SeqCounter, Tracer
 
 __all__ = [
     "DeviceSession",
+    "LoopHost",
     "Ring",
     "SessionTransport",
     "SESSION_COUNTERS",
@@ -231,6 +241,33 @@ def _push_batch(dq: DeviceQueue, entries: Sequence[tuple[int, int]]) -> None:
         dq.used_idx = idx
     finally:
         used.release()
+
+
+class LoopHost(Protocol):
+    """A loop that hosts sessions (:meth:`DeviceSession.open` with ``host``):
+    :class:`vdev.switch.EventLoop` is one."""
+
+    @property
+    def waker(self) -> Waker:
+        """The loop's self-pipe (:meth:`DeviceSession.stop` wakes it)."""
+        ...
+
+    def watch(self, source: Any, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` whenever ``source`` is ready (replaces an earlier one)."""
+        ...
+
+    def unwatch(self, source: Any) -> None:
+        """Stop watching ``source``."""
+        ...
+
+    def host(self, session: DeviceSession) -> None:
+        """Ask ``session.round_timeout()`` before and call ``session.after_round()``
+        after every round."""
+        ...
+
+    def unhost(self, session: DeviceSession) -> None:
+        """Forget ``session``."""
+        ...
 
 
 class SessionTransport(Protocol):
@@ -338,6 +375,8 @@ class DeviceSession:
         self._cancelled = 0  # cancelled timers still in the heap
         self._poller: Poller | None = None
         self.waker: Waker | None = None
+        self._host: LoopHost | None = None  # hosted: the loop this session joined
+        self._on_error: Callable[[Exception], None] | None = None
         self.stopping = False
         self._closed = False
         #: The tracer (None: not traced; set before the rings start).
@@ -563,9 +602,28 @@ class DeviceSession:
             pass
 
     # ================================================================== the loop
-    def open(self) -> None:
-        """Create the poller and the waker; register every source added so far."""
-        if self._poller is not None:
+    def open(
+        self, host: LoopHost | None = None, on_error: Callable[[Exception], None] | None = None
+    ) -> None:
+        """Create the poller and the waker; register every source added so far.
+
+        With ``host`` the session joins the host's loop instead (see "Hosted sessions"
+        in the module docstring): its sources are watched by the host, the host's waker
+        is its waker, and the host calls :meth:`round_timeout` / :meth:`after_round`
+        every round. ``on_error`` then takes exceptions escaping the transport's
+        callbacks (as :meth:`run`'s does). A hosted session does not poll its rings
+        (``poll_us`` must be 0: a spin for one session would stall the others)."""
+        if self._poller is not None or self._host is not None:
+            return
+        if host is not None:
+            if self.poll.enabled:
+                raise UsageError("a hosted session cannot busy-poll: give it poll_us=0")
+            self._host = host
+            self._on_error = on_error
+            self.waker = host.waker
+            for obj, _, _ in self._sources.values():
+                host.watch(obj, self._hosted_callback(id(obj)))
+            host.host(self)
             return
         self._poller = poller = Poller()
         self.waker = waker = Waker()
@@ -581,14 +639,42 @@ class DeviceSession:
         """Call ``callback()`` (the transport's; exceptions propagate to :meth:`run`)
         whenever ``obj`` is ready. Adding it again replaces the callback."""
         self._sources[id(obj)] = (obj, callback, False)
-        if self._poller is not None:
-            self._poller.register(obj)
+        self._register(obj)
 
     def remove_source(self, obj: Pollable) -> None:
         """Stop watching ``obj`` (unknown objects are ignored). Do it before closing it."""
         self._lifelines.pop(id(obj), None)
-        if self._sources.pop(id(obj), None) is not None and self._poller is not None:
-            self._poller.unregister(obj)
+        if self._sources.pop(id(obj), None) is not None:
+            if self._poller is not None:
+                self._poller.unregister(obj)
+            elif self._host is not None:
+                self._host.unwatch(obj)
+
+    def _register(self, obj: Pollable) -> None:
+        if self._poller is not None:
+            self._poller.register(obj)
+        elif self._host is not None:
+            self._host.watch(obj, self._hosted_callback(id(obj)))
+
+    def _hosted_callback(self, key: int) -> Callable[[], None]:
+        """What the host calls when the source ``key`` is ready (the dispatch of
+        :meth:`run_once`, one source at a time)."""
+
+        def ready() -> None:
+            entry = self._sources.get(key)
+            if entry is None or self.stopping:
+                return
+            if entry[2]:
+                self._device_callback(entry[1])
+                return
+            try:
+                entry[1]()
+            except Exception as e:
+                if self._on_error is None:
+                    raise
+                self._on_error(e)
+
+        return ready
 
     def run(self, on_error: Callable[[Exception], None] | None = None) -> None:
         """Serve until :meth:`stop` (see the module docstring). An exception escaping
@@ -610,6 +696,8 @@ class DeviceSession:
         the pending rings, flush owed interrupts."""
         poller = self._poller
         if poller is None:
+            if self._host is not None:
+                raise UsageError("a hosted session's loop is its host's: it has no run_once")
             self.open()
             poller = self._poller
             assert poller is not None
@@ -639,6 +727,12 @@ class DeviceSession:
                 self._device_callback(entry[1])
             else:
                 entry[1]()
+        self.after_round()
+
+    def after_round(self) -> None:
+        """The rest of a round once the sources' callbacks have run: the timers that
+        are due, the pending rings, the owed interrupts, then (nothing pending) the
+        poll of the unarmed rings. A hosted session's host calls it every round."""
         if self.stopping:
             return
         if self._timers:
@@ -649,6 +743,19 @@ class DeviceSession:
             self._flush()
         if self._unarmed and not self._pending and not self.stopping:
             self._busy_poll()
+        if self._host is not None and self.trace_flush is not None:
+            self.trace_flush()
+
+    def round_timeout(self) -> float | None:
+        """How long the loop may sleep as far as this session is concerned: 0 with work
+        left (or interrupts owed: a hosted session's ring may be completed by another
+        session's round, after its own), else until its earliest timer, else None (no
+        limit of its own; a hosted session's host asks it every round)."""
+        if self._pending or self._unarmed or self._owed:
+            return 0.0
+        if self._timers:
+            return self._timer_timeout()
+        return None
 
     # ================================================================== hybrid polling
     def _leave_unarmed(self, ring: Ring, dq: DeviceQueue) -> bool:
@@ -731,17 +838,22 @@ class DeviceSession:
             timer._owner = None
         self._timers.clear()
         poller, self._poller = self._poller, None
-        if poller is not None:
-            for obj, _, _ in list(self._sources.values()):
-                try:
+        host, self._host = self._host, None
+        for obj, _, _ in list(self._sources.values()):
+            try:
+                if poller is not None:
                     poller.unregister(obj)
-                except Exception:
-                    pass
+                elif host is not None:
+                    host.unwatch(obj)
+            except Exception:
+                pass
         self._sources.clear()
         self._lifelines.clear()
         self._watches.clear()
         waker, self.waker = self.waker, None
-        if waker is not None:
+        if host is not None:
+            host.unhost(self)  # the waker is the host's
+        elif waker is not None:
             waker.close()
         if self.device._session is self:
             self.device._attach(None)
@@ -1536,8 +1648,7 @@ class DeviceSession:
             pollable = FdSource(fd)
         self._watches[key] = (source, pollable)
         self._sources[id(pollable)] = (pollable, callback, True)
-        if self._poller is not None:
-            self._poller.register(pollable)
+        self._register(pollable)
 
     def unwatch(self, source: Any) -> None:
         """:meth:`vdev.device.Device.unwatch`."""

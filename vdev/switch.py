@@ -3,6 +3,7 @@
     python -m vdev.switch --listen ipc:///path/sw.sock [--age SECONDS] [--max-macs N]
                           [--max-ports N] [--hwm N] [--tap IFNAME]
                           [--impair loss=P,dup=P,reorder=P,seed=N]
+                          [--ring-ports N [--ring-mtu N]]
 
 (:func:`main` is also what a ``python -m vdev switch`` sub-command calls.)
 
@@ -72,6 +73,22 @@ a frame for a full port is dropped and counted), a cap on message size, the MAC 
 cap, at most ``--max-ports`` ports, at most 64 deferred stats requests, and bounded
 work per wake-up (``budget`` messages).
 
+*Ring ports* (``--ring-ports N``): the switch itself serves N virtio-net devices
+(:class:`vdev.net.NetDevice`, control endpoint ``<ENDPOINT>.ring<i>``, MAC
+``02:76:6c:xx:xx:xx``, MTU ``--ring-mtu``) the way a ``--shm-by-name`` device process
+does: a kernel attaches to one (``kernel.Attach("ipc://.../sw.sock.ring0", ip=...)``,
+one kernel per port at a time), the switch maps that kernel's memory, and the port's
+rings are served by the switch's own loop (each device's
+:class:`~vdev.runtime.DeviceRuntime` is *hosted* by the :class:`EventLoop`: one
+thread, no locks). A frame a ring port's driver transmits is decided while it is still
+in the driver's transmit buffer and copied once, straight into the receive buffer of a
+ring port it goes to (``NetDevice.receive``) -- ring to ring, as OVS-DPDK, VPP and
+Snabb do -- or into one ZeroMQ message for a port of the ZeroMQ kind. No device
+process sits between a ring port's kernel and the switch. Ring ports do not busy-poll
+(one device's spin would stall the rest) and are not traced on the switch's side (the
+kernel's side is). A kernel that exits (SIGKILL included) resets its port at once; the
+next kernel may attach.
+
 *Impairment* (``--impair``, for testing transports over a bad path, as netem does):
 every frame the switch would forward or flood is, by one seeded draw
 (:class:`Impairment`), *lost* (not forwarded), *duplicated* (forwarded twice) or
@@ -109,6 +126,7 @@ from hostops.poll import Poller, Waker
 from hostops.process import ParentWatch
 from hostops.signals import on_terminate, wake_on_signals
 from hostops.tap import TapError
+from vdev.netbackend import NetBackend
 from vdev.virtio.net import (
     ETH_HLEN,
     GSO_ECN,
@@ -802,6 +820,7 @@ class EventLoop:
         self._watches: dict[int, tuple[Any, Callable[[], None]]] = {}  # id(pollable)
         self._keys: dict[int, Any] = {}  # id(source) -> pollable
         self._timers: list[TimerHandle] = []
+        self._hosted: list[Any] = []  # DeviceSessions joined to this loop
         self._stopping = False
         self.callback_errors = 0
         """Exceptions escaping callbacks (logged, the loop goes on)."""
@@ -839,6 +858,18 @@ class EventLoop:
         self._watches.pop(id(p), None)
         self._poller.unregister(p)
 
+    def host(self, session: Any) -> None:
+        """Host a :class:`vdev.session.DeviceSession` (its ``open(host=loop)`` calls
+        this): every round asks ``session.round_timeout()`` before sleeping and calls
+        ``session.after_round()`` after the callbacks and timers."""
+        if session not in self._hosted:
+            self._hosted.append(session)
+
+    def unhost(self, session: Any) -> None:
+        """Stop hosting ``session`` (unknown sessions are ignored)."""
+        if session in self._hosted:
+            self._hosted.remove(session)
+
     def call_later(self, delay_s: float, callback: Callable[[], None]) -> TimerHandle:
         """Run ``callback()`` once, ``delay_s`` seconds from now."""
         t = TimerHandle(self._clock() + max(0.0, delay_s), callback)
@@ -854,6 +885,11 @@ class EventLoop:
         if timers:
             wait = max(0.0, timers[0].when - self._clock())
             timeout_s = wait if timeout_s is None else min(timeout_s, wait)
+        hosted = self._hosted
+        for session in hosted:
+            t = session.round_timeout()
+            if t is not None and (timeout_s is None or t < timeout_s):
+                timeout_s = t
         for obj in self._poller.poll(timeout_s):
             if obj is self._waker:
                 self._waker.drain()
@@ -870,6 +906,8 @@ class EventLoop:
             if not t.cancelled:
                 t.cancelled = True
                 self._call(t.callback)
+        for session in hosted[:] if hosted else ():
+            self._call(session.after_round)
 
     def _call(self, cb: Callable[[], None]) -> None:
         try:
@@ -901,6 +939,7 @@ class EventLoop:
         self._watches.clear()
         self._keys.clear()
         self._timers.clear()
+        self._hosted.clear()
         self._waker.close()
 
 
@@ -971,12 +1010,48 @@ class RxGate:
 
 @dataclass(slots=True)
 class _Link:
-    """How the server reaches one port: a ZeroMQ peer or the TAP backend."""
+    """How the server reaches one port: a ZeroMQ peer, or in this process (the TAP
+    backend's ``send``, a ring port device's ``receive``)."""
 
     peer: bytes | None = None
-    tap: Any = None  # vdev.net_tap.TapBackend
+    local: Callable[[NetHdr, bytes | memoryview], bool] | None = None
     watch: PeerProcess | None = None
     batch: bool = False  # the port said it takes batch messages
+
+
+class _RingBackend(NetBackend):
+    """The backend of a ring port's :class:`~vdev.net.NetDevice`: what its driver
+    transmits is switched at once, in this process, straight from the driver's transmit
+    buffer (:meth:`SwitchServer.from_ring`); what the switch sends to the port goes
+    straight into the driver's receive buffers (``NetDevice.receive``)."""
+
+    name = "ring"
+    takes_views = True  # from_ring copies the frame to where it goes before returning
+
+    def __init__(self, server: SwitchServer, number: int) -> None:
+        super().__init__()
+        self._server = server
+        self.number = number
+
+    def offloads(self) -> frozenset[str]:
+        """Offloaded frames cross as they are (a receiving device shapes them)."""
+        return OFFLOADS
+
+    def send(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        """Switch one frame the port's driver sent."""
+        return self._server.from_ring(self.number, hdr, frame)
+
+
+@dataclass(slots=True)
+class RingPort:
+    """One ring port: a virtio-net device served by the switch process itself, at
+    ``endpoint``, for one kernel at a time to attach to (``kernel.Attach(endpoint)``)."""
+
+    number: int
+    endpoint: str
+    mac: bytes
+    device: Any  # vdev.net.NetDevice
+    runtime: Any  # vdev.runtime.DeviceRuntime (hosted by the switch's loop)
 
 
 class _TapSink:
@@ -1029,10 +1104,13 @@ class SwitchServer:
         budget: int = 256,
         log: Any = None,
         impair: Impairment | None = None,
+        ring_ports: int = 0,
+        ring_mtu: int = 1500,
     ) -> None:
         self.core = SwitchCore(age_s=age_s, max_macs=max_macs, max_ports=max_ports)
         self.impair = impair
         self._held: tuple[tuple[int, ...], bool, NetHdr | None, Any, Any] | None = None
+        self.rings: list[RingPort] = []
         self._held_timer: TimerHandle | None = None
         self.endpoint = endpoint
         self.budget = max(1, budget)
@@ -1053,6 +1131,8 @@ class SwitchServer:
             self.loop.watch(self._hub, self._on_hub)
             if tap is not None:
                 self._open_tap(tap)
+            for i in range(ring_ports):
+                self._open_ring(i, ring_mtu)
         except BaseException:
             self.close()
             raise
@@ -1090,6 +1170,9 @@ class SwitchServer:
         if self._held_timer is not None:
             self._held_timer.cancel()
             self._held_timer = None
+        for ring in self.rings:
+            ring.runtime.close()  # its device, memory, control socket and doorbells
+        self.rings.clear()
         for number in list(self._links):
             self._drop_link(number)
         for w in self._pid_watches.values():
@@ -1300,7 +1383,7 @@ class SwitchServer:
         outs: tuple[int, ...],
         flooded: bool,
         hdr: NetHdr | None,
-        msg: Part | list[Any],
+        msg: Part | list[Any] | None,
         frame: bytes | memoryview,
     ) -> None:
         """:meth:`_deliver` through the :class:`Impairment` (see the module doc)."""
@@ -1335,7 +1418,7 @@ class SwitchServer:
         outs: tuple[int, ...],
         flooded: bool,
         hdr: NetHdr | None,
-        msg: Part | list[Any],
+        msg: Part | list[Any] | None,
         frame: bytes | memoryview,
     ) -> None:
         """Send one frame to ``outs``: ``msg`` is the whole frame message as received
@@ -1352,9 +1435,11 @@ class SwitchServer:
                 continue
             if hdr is None or _takes(hdr, port.accepts):
                 if link.peer is not None:
+                    if msg is None:  # from a ring port: the message is made once, here
+                        msg = [KIND_FRAME, (hdr or _PLAIN).pack(), frame]
                     self._send(o, link.peer, msg, n, flooded)
                 else:
-                    self._send_tap(o, link, hdr or _PLAIN, frame, flooded)
+                    self._send_local(o, link, hdr or _PLAIN, frame, flooded)
                 continue
             if port.accepts not in adapted:
                 adapted[port.accepts] = self._adapt(hdr, frame, port.accepts)
@@ -1368,7 +1453,7 @@ class SwitchServer:
                     if not self._send(o, link.peer, out, len(piece), flooded):
                         break
                 else:
-                    self._send_tap(o, link, h, piece, flooded)
+                    self._send_local(o, link, h, piece, flooded)
 
     def _adapt(
         self, hdr: NetHdr, frame: bytes | memoryview, accepts: frozenset[str]
@@ -1406,10 +1491,10 @@ class SwitchServer:
         self._remove(number, "connection gone")
         return False
 
-    def _send_tap(
+    def _send_local(
         self, number: int, link: _Link, hdr: NetHdr, frame: bytes | memoryview, flooded: bool
     ) -> None:
-        if link.tap is not None and link.tap.send(hdr, frame):
+        if link.local is not None and link.local(hdr, frame):
             self.core.count_tx(number, len(frame), flooded)
         else:
             self.core.count_full(number)
@@ -1524,9 +1609,48 @@ class SwitchServer:
         backend = TapBackend(ifname)
         self._tap_backend = backend
         port = self.core.add_port(f"tap:{ifname}", accepts=backend.offloads(), pid=os.getpid())
-        self._links[port.number] = _Link(tap=backend)
+        self._links[port.number] = _Link(local=backend.send)
         backend.attach(_TapSink(self, port.number))
         backend.set_rx_offloads(OFFLOADS)
+
+    def _open_ring(self, index: int, mtu: int) -> None:
+        """Ring port ``index``: a virtio-net device served by this process at
+        ``<listen endpoint>.ring<index>`` (see "Ring ports" in the module doc)."""
+        from vdev.net import NetDevice
+        from vdev.runtime import DeviceRuntime
+
+        endpoint = f"{self.endpoint}.ring{index}"
+        mac = bytes((0x02, 0x76, 0x6C)) + os.urandom(3)  # locally administered, unicast
+        port = self.core.add_port(f"ring{index}", mac=mac, accepts=OFFLOADS, pid=os.getpid())
+        device = NetDevice(_RingBackend(self, port.number), mac=mac, mtu=mtu)
+        self._links[port.number] = _Link(local=device.receive)
+        runtime = DeviceRuntime(
+            device,
+            endpoint,
+            watch_parent=False,
+            log=self._log_file,
+            shm_by_name=True,
+            poll_us=0,
+            host=self.loop,
+        )
+        self.rings.append(RingPort(port.number, endpoint, mac, device, runtime))
+        runtime.start()
+        self._log(f"ring port {port.number} (mac {format_mac(mac)}) on {endpoint}")
+
+    def from_ring(self, number: int, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        """A frame the driver of ring port ``number`` sent (already checked by its
+        device, §5.1.6.2.1); ``frame`` may be a view of the driver's transmit buffer,
+        valid until this returns: a ring port gets it copied straight into its
+        driver's receive buffer, a ZeroMQ port as a message made once."""
+        outs, flooded = self.core.decide(number, frame)
+        if not outs:
+            return False
+        offloaded = hdr if hdr.flags or hdr.gso_type else None
+        if self.impair is None:
+            self._deliver(outs, flooded, offloaded, None, frame)
+        else:  # a frame held back for reordering outlives the driver's buffer
+            self._impaired(outs, flooded, offloaded, None, bytes(frame))
+        return True
 
     # ------------------------------------------------------------------ ageing
     def _arm_ageing(self) -> None:
@@ -1571,6 +1695,16 @@ class SwitchServer:
         """The core's statistics plus the TAP backend's counters."""
         st = self.core.stats()
         st["tap"] = dict(self.tap_counters)
+        st["rings"] = [
+            {
+                "port": r.number,
+                "endpoint": r.endpoint,
+                "mac": format_mac(r.mac),
+                "attached": r.runtime.driver_ok,
+                "device": r.device.metrics.snapshot(),
+            }
+            for r in self.rings
+        ]
         st["impair"] = self.impair.describe() if self.impair is not None else None
         st["switch"]["callback_errors"] = self.loop.callback_errors
         if self._hub is not None:  # messages of more than one part, dropped by the hub
@@ -1787,6 +1921,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="lose, duplicate and reorder forwarded frames with these probabilities "
         "(seeded; for tests)",
     )
+    p.add_argument(
+        "--ring-ports",
+        type=_bounded_int(0, 64),
+        default=0,
+        metavar="N",
+        help="serve N virtio-net devices in this process, at ENDPOINT.ring0 ... for "
+        "kernels to attach to (kernel.Attach): frames go ring to ring, no device process",
+    )
+    p.add_argument(
+        "--ring-mtu",
+        type=_bounded_int(68, 65535),
+        default=1500,
+        metavar="N",
+        help="the MTU of the ring ports' devices (default 1500)",
+    )
     return p
 
 
@@ -1808,6 +1957,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
             hwm=args.hwm,
             tap=args.tap,
             impair=args.impair,
+            ring_ports=args.ring_ports,
+            ring_mtu=args.ring_mtu,
         )
     except TapError as e:
         if debug:
