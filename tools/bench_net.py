@@ -33,6 +33,12 @@ Kicks and interrupts per packet count *frames on the ring*: a TSO super-frame is
 The ``stages`` table of the TCP rows gives the CPU time each process spent per MiB
 received.
 
+``ring=True`` (``vlab bench net --ring``): both kernels attach to ring ports of the
+switch (``python -m vdev switch --ring-ports 3``, ``kernel.Attach``) instead of each
+having a device process: app → kernel A's stack → ring → the switch (one copy, into
+kernel B's receive buffer) → kernel B's stack → app. The stages table then shows 0 for
+the device columns: the switch does the devices' work.
+
 ``poll="off"`` (``vlab bench net --poll off``) boots every kernel -- this one and the
 peer's -- with hybrid polling off on both sides of each ring (``poll_us=0``,
 ``device_poll_us=0``); the default leaves it on.
