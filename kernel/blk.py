@@ -152,12 +152,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from hostops.sync import Lock, current_thread_name
+from hostops.sync import Lock
 from vdev.virtio import SECTOR_SIZE, BlkF, BlkStatus, BlkType, DeviceId, F, VirtioError, bit
 from vdev.virtio.blk import CONFIG_BYTES, DISCARD_SEGMENT, REQ_HEADER, BlkConfig
 
 from .bus import VirtioDriver, register_driver
 from .errors import DeviceControlError, blk_status_errno, copy_error, io_error
+from .queue_map import ThreadQueueMap
 from .transport import MAX_QUEUES, KernelQueue, VirtioTransport
 
 __all__ = [
@@ -176,7 +177,6 @@ __all__ = [
     "INTEGRITY_COUNTERS",
     "READAHEAD_COUNTERS",
     "MAX_INTO",
-    "MAX_THREAD_MAP",
     "EARLY_PUBLISH_BYTES",
     "WriteWatcher",
 ]
@@ -197,8 +197,6 @@ MAX_SEGMENTS = 32
 EARLY_PUBLISH_BYTES = 64 << 10
 #: Most ``(offset, view)`` entries of a read's ``into`` scatter list (Linux's IOV_MAX).
 MAX_INTO = 1024
-#: Threads :meth:`BlockDevice.current_queue` remembers by name (then: CRC32 of the name).
-MAX_THREAD_MAP = 4096
 #: Operations write watchers hear of.
 _WRITE_OPS = frozenset(("write", "discard", "write_zeroes"))
 #: Features the driver understands.
@@ -543,8 +541,7 @@ class BlockDevice:
         self.queues: list[KernelQueue] = queues
         self.queue = queues[0]
         self._hctx = [_Hctx(i, q) for i, q in enumerate(queues)]
-        self._thread_hctx: dict[str, int] = {}  # thread name -> its request queue
-        self._next_hctx = 0  # the queue the next new thread gets (round robin)
+        self._queue_map = ThreadQueueMap(len(queues))  # thread -> its request queue
         self.config = config
         self.feature_bits = transport.features
         self.features = transport.feature_names
@@ -652,7 +649,6 @@ class BlockDevice:
             0,
         )
         self._watchers: list[WriteWatcher] = []  # copied on change: read without a lock
-        self._tlock = Lock()  # guards the thread -> queue map
         self._jlock = Lock()  # guards the journal and the replay waves (completions)
         # -- integrity mode (opt-in: the spec's ``integrity``)
         #: Whether reads are verified against CRCs of what was written and fsync reads
@@ -689,28 +685,10 @@ class BlockDevice:
         return sum(len(h.pending) for h in self._hctx)
 
     def current_queue(self) -> int:
-        """The index of the request queue the calling thread submits to. Each thread
+        """The index of the request queue the calling thread submits to: each thread
         gets one the first time it submits, round robin, and keeps it (as Linux maps
-        each CPU to one hardware context); threads are told apart by name -- unique
-        unless given one twice (a thread id may be reused as soon as its thread exits:
-        short-lived threads would pile onto one queue) -- so threads sharing a name
-        share a queue. Beyond :data:`MAX_THREAD_MAP` threads the name's CRC32 picks
-        the queue (still stable per thread)."""
-        hctx = self._hctx
-        if len(hctx) == 1:
-            return 0
-        name = current_thread_name()
-        i = self._thread_hctx.get(name)
-        if i is None:
-            with self._tlock:
-                i = self._thread_hctx.get(name)
-                if i is None:
-                    if len(self._thread_hctx) >= MAX_THREAD_MAP:
-                        return zlib.crc32(name.encode()) % len(hctx)
-                    i = self._next_hctx
-                    self._next_hctx = (i + 1) % len(hctx)
-                    self._thread_hctx[name] = i
-        return i
+        each CPU to one hardware context; :class:`kernel.queue_map.ThreadQueueMap`)."""
+        return self._queue_map.current()
 
     def _refill_hook(self, h: _Hctx) -> Callable[[], None]:
         return lambda: self._refill(h)

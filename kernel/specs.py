@@ -39,7 +39,15 @@ from typing import Any, ClassVar
 from hostops.process import python_argv
 from vdev.virtio import DeviceId, NetF, bit
 from vdev.virtio.faults import FaultPlan, FaultPlanError
-from vdev.virtio.net import MAX_MTU, MIN_MTU, S_LINK_UP, NetConfig, format_mac, parse_mac
+from vdev.virtio.net import (
+    MAX_MTU,
+    MAX_QUEUE_PAIRS,
+    MIN_MTU,
+    S_LINK_UP,
+    NetConfig,
+    format_mac,
+    parse_mac,
+)
 from vdev.virtio.poll import DEFAULT_POLL_US, MAX_POLL_US
 
 __all__ = [
@@ -418,14 +426,19 @@ NET_BACKENDS: dict[str, tuple[str, ...]] = {
 _BACKEND_OPTIONS = ("switch", "ifname", "record", "replay")
 
 
-def _net_dma_bytes(mtu: int, offload: bool, queue_size: int) -> int:
-    """DMA bytes of a NIC: receive buffers for a full ring plus a transmit pool."""
+def _net_dma_bytes(mtu: int, offload: bool, queue_size: int, pairs: int = 1) -> int:
+    """DMA bytes of a NIC: receive buffers for a full ring per queue pair plus a
+    transmit pool (shared by the pairs' transmit queues)."""
     from .virtio_net import rx_buffer_bytes, tx_pool_bytes
 
     # the driver takes GUEST_TSO4 only with MRG_RXBUF (see NetDriver.features_for)
     rx = rx_buffer_bytes(mtu, True, offload) * queue_size
     rx_plain = rx_buffer_bytes(mtu, False, False) * queue_size
-    return max(rx, rx_plain) + tx_pool_bytes(mtu, queue_size) + (256 << 10)
+    area = max(rx, rx_plain)
+    if pairs > 1:
+        # each pair's buffers are one allocation of the buddy allocator: a power of two
+        area = 1 << (area - 1).bit_length()
+    return pairs * area + tx_pool_bytes(mtu, queue_size) + (256 << 10)
 
 
 def _check_net_common(
@@ -479,6 +492,12 @@ class Net(DeviceSpec):
     ``rx_buffer_size`` the size of each receive buffer when MRG_RXBUF is negotiated
     (default: from the MTU; smaller buffers make big frames span several), ``paced``
     replays a pcap at its timestamps (default: as fast as receive buffers allow).
+
+    ``queue_pairs`` (default 1, at most 16): receive/transmit queue pairs. With more
+    than one the device is started with ``--queue-pairs N`` and offers
+    VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_MQ; the driver takes them, turns the pairs on
+    with VQ_PAIRS_SET and transmits on the sending thread's pair
+    (:mod:`kernel.virtio_net`).
     """
 
     backend: str = "loopback"
@@ -494,6 +513,7 @@ class Net(DeviceSpec):
     record: str | None = None
     replay: str | None = None
     paced: bool = False
+    queue_pairs: int = field(default=1, kw_only=True)
 
     kind: ClassVar[str] = "net"
     name_prefix: ClassVar[str] = "eth"
@@ -501,6 +521,11 @@ class Net(DeviceSpec):
 
     def __post_init__(self) -> None:
         _check_recovery_options("Net", self)
+        n = self.queue_pairs
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"Net: queue_pairs must be an int, got {type(n).__name__} {n!r}")
+        if not 1 <= n <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"Net: queue_pairs {n} is not in 1..{MAX_QUEUE_PAIRS}")
         if self.backend not in NET_BACKENDS:
             raise ValueError(
                 f"Net: unknown backend {self.backend!r} (one of {', '.join(NET_BACKENDS)})"
@@ -535,11 +560,13 @@ class Net(DeviceSpec):
         return parse_mac(self.mac) if self.mac else None
 
     def dma_bytes(self, queue_size: int) -> int:
-        """Receive buffers for a full ring plus a transmit pool, sized from the MTU."""
-        return _net_dma_bytes(self.mtu, self.offload, queue_size)
+        """Receive buffers for a full ring per queue pair plus a transmit pool, sized
+        from the MTU."""
+        return _net_dma_bytes(self.mtu, self.offload, queue_size, self.queue_pairs)
 
     def device_args(self) -> list[str]:
-        """``--backend NAME [backend options] [--mac M] --mtu N --queue-size N``."""
+        """``--backend NAME [backend options] [--mac M] --mtu N --queue-size N`` and,
+        with several pairs, ``--queue-pairs N``."""
         args = ["--backend", self.backend]
         for opt in _BACKEND_OPTIONS:
             v = getattr(self, opt)
@@ -550,6 +577,8 @@ class Net(DeviceSpec):
         if self.mac is not None:
             args += ["--mac", format_mac(parse_mac(self.mac))]
         args += ["--mtu", str(self.mtu), "--queue-size", str(self.queue_size)]
+        if self.queue_pairs > 1:
+            args += ["--queue-pairs", str(self.queue_pairs)]
         return args
 
 

@@ -57,6 +57,29 @@ own MAC is restarted with that MAC (``--mac``), so the stack's neighbours stay r
 
 Link state. With STATUS negotiated the config-change interrupt re-reads the status
 field and tells the stack's listener when LINK_UP changed.
+
+Multi-queue (``kernel.Net(..., queue_pairs=N)``, §5.1.6.5.6). With N > 1 the driver
+takes VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_MQ when the device offers both, reads
+``max_virtqueue_pairs`` (checked: 1..0x8000 and its 2M + 1 queues within the queues the
+device reported) and uses P = min(N, max_virtqueue_pairs) pairs: receiveqK and
+transmitqK for K in 1..P and the control queue 2M (§5.1.2). Every receive queue is
+stocked and refilled exactly as receiveq1 is above (its own free buffers, its own
+merged packet being assembled, recycling); all of them are reaped by the one interrupt
+thread and deliver to the same stack, so the stack still sees one frame at a time.
+After DRIVER_OK the driver sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET(P) on the control
+queue and waits for the ack (at most :data:`CTRL_ACK_TIMEOUT_S`). Until the device
+acks VIRTIO_NET_OK only transmitq1 is used (§5.1.6.5.6.1: a device uses one pair until
+then); VIRTIO_NET_ERR, no answer in time or a control queue that fails leaves the
+link on one pair (``mq_fallbacks`` / ``mq_ack_timeouts``, logged) -- it never hangs,
+and an ack that comes later still turns the pairs on. A sending thread transmits on
+its own pair (:class:`kernel.queue_map.ThreadQueueMap`: stable per thread, round
+robin, as the block driver spreads its submitters), so threads do not share a transmit
+queue's lock; every transmit queue has the delayed interrupts, lost-interrupt watch
+and timeout of transmitq1. After a device reset or restart the device is back to one
+pair: transmission falls back to transmitq1 and VQ_PAIRS_SET is sent again from the
+control queue's reset hook (``mq_resends``); its ack turns the pairs on again.
+``dev.queues`` lists every queue (receive and transmit of each pair, then the control
+queue), each with its ``stats``.
 """
 
 from __future__ import annotations
@@ -68,9 +91,11 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from hostops.sync import Condition, Lock
+from hostops.sync import Condition, Event, Lock
 from vdev.virtio import DeviceId, F, NetF, UsageError, VirtioError, bit
 from vdev.virtio.net import (
+    CTRL_MQ_PAIRS_MAX,
+    CTRL_OK,
     ETH_HLEN,
     GSO_NONE,
     GSO_TCPV4,
@@ -83,12 +108,17 @@ from vdev.virtio.net import (
     S_LINK_UP,
     TX_QUEUE,
     NetConfig,
+    ctrl_queue_index,
     format_mac,
+    mq_pairs_set,
+    rx_queue_index,
+    tx_queue_index,
 )
 
 from .bus import VirtioDriver, register_driver
 from .errors import DeviceControlError, copy_error, io_error
 from .net.link import Receiver, RxInfo, TxOffload
+from .queue_map import ThreadQueueMap
 from .transport import KernelQueue, VirtioTransport
 
 __all__ = [
@@ -98,6 +128,8 @@ __all__ = [
     "OFFLOAD_FEATURES",
     "rx_buffer_bytes",
     "tx_pool_bytes",
+    "MQ_FEATURES",
+    "CTRL_ACK_TIMEOUT_S",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,6 +148,13 @@ NET_DRIVER_FEATURES = (
     | bit(F.EVENT_IDX)
     | bit(F.VERSION_1)
 )
+
+#: The multi-queue features, taken together when the spec asks for several pairs.
+MQ_FEATURES = bit(NetF.CTRL_VQ) | bit(NetF.MQ)
+#: Longest the driver waits at start-up for the device to ack VQ_PAIRS_SET.
+CTRL_ACK_TIMEOUT_S = 5.0
+#: Where, in the control buffer, the ack byte is (after the command).
+_CTRL_ACK_AT = 32
 
 #: Largest merged receive buffer: a whole frame at the largest MTU (header + Ethernet
 #: header + 65535), so that no frame is ever split — joining the parts of a 64 KiB frame
@@ -150,23 +189,58 @@ def tx_pool_bytes(mtu: int, queue_size: int) -> int:
     return max(1 << 20, min(16 << 20, frame * queue_size))
 
 
+class _RxRing:
+    """One receive queue as the driver keeps it: its free buffers and the merged packet
+    being assembled from its completions."""
+
+    __slots__ = ("q", "free", "merge", "merge_left", "merge_info")
+
+    def __init__(self, q: KernelQueue) -> None:
+        self.q = q
+        self.free: list[_RxBuf] = []
+        self.merge: list[bytes] = []  # parts of a merged packet so far
+        self.merge_left = 0  # buffers of it still expected
+        self.merge_info: RxInfo | None = None
+
+
 class _RxBuf:
     """Token of one receive buffer in the ring (``dq``/``head``: the queue and chain it
-    is kept in, for recycling)."""
+    is kept in, for recycling; ``ring``: the receive queue it belongs to)."""
 
-    __slots__ = ("link", "addr", "dq", "head")
+    __slots__ = ("link", "addr", "dq", "head", "ring")
 
-    def __init__(self, link: NetLink, addr: int) -> None:
+    def __init__(self, link: NetLink, addr: int, ring: _RxRing) -> None:
         self.link = link
         self.addr = addr
         self.dq: Any = None
         self.head = -1
+        self.ring = ring
 
     def complete(self, used_len: int) -> None:
         self.link._rx_done(self, used_len)
 
     def fail(self, error: OSError) -> None:
         pass  # the device is gone; nothing waits on a receive buffer
+
+
+class _CtrlCmd:
+    """Token of one control command (VQ_PAIRS_SET); ``gen`` tells a stale one."""
+
+    __slots__ = ("link", "gen", "pairs")
+
+    def __init__(self, link: NetLink, gen: int, pairs: int) -> None:
+        self.link = link
+        self.gen = gen
+        self.pairs = pairs
+
+    def complete(self, used_len: int) -> None:
+        self.link._ctrl_done(self, used_len)
+
+    def fail(self, error: OSError) -> None:
+        self.link._ctrl_done(self, -1)
+
+    def expire(self, error: OSError) -> None:
+        self.link._ctrl_done(self, -1)
 
 
 class _TxBuf:
@@ -192,7 +266,13 @@ class NetLink:
     ``rx_csum`` (GUEST_CSUM), ``rx_tso4`` (GUEST_TSO4), ``mergeable`` (MRG_RXBUF),
     ``link_up``, ``counters`` (``rx_frames rx_bytes rx_bad_frames rx_merged tx_frames
     tx_bytes tx_gso_frames tx_csum_offloaded tx_dropped_nobufs tx_dropped_link_down
-    tx_dropped_reset rx_refills rx_recycled``).
+    tx_dropped_reset rx_refills rx_recycled``, and for multi-queue ``mq_pairs_acked
+    mq_fallbacks mq_ack_timeouts mq_resends``).
+
+    ``rxq``/``txq`` are receiveq1/transmitq1; ``more_pairs`` the further (receive,
+    transmit) queue pairs and ``ctrlq`` the control queue (multi-queue only):
+    ``rxqs``, ``txqs`` list them all, ``queue_pairs`` counts them, ``active_pairs`` is
+    how many the device acked (the pairs transmission uses).
     """
 
     def __init__(
@@ -201,12 +281,29 @@ class NetLink:
         rxq: KernelQueue,
         txq: KernelQueue,
         config: NetConfig,
+        more_pairs: list[tuple[KernelQueue, KernelQueue]] | None = None,
+        ctrlq: KernelQueue | None = None,
     ) -> None:
         t = transport
         self.transport = t
         self.name = t.name
         self.rxq = rxq
         self.txq = txq
+        pairs = [(rxq, txq), *(more_pairs or [])]
+        if len(pairs) > 1 and ctrlq is None:
+            raise ValueError(f"{self.name}: several queue pairs need the control queue")
+        #: Every receive queue / transmit queue, pair 1 first.
+        self.rxqs: list[KernelQueue] = [r for r, _ in pairs]
+        self.txqs: list[KernelQueue] = [x for _, x in pairs]
+        #: The control queue (None with one pair).
+        self.ctrlq = ctrlq
+        #: Queue pairs set up; transmission uses the first ``active_pairs`` of them.
+        self.queue_pairs = len(pairs)
+        self.active_pairs = 1
+        self._tx_map = ThreadQueueMap(len(pairs))
+        self._ctrl_gen = 0  # the VQ_PAIRS_SET in flight (a reset makes it stale)
+        self._ctrl_done_ev = Event()
+        self._ctrl_addr = -1
         self.mac = config.mac
         self.mtu = config.mtu
         self.tx_csum = t.has_feature(NetF.CSUM)
@@ -234,6 +331,10 @@ class NetLink:
                 "tx_dropped_reset",
                 "rx_refills",
                 "rx_recycled",
+                "mq_pairs_acked",
+                "mq_fallbacks",
+                "mq_ack_timeouts",
+                "mq_resends",
             ),
             0,
         )
@@ -250,31 +351,60 @@ class NetLink:
         if self.mergeable and want:
             self.rx_buf_bytes = _align(max(NET_HDR_SIZE + 1, int(want)), 64)
         n = rxq.size
-        area = t.dma.alloc(self.rx_buf_bytes * n)
-        if area is None:
-            raise ValueError(
-                f"{self.name}: DMA pool ({t.dma_size} bytes) too small for {n} receive "
-                f"buffers of {self.rx_buf_bytes} bytes"
-            )
-        self._rx_free: list[_RxBuf] = [_RxBuf(self, area + i * self.rx_buf_bytes) for i in range(n)]
+        self._rings: list[_RxRing] = []
+        for q in self.rxqs:
+            ring = _RxRing(q)
+            area = t.dma.alloc(self.rx_buf_bytes * q.size)
+            if area is None:
+                raise ValueError(
+                    f"{self.name}: DMA pool ({t.dma_size} bytes) too small for "
+                    f"{len(self.rxqs)} x {q.size} receive buffers of {self.rx_buf_bytes} bytes"
+                )
+            ring.free = [_RxBuf(self, area + i * self.rx_buf_bytes, ring) for i in range(q.size)]
+            self._rings.append(ring)
+            q.refill = self._rx_refill_hook(ring)
+            q.on_reset = self._rx_reset_hook(ring)
+            q.watch = q.watch_used = True  # lost receive interrupts, once seen used
         #: Free receive buffers a refill waits for (an eighth of the ring, at least 1).
         self.rx_refill_batch = max(1, n // 8)
         #: Receive buffers are republished as they are (see the module docstring).
         self.recycle_rx = True
-        # merged packet being assembled: (parts, buffers still expected)
-        self._merge: list[bytes] = []
-        self._merge_left = 0
-        self._merge_info: RxInfo | None = None
-        rxq.refill = self._rx_refill
-        txq.refill = self._tx_wake
-        txq.on_failed = lambda err: self._tx_wake()
-        rxq.on_reset = self._rx_reset
-        txq.on_reset = self._tx_reset
-        txq.delayed_interrupts = True  # completions wanted late (module docstring)
-        txq.watch = True  # lost transmit interrupts are looked for while frames are out
-        rxq.watch = rxq.watch_used = True  # and lost receive interrupts, once seen used
-        txq.timeout_s = getattr(t.spec, "request_timeout", None)
+        timeout = getattr(t.spec, "request_timeout", None)
+        for q in self.txqs:
+            q.refill = self._tx_wake_hook(q)
+            q.on_failed = self._tx_failed_hook(q)
+            q.on_reset = self._tx_reset_hook(q)
+            q.delayed_interrupts = True  # completions wanted late (module docstring)
+            q.watch = True  # lost transmit interrupts are looked for while frames are out
+            q.timeout_s = timeout
+        if ctrlq is not None:
+            addr = t.dma.alloc(2 * _CTRL_ACK_AT)
+            if addr is None:
+                raise ValueError(f"{self.name}: DMA pool too small for the control buffer")
+            self._ctrl_addr = addr
+            ctrlq.on_reset = self._ctrl_reset
+            ctrlq.on_failed = lambda err: self._ctrl_done_ev.set()
+            ctrlq.watch = True
+            ctrlq.pollable = False  # one command per start: not worth a poll window
+            ctrlq.timeout_s = timeout
         t.on_release(self._release)
+
+    # hooks bound to one queue (a closure each: the transport calls them without
+    # arguments, or with the tokens of that queue)
+    def _rx_refill_hook(self, ring: _RxRing) -> Callable[[], None]:
+        return lambda: self._rx_refill(ring)
+
+    def _rx_reset_hook(self, ring: _RxRing) -> Callable[[list[Any], OSError | None], None]:
+        return lambda tokens, error: self._rx_reset(tokens, error, ring)
+
+    def _tx_wake_hook(self, q: KernelQueue) -> Callable[[], None]:
+        return lambda: self._tx_wake(q)
+
+    def _tx_failed_hook(self, q: KernelQueue) -> Callable[[OSError], None]:
+        return lambda error: self._tx_wake(q)
+
+    def _tx_reset_hook(self, q: KernelQueue) -> Callable[[list[Any], OSError | None], None]:
+        return lambda tokens, error: self._tx_reset(tokens, error, q)
 
     # ------------------------------------------------------------------ Link API
     def set_receiver(self, receiver: Receiver) -> None:
@@ -291,8 +421,97 @@ class NetLink:
         return self.transport.failed
 
     def start(self) -> None:
-        """Fill the receive ring (after DRIVER_OK)."""
-        self._rx_refill()
+        """Fill every receive ring (after DRIVER_OK)."""
+        for ring in self._rings:
+            self._rx_refill(ring)
+
+    # ------------------------------------------------------------------ multi-queue
+    def enable_pairs(self, timeout_s: float = CTRL_ACK_TIMEOUT_S) -> bool:
+        """Ask the device to use every queue pair (VQ_PAIRS_SET, §5.1.6.5.6) and wait
+        for its ack at most ``timeout_s``. True if it acked VIRTIO_NET_OK (transmission
+        then spreads over the pairs); False otherwise -- the link stays on one pair
+        (counted, logged), and a late ack still turns the pairs on."""
+        if self.ctrlq is None:
+            return True
+        self._send_pairs_set()
+        if not self._ctrl_done_ev.wait(timeout_s):
+            self.counters["mq_ack_timeouts"] += 1
+            log.warning(
+                "%s: no answer to VQ_PAIRS_SET(%d) in %g s: using one queue pair",
+                self.name,
+                self.queue_pairs,
+                timeout_s,
+            )
+            return False
+        return self.active_pairs == self.queue_pairs
+
+    def wait_pairs(self, timeout_s: float | None) -> int:
+        """Wait until the device answered the last VQ_PAIRS_SET (sent at start-up and
+        again after each reset or restart) or ``timeout_s`` passed; returns
+        :attr:`active_pairs`."""
+        if self.ctrlq is not None:
+            self._ctrl_done_ev.wait(timeout_s)
+        return self.active_pairs
+
+    def _send_pairs_set(self) -> None:
+        """Put VQ_PAIRS_SET(queue_pairs) on the control queue (never blocks)."""
+        q = self.ctrlq
+        buf = self._buf
+        if q is None or buf is None:
+            return
+        cmd = mq_pairs_set(self.queue_pairs)
+        addr = self._ctrl_addr
+        with q.lock:
+            if q.failed is not None or q.paused:
+                return
+            self._ctrl_gen += 1
+            self._ctrl_done_ev.clear()
+            buf[addr : addr + len(cmd)] = cmd
+            buf[addr + _CTRL_ACK_AT] = 0xFF  # neither OK nor ERR until the device writes
+            token = _CtrlCmd(self, self._ctrl_gen, self.queue_pairs)
+            try:
+                q.add([(addr, len(cmd))], [(addr + _CTRL_ACK_AT, 1)], token)
+            except VirtioError:
+                need = False  # the ring is full of stale commands: the ack never comes
+            else:
+                need = q.publish()
+        if need:
+            q.notify()
+
+    def _ctrl_done(self, token: _CtrlCmd | None, used_len: int) -> None:
+        """A control command came back (interrupt thread), failed or timed out
+        (``used_len`` -1)."""
+        if token is not None and token.gen != self._ctrl_gen:
+            return  # from before a reset: a new command is on its way
+        buf = self._buf
+        ok = (
+            used_len >= 1
+            and buf is not None
+            and buf[self._ctrl_addr + _CTRL_ACK_AT] == CTRL_OK  # §5.1.6.5: the ack byte
+        )
+        if ok and token is not None:
+            self.active_pairs = token.pairs
+            self.counters["mq_pairs_acked"] += 1
+        else:
+            self.active_pairs = 1
+            self.counters["mq_fallbacks"] += 1
+            why = (
+                "failed"
+                if used_len < 0
+                else "was answered without an ack byte"
+                if used_len == 0
+                else "was answered VIRTIO_NET_ERR"
+            )
+            log.warning("%s: VQ_PAIRS_SET %s: using one queue pair", self.name, why)
+        self._ctrl_done_ev.set()
+
+    def _ctrl_reset(self, tokens: list[Any], error: OSError | None) -> None:
+        """The device was reset or restarted: it uses one pair again (§5.1.6.5.6.1);
+        so does transmission until VQ_PAIRS_SET, sent again now, is acked."""
+        self.active_pairs = 1
+        if self.transport.failed is None:
+            self.counters["mq_resends"] += 1
+            self._send_pairs_set()
 
     def transmit(self, frame: bytes | bytearray | memoryview, offload: TxOffload) -> None:
         """Send one Ethernet frame (see the module doc for errors)."""
@@ -318,9 +537,12 @@ class NetLink:
         elif n > ETH_HLEN + self.mtu:
             raise io_error(errno.EMSGSIZE, f"{self.name}: frame of {n} bytes > MTU {self.mtu}")
         total = NET_HDR_SIZE + n
+        active = self.active_pairs
+        q = self.txq if active == 1 else self.txqs[self._tx_map.current() % active]
         addr = self._alloc(total)
         if addr is None:
-            self.transport.service_queue(self.txq)  # reap what the device has finished
+            for tq in self.txqs[:active]:  # reap what the device has finished
+                self.transport.service_queue(tq)
             addr = self._alloc(total)
             if addr is None:
                 self.counters["tx_dropped_nobufs"] += 1
@@ -340,7 +562,6 @@ class NetLink:
             0,
         )
         buf[addr + NET_HDR_SIZE : addr + total] = frame
-        q = self.txq
         token = _TxBuf(self, addr)
         need = False
         for attempt in (0, 1):
@@ -399,35 +620,44 @@ class NetLink:
     def _tx_done(self, token: _TxBuf) -> None:
         self._free(token.addr)
 
-    def _tx_wake(self) -> None:
+    def _tx_wake(self, q: KernelQueue | None = None) -> None:
         with self._tx_room:
             self._tx_room.notify_all()
         # publish what was added while the batch completed
-        q = self.txq
+        if q is None:
+            q = self.txq
         with q.lock:
             need = q.publish() if q.failed is None and not q.paused else False
         if need:
             q.notify()
 
-    def _tx_reset(self, tokens: list[Any], error: OSError | None) -> None:
+    def _tx_reset(
+        self, tokens: list[Any], error: OSError | None, q: KernelQueue | None = None
+    ) -> None:
         """The device was reset: frames it had not sent are dropped and counted
         (``tx_dropped_reset``; TCP retransmits, UDP is allowed to lose them)."""
         for t in tokens:
             self._free(t.addr)
         self.counters["tx_dropped_reset"] += len(tokens)
-        self._tx_wake()
+        self._tx_wake(q)
 
-    def _rx_reset(self, tokens: list[Any], error: OSError | None) -> None:
+    def _rx_reset(
+        self, tokens: list[Any], error: OSError | None, ring: _RxRing | None = None
+    ) -> None:
         """The device was reset: every receive buffer is free again (``refill`` posts
         them on the new ring); a merged packet being assembled is dropped."""
-        self._rx_free.extend(tokens)
-        self._merge = []
-        self._merge_left = 0
-        self._merge_info = None
+        if ring is None:
+            ring = self._rings[0]
+        ring.free.extend(tokens)
+        ring.merge = []
+        ring.merge_left = 0
+        ring.merge_info = None
 
-    def _rx_refill(self) -> None:
-        q = self.rxq
-        free = self._rx_free
+    def _rx_refill(self, ring: _RxRing | None = None) -> None:
+        if ring is None:
+            ring = self._rings[0]
+        q = ring.q
+        free = ring.free
         if len(free) < self.rx_refill_batch:  # the device still holds 7/8 of them
             return
         size = self.rx_buf_bytes
@@ -472,19 +702,20 @@ class NetLink:
 
     def _rx_done(self, b: _RxBuf, used_len: int) -> None:
         buf = self._buf
-        self._rx_free.append(b)
+        ring = b.ring
+        ring.free.append(b)
         if buf is None:
             return
         c = self.counters
-        if self._merge_left:
+        if ring.merge_left:
             # a further buffer of a merged packet (§5.1.6.4.2)
-            self._merge.append(bytes(buf[b.addr : b.addr + used_len]))
-            self._merge_left -= 1
-            if not self._merge_left:
-                frame = b"".join(self._merge)
-                info = self._merge_info or RxInfo()
-                self._merge = []
-                self._merge_info = None
+            ring.merge.append(bytes(buf[b.addr : b.addr + used_len]))
+            ring.merge_left -= 1
+            if not ring.merge_left:
+                frame = b"".join(ring.merge)
+                info = ring.merge_info or RxInfo()
+                ring.merge = []
+                ring.merge_info = None
                 c["rx_merged"] += 1
                 self._deliver(frame, info)
             return
@@ -505,12 +736,12 @@ class NetLink:
         end = b.addr + used_len
         if self.mergeable and nbuf != 1:
             # §5.1.6.4.2: num_buffers is 1..(buffers we posted)
-            if nbuf < 1 or nbuf > self.rxq.size:
+            if nbuf < 1 or nbuf > ring.q.size:
                 c["rx_bad_frames"] += 1
                 return
-            self._merge = [bytes(buf[start:end])]
-            self._merge_left = nbuf - 1
-            self._merge_info = info
+            ring.merge = [bytes(buf[start:end])]
+            ring.merge_left = nbuf - 1
+            ring.merge_info = info
             return
         self._deliver(buf[start:end], info)
 
@@ -553,11 +784,14 @@ class NetLink:
 
     def _release(self) -> None:
         self._buf = None
-        self._merge = []
+        for ring in self._rings:
+            ring.merge = []
+        self._ctrl_done_ev.set()  # nobody waits for an ack any more
 
     def __repr__(self) -> str:
         state = "up" if self.link_up else "down"
-        return f"<NetLink {self.name} {format_mac(self.mac)} mtu={self.mtu} {state}>"
+        pairs = f" pairs={self.active_pairs}/{self.queue_pairs}" if self.queue_pairs > 1 else ""
+        return f"<NetLink {self.name} {format_mac(self.mac)} mtu={self.mtu} {state}{pairs}>"
 
 
 class NetDriver(VirtioDriver):
@@ -584,6 +818,9 @@ class NetDriver(VirtioDriver):
             want &= ~bit(NetF.HOST_TSO4)
         if not want & bit(NetF.GUEST_CSUM):
             want &= ~bit(NetF.GUEST_TSO4)
+        # several queue pairs: CTRL_VQ and MQ, both or neither (§5.1.3.1: MQ needs CTRL_VQ)
+        if _wanted_pairs(transport) > 1 and offered & MQ_FEATURES == MQ_FEATURES:
+            want |= MQ_FEATURES
         return want
 
     def probe(self) -> None:
@@ -604,10 +841,33 @@ class NetDriver(VirtioDriver):
         if not 68 <= mtu <= 65535:
             raise t.probe_error(f"device reports MTU {mtu} (§5.1.4.1: at least 68)")
         status = cfg.status if t.has_feature(NetF.STATUS) else S_LINK_UP
-        cfg = NetConfig(mac, status, 1, mtu)
+        pairs = 1
+        ctrlq: KernelQueue | None = None
+        more: list[tuple[KernelQueue, KernelQueue]] = []
+        if t.has_feature(NetF.MQ):
+            # §5.1.4: max_virtqueue_pairs is 1..0x8000 with MQ; its 2M queues and the
+            # control queue (2M, §5.1.2) must be among the rings the device reported
+            have = cfg.max_virtqueue_pairs if len(data) >= NET_CONFIG_BYTES else 0
+            rings = t.info.num_queues if t.info is not None else 2
+            if not 1 <= have <= CTRL_MQ_PAIRS_MAX or 2 * have + 1 > rings:
+                raise t.probe_error(
+                    f"VIRTIO_NET_F_MQ with max_virtqueue_pairs {have} (the device has "
+                    f"{rings} rings)"
+                )
+            pairs = min(have, _wanted_pairs(t))
+            if pairs > 1:
+                ctrlq = t.setup_queue(ctrl_queue_index(have, True), t.queue_cap)
+        cfg = NetConfig(mac, status, pairs, mtu)
         rxq = t.setup_queue(RX_QUEUE, t.queue_cap)
         txq = t.setup_queue(TX_QUEUE, t.queue_cap)
-        self._link = NetLink(t, rxq, txq, cfg)
+        for p in range(1, pairs):
+            prx = t.setup_queue(rx_queue_index(p), t.queue_cap)
+            ptx = t.setup_queue(tx_queue_index(p), t.queue_cap)
+            if t.tracer is not None:  # name the payloads of the further pairs' queues
+                prx.enable_trace(t.tracer, "net-rx")
+                ptx.enable_trace(t.tracer, "net-tx")
+            more.append((prx, ptx))
+        self._link = NetLink(t, rxq, txq, cfg, more, ctrlq)
         spec = t.spec
         if hasattr(t, "restart_spec") and getattr(spec, "mac", "") is None:
             # a restarted device process must come back with the MAC the stack knows
@@ -615,9 +875,12 @@ class NetDriver(VirtioDriver):
         t.on_config_change(self._config_changed)
 
     def started(self) -> None:
-        """After DRIVER_OK: stock the receive ring."""
+        """After DRIVER_OK: stock the receive rings; with several pairs, turn them on
+        (VQ_PAIRS_SET; one pair if the device does not ack it)."""
         if self._link is not None:
             self._link.start()
+            if self._link.queue_pairs > 1:
+                self._link.enable_pairs(CTRL_ACK_TIMEOUT_S)
 
     def _config_changed(self) -> None:
         link = self._link
@@ -639,6 +902,12 @@ class NetDriver(VirtioDriver):
         """Kernel shutdown."""
         if self._link is not None:
             self._link._set_link(False)
+
+
+def _wanted_pairs(transport: VirtioTransport) -> int:
+    """The queue pairs the spec asks for (``queue_pairs``; 1 when it does not say)."""
+    n = getattr(transport.spec, "queue_pairs", 1)
+    return n if isinstance(n, int) and 1 <= n <= CTRL_MQ_PAIRS_MAX else 1
 
 
 def _random_mac() -> bytes:

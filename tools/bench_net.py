@@ -39,6 +39,15 @@ having a device process: app → kernel A's stack → ring → the switch (one c
 kernel B's receive buffer) → kernel B's stack → app. The stages table then shows 0 for
 the device columns: the switch does the devices' work.
 
+``queue_pairs=N`` (``vlab bench net --queue-pairs N``, 1..16) boots both kernels with N
+virtio-net queue pairs (VIRTIO_NET_F_MQ, ``kernel.Net(queue_pairs=N)``). With N > 1
+the UDP rows send from N threads, each with a socket of its own, on both paths (the
+native row too, so the two stay comparable): each kernel thread transmits on its own
+pair, and each socket's source port is picked so that the receiving device's flow hash
+puts it on its own receive queue (:func:`_port_for_pair`). Kicks per packet count every
+transmit queue of kernel A, interrupts per packet every receive queue of kernel B. The
+TCP rows keep one connection (one flow: one pair).
+
 ``poll="off"`` (``vlab bench net --poll off``) boots every kernel -- this one and the
 peer's -- with hybrid polling off on both sides of each ring (``poll_us=0``,
 ``device_poll_us=0``); the default leaves it on.
@@ -65,15 +74,51 @@ __all__ = ["NetRow", "SIZES", "TCP_ROWS", "run_net", "cpu_seconds"]
 
 #: Environment variable that carries ``--poll off`` to the peer process.
 POLL_ENV = "VLAB_BENCH_POLL"
+#: Environment variable that carries ``--queue-pairs N`` to the peer process.
+PAIRS_ENV = "VLAB_BENCH_QUEUE_PAIRS"
+#: The UDP port kernel B's receiver listens on.
+UDP_PORT = 9000
+
+
+def _queue_pairs() -> int:
+    """The run's queue pairs (:data:`PAIRS_ENV`; 1 when unset)."""
+    try:
+        return max(1, int(os.environ.get(PAIRS_ENV, "1")))
+    except ValueError:
+        return 1
 
 
 def _net_spec(**kw: Any) -> Any:
-    """``kernel.Net(**kw)`` with the run's polling setting (:data:`POLL_ENV`)."""
+    """``kernel.Net(**kw)`` with the run's polling setting (:data:`POLL_ENV`) and queue
+    pairs (:data:`PAIRS_ENV`)."""
     import kernel
 
     if os.environ.get(POLL_ENV) == "off":
         kw.update(poll_us=0, device_poll_us=0)
+    pairs = _queue_pairs()
+    if pairs > 1:
+        kw.update(queue_pairs=pairs)
     return kernel.Net(**kw)
+
+
+def _port_for_pair(pair: int, pairs: int, src: str, dst: str, dport: int) -> int:
+    """A UDP source port (from 20000 up) whose flow ``src:port -> dst:dport`` the
+    receiving device's steering hash puts on receive queue ``pair`` of ``pairs``
+    (:func:`vdev.virtio.net.flow_hash` over the flow as the receiver sees it)."""
+    import socket
+    import struct
+
+    from vdev.virtio.net import flow_hash, flow_key
+
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst)
+    )
+    for port in range(20000, 60000):  # bounded: a pair is hit within a few ports
+        frame = bytes(12) + b"\x08\x00" + ip + struct.pack("!HHHH", port, dport, 8, 0)
+        key = flow_key(frame, received=True)
+        if key is not None and flow_hash(key) % pairs == pair:
+            return port
+    raise CliError(f"no source port hashes to queue pair {pair + 1} of {pairs}")
 
 
 #: How a run's "where" names ring ports (``--ring``): ``ring:<switch endpoint>``.
@@ -141,11 +186,25 @@ class _Counter:
         self.packets += 1
 
 
+def _rx_interrupts(dev: Any) -> int:
+    """Interrupts of every receive queue of a kernel's NIC."""
+    link = dev.link
+    rxqs = getattr(link, "rxqs", None) or [dev.queues[0]]
+    return sum(q.stats.interrupts for q in rxqs)
+
+
+def _tx_kicks(dev: Any) -> int:
+    """Kicks sent on every transmit queue of a kernel's NIC."""
+    link = dev.link
+    txqs = getattr(link, "txqs", None) or [dev.queues[1]]
+    return sum(q.stats.kicks_sent for q in txqs)
+
+
 def _receiver_counters(dev: Any) -> dict[str, Any]:
     """What a receiving kernel reports with each row: its NIC's receive interrupts and
     frames, and the device process's pid (for per-process CPU)."""
     return {
-        "interrupts": dev.queues[0].stats.interrupts,
+        "interrupts": _rx_interrupts(dev),
         "rx_frames": dev.rx_frames,
         "device_pid": dev.pid,
     }
@@ -214,7 +273,7 @@ def _peer_virtio(switch: str) -> None:
     with kernel.boot(devices=[spec]) as k:
         fd = k.sys.socket(2, 2)
         k.sys.setsockopt(fd, 1, 8, 8 << 20)  # SOL_SOCKET, SO_RCVBUF
-        k.sys.bind(fd, ("10.0.0.2", 9000))
+        k.sys.bind(fd, ("10.0.0.2", UDP_PORT))
         k.sys.settimeout(fd, 0.2)
         box = [_Counter()]
         stop = threading.Event()
@@ -236,7 +295,7 @@ def _peer_virtio(switch: str) -> None:
         def extra() -> dict[str, Any]:
             return _receiver_counters(dev)
 
-        print(json.dumps({"port": 9000}), flush=True)
+        print(json.dumps({"port": UDP_PORT}), flush=True)
         _serve_rows(box, extra)
         stop.set()
         t.join(2)
@@ -414,29 +473,58 @@ def _mbit(report: dict[str, Any]) -> float:
 
 
 # --------------------------------------------------------------------------- rows
-def _native_row(peer: _Peer, size: int, seconds: float) -> float:
+def _in_threads(work: Any, count: int) -> None:
+    """Run ``work(i)`` for i in 0..count-1: on this thread when ``count`` is 1, else on
+    ``count`` threads at once; the first exception is raised here."""
+    if count == 1:
+        work(0)
+        return
+    from hostops.sync import start_thread
+
+    errors: list[BaseException] = []
+
+    def body(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            errors.append(e)
+
+    threads = [start_thread(body, i, name=f"bench-send-{i}") for i in range(count)]
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def _native_row(peer: _Peer, size: int, seconds: float, senders: int = 1) -> float:
     import socket
 
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.connect(("127.0.0.1", peer.hello["port"]))
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(senders)]
+    for s in socks:
+        s.connect(("127.0.0.1", peer.hello["port"]))
     payload = os.urandom(size)
     peer.call("start")
     end = time.perf_counter() + seconds
-    send = s.send
-    while time.perf_counter() < end:
-        for _ in range(64):
-            try:
-                send(payload)
-            except OSError:  # ENOBUFS/ECONNREFUSED: a lost datagram, go on
-                pass
+
+    def work(i: int) -> None:
+        send = socks[i].send
+        while time.perf_counter() < end:
+            for _ in range(64):
+                try:
+                    send(payload)
+                except OSError:  # ENOBUFS/ECONNREFUSED: a lost datagram, go on
+                    pass
+
+    _in_threads(work, senders)
     report = peer.call("stop")
-    s.close()
+    for s in socks:
+        s.close()
     return _mbit(report)
 
 
 def _virtio_row(
     k: Any,
-    fd: int,
+    fds: list[int],
     peer: _Peer,
     size: int,
     seconds: float,
@@ -445,24 +533,28 @@ def _virtio_row(
 ) -> tuple[float, float, float, list[float]]:
     payload = os.urandom(size)
     dev = k.devices[0]
-    txq = dev.queues[1].stats
     link = dev.link
     before = peer.call("start")
     with _profiled(profiler, _roles(k, stage_pids, peer, before)):
         stages = _Stages([*stage_pids, before["device_pid"], peer.proc.pid])
-        kicks0 = txq.kicks_sent
+        kicks0 = _tx_kicks(dev)
         sent0 = dev.tx_frames
         end = time.perf_counter() + seconds
         send = k.sys.send
-        while time.perf_counter() < end:
-            for _ in range(16):
-                try:
-                    send(fd, payload)
-                except OSError as e:
-                    if e.errno != _ENOBUFS:
-                        raise CliError(f"udp-{size}: send failed: {e}") from None
-                    link.wait_tx_room(0.1)
-        kicks = txq.kicks_sent - kicks0
+
+        def work(i: int) -> None:
+            fd = fds[i]
+            while time.perf_counter() < end:
+                for _ in range(16):
+                    try:
+                        send(fd, payload)
+                    except OSError as e:
+                        if e.errno != _ENOBUFS:
+                            raise CliError(f"udp-{size}: send failed: {e}") from None
+                        link.wait_tx_room(0.1)
+
+        _in_threads(work, len(fds))
+        kicks = _tx_kicks(dev) - kicks0
         frames = max(1, dev.tx_frames - sent0)
         report = peer.call("stop")
     irqs = report["interrupts"] - before["interrupts"]
@@ -504,11 +596,10 @@ def _virtio_tcp_row(
         k.sys.connect(fd, ("10.0.0.2", peer.hello["port"]))
         payload = os.urandom(size)
         dev = k.devices[0]
-        txq = dev.queues[1].stats
         before = peer.call("start")
         with _profiled(profiler, _roles(k, stage_pids, peer, before, role_suffix)):
             stages = _Stages([*stage_pids, before["device_pid"], peer.proc.pid])
-            kicks0 = txq.kicks_sent
+            kicks0 = _tx_kicks(dev)
             sent0 = dev.tx_frames
             end = time.perf_counter() + seconds
             sendall = k.sys.sendall
@@ -518,7 +609,7 @@ def _virtio_tcp_row(
                         sendall(fd, payload)
             except OSError as e:
                 raise CliError(f"{name}: send failed: {e}") from None
-            kicks = txq.kicks_sent - kicks0
+            kicks = _tx_kicks(dev) - kicks0
             frames = max(1, dev.tx_frames - sent0)
             report = peer.call("stop")
     finally:
@@ -587,6 +678,7 @@ def run_net(
     profile: str | None = None,
     poll: str = "on",
     ring: bool = False,
+    queue_pairs: int = 1,
 ) -> int:
     """Run the UDP_STREAM rows -- or, with ``tcp``, the TCP_STREAM rows
     (:data:`TCP_ROWS`) -- and print them (with ``stages_table``, also the CPU time each
@@ -595,18 +687,27 @@ def run_net(
     virtio path while the virtio rows run (:mod:`tools.profile`) and a last line names
     the directory. ``poll`` ``"off"`` turns hybrid polling off in every kernel and
     device of the run. ``ring``: the kernels attach to ring ports of the switch
-    (``--ring-ports``) instead of each having a device process."""
+    (``--ring-ports``) instead of each having a device process. ``queue_pairs``: both
+    kernels' NICs have that many queue pairs (see the module docstring)."""
     if poll not in ("on", "off"):
         raise CliError(f"--poll {poll!r}: bench net takes on or off", 2)
-    old = os.environ.get(POLL_ENV)
+    if isinstance(queue_pairs, bool) or not isinstance(queue_pairs, int):
+        raise CliError(f"--queue-pairs {queue_pairs!r}: not a number", 2)
+    if not 1 <= queue_pairs <= 16:
+        raise CliError(f"--queue-pairs {queue_pairs}: bench net takes 1..16", 2)
+    if ring and queue_pairs > 1:
+        raise CliError("bench net: --queue-pairs goes with device processes, not --ring", 2)
+    saved = {v: os.environ.get(v) for v in (POLL_ENV, PAIRS_ENV)}
     os.environ[POLL_ENV] = poll  # this process's kernels and, inherited, the peer's
+    os.environ[PAIRS_ENV] = str(queue_pairs)
     try:
         return _run_net(seconds, as_json, plot, only, stages_table, tcp, profile, ring)
     finally:
-        if old is None:
-            os.environ.pop(POLL_ENV, None)
-        else:
-            os.environ[POLL_ENV] = old
+        for var, old in saved.items():
+            if old is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = old
 
 
 def _run_net(
@@ -636,18 +737,25 @@ def _run_net(
             vpeer = _Peer("virtio", switch_ep)
             npeer = _Peer("native")
             try:
-                fd = k.sys.socket(2, 2)
-                k.sys.connect(fd, ("10.0.0.2", vpeer.hello["port"]))
+                pairs = _queue_pairs()
+                fds = []
+                for i in range(pairs):  # one socket per sending thread (module docstring)
+                    fd = k.sys.socket(2, 2)
+                    if pairs > 1:
+                        port = _port_for_pair(i, pairs, "10.0.0.1", "10.0.0.2", UDP_PORT)
+                        k.sys.bind(fd, ("10.0.0.1", port))
+                    k.sys.connect(fd, ("10.0.0.2", vpeer.hello["port"]))
+                    fds.append(fd)
                 pids = [os.getpid(), k.devices[0].pid or 0, switch_pid]
                 for size in sizes:
-                    row, cpu = _row(k, fd, vpeer, npeer, size, seconds, pids, profiler)
+                    row, cpu = _row(k, fds, vpeer, npeer, size, seconds, pids, profiler)
                     rows.append(row)
                     stage_rows.append([row.name, *(round(us, 1) for us in cpu)])
             finally:
                 vpeer.close()
                 npeer.close()
     stages = "CPU time per received packet, by process on the virtio path (µs):"
-    _report(rows, as_json, plot, stage_rows if stages_table else None, stages)
+    _report(rows, as_json, plot, stage_rows if stages_table else None, stages, _queue_pairs())
     _profile_done(profiler, as_json)
     return 0
 
@@ -714,9 +822,10 @@ def _report(
     plot: str | None,
     stage_rows: list[list[Any]] | None,
     stages_title: str,
+    queue_pairs: int = 1,
 ) -> None:
     """Print the rows (and the per-process table), draw the plot."""
-    _print(rows, as_json)
+    _print(rows, as_json, queue_pairs)
     if stage_rows is not None and not as_json:
         print()
         print(stages_title)
@@ -742,7 +851,7 @@ def _run_net_tcp(
     with _bench_switch(TCP_MTU if ring else None) as (switch_ep, switch_pid):
         rows, stage_rows = _run_tcp(wanted, seconds, switch_ep, switch_pid, profiler)
     stages = "CPU time per MiB received, by process on the virtio path (ms):"
-    _report(rows, as_json, plot, stage_rows if stages_table else None, stages)
+    _report(rows, as_json, plot, stage_rows if stages_table else None, stages, _queue_pairs())
     _profile_done(profiler, as_json)
     return 0
 
@@ -793,7 +902,7 @@ def _profiled(profiler: Any, roles: dict[str, int]) -> contextlib.AbstractContex
 
 def _row(
     k: Any,
-    fd: int,
+    fds: list[int],
     vpeer: _Peer,
     npeer: _Peer,
     size: int,
@@ -801,8 +910,8 @@ def _row(
     pids: list[int],
     profiler: Any = None,
 ) -> tuple[NetRow, list[float]]:
-    v, kpp, ipp, cpu = _virtio_row(k, fd, vpeer, size, seconds, pids, profiler)
-    n = _native_row(npeer, size, seconds)
+    v, kpp, ipp, cpu = _virtio_row(k, fds, vpeer, size, seconds, pids, profiler)
+    n = _native_row(npeer, size, seconds, len(fds))
     row = NetRow(
         name=f"udp-{size}",
         unit="Mbit/s",
@@ -815,10 +924,11 @@ def _row(
     return row, cpu
 
 
-def _print(rows: list[NetRow], as_json: bool) -> None:
+def _print(rows: list[NetRow], as_json: bool, queue_pairs: int = 1) -> None:
     if as_json:
-        print(json.dumps({"rows": [asdict(r) for r in rows]}))
+        print(json.dumps({"queue_pairs": queue_pairs, "rows": [asdict(r) for r in rows]}))
     else:
+        print(f"virtio-net queue pairs: {queue_pairs}")
         print(
             render_table(
                 ["workload", "unit", "virtio", "native", "virtio/native", "kicks/pkt", "irqs/pkt"],

@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         "then submit from N threads; default 1)",
     )
     b.add_argument(
+        "--queue-pairs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="net: virtio-net queue pairs of both kernels, 1..16 (VIRTIO_NET_F_MQ; the UDP "
+        "rows then send from N threads; default 1)",
+    )
+    b.add_argument(
         "--poll",
         choices=("on", "off", "both"),
         default="on",
@@ -374,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise CliError("bench trace-cost: --profile is for bench blk and net", 2)
                 if args.queues != 1 or args.poll != "on":
                     raise CliError("bench trace-cost: --queues and --poll are for bench blk", 2)
+                if args.queue_pairs != 1:
+                    raise CliError("bench trace-cost: --queue-pairs is for bench net", 2)
                 return trace_cost.run_trace_cost(
                     before=args.before,
                     rounds=args.rounds,
@@ -401,11 +411,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     profile=args.profile,
                     poll=args.poll,
                     ring=args.ring,
+                    queue_pairs=args.queue_pairs,
                 )
             from tools import bench
 
             if args.plot or args.tcp or args.ring:
                 raise CliError("bench blk: --plot, --tcp and --ring are for bench net", 2)
+            if args.queue_pairs != 1:
+                raise CliError("bench blk: --queue-pairs is for bench net (blk: --queues)", 2)
             return bench.run_blk(
                 image=args.image,
                 seconds=args.seconds,

@@ -6,7 +6,8 @@
                        --control ENDPOINT
     python -m vdev blk --image PATH ... --vhost-user SOCKET_PATH
     python -m vdev net --backend NAME [backend options] [--mac MAC] [--mtu N]
-                       [--queue-size N] (--control ENDPOINT | --vhost-user SOCKET_PATH)
+                       [--queue-size N] [--queue-pairs N]
+                       (--control ENDPOINT | --vhost-user SOCKET_PATH)
     python -m vdev rng [--seed N] (--control ENDPOINT | --vhost-user SOCKET_PATH)
     python -m vdev KIND|pkg.module:Class [its options] (--control EP | --vhost-user SOCK)
 
@@ -26,6 +27,9 @@ frame sent comes back), ``pcap`` (``--record PATH`` and/or ``--replay PATH
 is refused. The default MAC is locally administered (first byte 02) and derived from the
 control endpoint or socket path (a hash), so a device keeps its MAC across restarts on
 the same endpoint; the MTU is 1500 unless ``--mtu`` (68..65535) says otherwise.
+``--queue-pairs N`` (1..16, default 1) gives the NIC N receive/transmit queue pairs and
+offers VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_MQ when N > 1 (§5.1.3, §5.1.6.5.6; not
+with ``--vhost-user``).
 
 The process binds a control server at ENDPOINT (``ipc://...``) and serves the kernel
 until SIGTERM or until the process that launched it dies (SIGINT is ignored). With
@@ -111,6 +115,18 @@ def _num_queues(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 1 <= n <= 16:
         raise argparse.ArgumentTypeError(f"{n} queues: not in 1..16")
+    return n
+
+
+def _queue_pairs(text: str) -> int:
+    from vdev.virtio.net import MAX_QUEUE_PAIRS
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= n <= MAX_QUEUE_PAIRS:
+        raise argparse.ArgumentTypeError(f"{n} queue pairs: not in 1..{MAX_QUEUE_PAIRS}")
     return n
 
 
@@ -223,6 +239,14 @@ def _add_net(sub: Any, backends: dict[str, BackendSpec] | None) -> None:
         type=_queue_size,
         default=256,
         help="largest queue size the driver may use (power of two, default 256)",
+    )
+    net.add_argument(
+        "--queue-pairs",
+        metavar="N",
+        type=_queue_pairs,
+        default=1,
+        help="receive/transmit queue pairs, 1..16 (more than 1: VIRTIO_NET_F_MQ with a "
+        "control queue; default 1)",
     )
     _add_transport(net)
     options: dict[str, list[tuple[str, str]]] = {}
@@ -402,8 +426,19 @@ def _open_net(args: argparse.Namespace) -> NetDevice:
         raise UsageFailure(f"{PROG} net --backend {name}: {e}") from None
     endpoint = args.control if args.control is not None else args.vhost_user
     mac = args.mac if args.mac is not None else default_mac(endpoint)
+    if args.queue_pairs > 1 and args.vhost_user is not None:
+        backend.close()
+        # a vhost-user front-end keeps the control queue itself (and would enable the
+        # pairs with SET_VRING_ENABLE), which this back-end does not implement
+        raise UsageFailure(f"{PROG} net: --queue-pairs goes with --control, not --vhost-user")
     try:
-        return NetDevice(backend, mac=mac, mtu=args.mtu, queue_size=args.queue_size)
+        return NetDevice(
+            backend,
+            mac=mac,
+            mtu=args.mtu,
+            queue_size=args.queue_size,
+            queue_pairs=args.queue_pairs,
+        )
     except Exception:
         backend.close()
         raise

@@ -6,8 +6,10 @@ contract between the two).
 
 Theory of operation
 -------------------
-Two queues: receiveq1 (0) and transmitq1 (1). Every frame on either is preceded by the
-12-byte ``virtio_net_hdr`` (VERSION_1, :class:`~vdev.virtio.net.NetHdr`).
+Two queues: receiveq1 (0) and transmitq1 (1) -- or, with ``queue_pairs`` > 1, a pair
+per queue pair and a control queue (**Multi-queue** below). Every frame on a receive or
+transmit queue is preceded by the 12-byte ``virtio_net_hdr`` (VERSION_1,
+:class:`~vdev.virtio.net.NetHdr`).
 
 Offered features: MAC, STATUS, MTU, CSUM, GUEST_CSUM, HOST_TSO4, GUEST_TSO4 and
 MRG_RXBUF. Each is implemented here, whatever the backend can do: what the backend does
@@ -96,6 +98,39 @@ negotiates MTU, QEMU sends ``NET_SET_MTU`` (protocol feature NET_MTU, offered by
 :mod:`vdev.vhost_user` because the device has :meth:`NetDevice.set_mtu`): the device's
 MTU follows. :meth:`set_link` cannot reach the driver there (no BACKEND_REQ): the
 guest sees QEMU's link state, while the device still drops frames without carrier.
+
+**Multi-queue** (``python -m vdev net --queue-pairs N``, N in 1..16; §5.1.6.5.6). With
+N = 1 the device is the one above: two queues, neither CTRL_VQ nor MQ offered. With
+N > 1 it offers VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_MQ, ``max_virtqueue_pairs`` is N
+and it has 2N + 1 queues (:attr:`NetDevice.num_queues`): receiveqK = 2(K-1),
+transmitqK = 2(K-1)+1, the control queue 2N (queue 2 when the driver takes CTRL_VQ
+without MQ, §5.1.2). Each receive queue keeps its own deque of buffers.
+
+*Control queue* (§5.1.6.5): each chain is one command, ``class, command, data`` in the
+readable part and a writable ``ack`` byte. A chain without a writable byte cannot be
+answered: it is completed with length 0 (``ctrl_bad``). Otherwise the ack is
+VIRTIO_NET_OK, or VIRTIO_NET_ERR for a header shorter than 2 bytes or more than
+:data:`~vdev.virtio.net.CTRL_DATA_MAX` data bytes (``ctrl_bad``), an unknown class or
+command -- everything but VIRTIO_NET_CTRL_MQ VQ_PAIRS_SET, and that too without MQ
+negotiated (``ctrl_unsupported``) -- or VQ_PAIRS_SET whose data is not exactly a le16
+in 1..max_virtqueue_pairs (``ctrl_bad``). VQ_PAIRS_SET sets the active pairs
+(``mq_pairs_set``). Until then, and again after a reset, only pair 1 is active
+(§5.1.6.5.6.1).
+
+*Transmit* is accepted on every transmit queue (a frame on a queue beyond the active
+pairs still goes out, counted ``tx_inactive_pair``: dropping it would lose data in the
+window where the driver changes the count). *Receive steering*
+(§5.1.6.5.6: "the device ... SHOULD place the packets of a flow on the receiveq of the
+transmitq the flow last transmitted on"): each frame sent on an active pair records its
+flow (:func:`~vdev.virtio.net.flow_key`, the IPv4 5-tuple) -> pair in a table of at
+most :data:`FLOW_TABLE_MAX` flows (the oldest flow is forgotten first,
+``flow_evictions``). A received frame of a known flow goes to that pair's receive queue
+(``rx_steered_flow``); one of an unknown flow to ``flow_hash(flow) mod active pairs``
+(``rx_steered_hash``), anything that is not IPv4 to receiveq1. Nothing is ever placed
+on a receive queue beyond the active pairs. A frame whose receive queue has no buffer
+is dropped (``rx_dropped_no_buffer``, and ``rxqK_dropped_no_buffer`` for the pair); a
+backend is told buffers are available (``rx_buffers_available``) when any active
+receive queue has one.
 
 **Reset** forgets the kept receive buffers (the session releases the chains), the
 negotiated features and an MTU set by the front-end; the link state and the counters
@@ -191,6 +226,12 @@ from vdev.virtio.control import ErrorCode
 from vdev.virtio.errors import ProtocolError
 from vdev.virtio.faults import Fired
 from vdev.virtio.net import (
+    CTRL_CLASS_MQ,
+    CTRL_DATA_MAX,
+    CTRL_ERR,
+    CTRL_HDR_SIZE,
+    CTRL_MQ_VQ_PAIRS_SET,
+    CTRL_OK,
     ETH_HLEN,
     GSO_ECN,
     GSO_NONE,
@@ -198,6 +239,7 @@ from vdev.virtio.net import (
     HDR_F_DATA_VALID,
     HDR_F_NEEDS_CSUM,
     MAX_MTU,
+    MAX_QUEUE_PAIRS,
     MIN_MTU,
     NET_HDR_SIZE,
     RX_QUEUE,
@@ -205,6 +247,9 @@ from vdev.virtio.net import (
     TX_QUEUE,
     NetConfig,
     NetHdr,
+    ctrl_queue_index,
+    flow_hash,
+    flow_key,
 )
 from vdev.virtio.packet import (
     ETHERTYPE_VLAN,
@@ -235,6 +280,8 @@ __all__ = [
     "FAULT_HELD_MAX",
     "RATE_QUEUE_MAX",
     "REORDER_MAX_HOLD_S",
+    "NET_MQ_COUNTERS",
+    "FLOW_TABLE_MAX",
 ]
 
 #: The device-specific features :class:`NetDevice` offers (§5.1.3).
@@ -250,7 +297,11 @@ NET_FEATURES = (
 )
 
 #: Feature dependencies of §5.1.3.1 among the bits we offer: (feature, requires).
-_REQUIRES = ((NetF.HOST_TSO4, NetF.CSUM), (NetF.GUEST_TSO4, NetF.GUEST_CSUM))
+_REQUIRES = (
+    (NetF.HOST_TSO4, NetF.CSUM),
+    (NetF.GUEST_TSO4, NetF.GUEST_CSUM),
+    (NetF.MQ, NetF.CTRL_VQ),
+)
 
 #: Every counter of :class:`NetDevice` (see the module docstring).
 NET_COUNTERS = (
@@ -277,6 +328,23 @@ NET_COUNTERS = (
     "rx_bad_buffers",
     "link_changes",
 )
+
+#: Counters a multi-queue device (``queue_pairs > 1``) adds (see the module docstring);
+#: it also has ``rxqK_dropped_no_buffer`` for each pair K (1..N).
+NET_MQ_COUNTERS = (
+    "ctrl_commands",
+    "ctrl_ok",
+    "ctrl_bad",
+    "ctrl_unsupported",
+    "mq_pairs_set",
+    "rx_steered_flow",
+    "rx_steered_hash",
+    "flow_evictions",
+    "tx_inactive_pair",
+    "queue_unused",
+)
+#: Most flows the receive steering table remembers.
+FLOW_TABLE_MAX = 4096
 
 #: An IEEE 802.1Q tag adds 4 bytes to the Ethernet header.
 VLAN_HLEN = 4
@@ -332,7 +400,9 @@ class NetDevice(Device):
 
     ``mac`` is the six-byte address in the config space; ``mtu`` (68..65535) the largest
     L3 packet without GSO; ``queue_size`` the largest queue the driver may set up (a
-    power of two). The device is the backend's :class:`~vdev.netbackend.FrameSink`:
+    power of two); ``queue_pairs`` (1..16) the receive/transmit queue pairs (more than
+    one: CTRL_VQ and MQ are offered). The device is the backend's
+    :class:`~vdev.netbackend.FrameSink`:
     the backend is attached here (its watches and timers start with the runtime).
     """
 
@@ -348,8 +418,13 @@ class NetDevice(Device):
         mac: bytes,
         mtu: int = 1500,
         queue_size: int = 256,
+        queue_pairs: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(queue_pairs, bool) or not isinstance(queue_pairs, int):
+            raise TypeError(f"queue_pairs must be an int, got {queue_pairs!r}")
+        if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"queue_pairs {queue_pairs} not in 1..{MAX_QUEUE_PAIRS}")
         if len(mac) != 6:
             raise ValueError(f"a MAC address is 6 bytes, not {len(mac)}")
         if not MIN_MTU <= mtu <= MAX_MTU:
@@ -365,7 +440,21 @@ class NetDevice(Device):
         self.max_queue_size = queue_size
         self.link_up = True
         self.metrics.declare(*NET_COUNTERS)
-        self._rx: deque[Chain] = deque()  # the driver's receive buffers, oldest first
+        #: Receive/transmit queue pairs (``max_virtqueue_pairs``).
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs + 1 if queue_pairs > 1 else 2
+        if queue_pairs > 1:
+            self.metrics.declare(*NET_MQ_COUNTERS)
+            self.metrics.declare(*(f"rxq{k + 1}_dropped_no_buffer" for k in range(queue_pairs)))
+        # the driver's receive buffers per pair, oldest first; _rx is receiveq1's
+        self._rxs: list[deque[Chain]] = [deque() for _ in range(queue_pairs)]
+        self._rx: deque[Chain] = self._rxs[0]
+        #: Pairs in use (VQ_PAIRS_SET; 1 until then and after a reset).
+        self.active_pairs = 1
+        self._pairs_usable = 1  # pairs the negotiated features give queues to
+        self._ctrl_q = -1  # the control queue (CTRL_VQ negotiated), else -1
+        self._mq = False
+        self._flows: dict[bytes, int] = {}  # flow -> pair it last transmitted on
         self._active = False
         self._mrg = False
         self._guest_csum = False
@@ -388,17 +477,20 @@ class NetDevice(Device):
 
     # ------------------------------------------------------------------ Device API
     def device_features(self) -> int:
-        """MAC, STATUS, MTU, CSUM, GUEST_CSUM, HOST_TSO4, GUEST_TSO4, MRG_RXBUF."""
+        """MAC, STATUS, MTU, CSUM, GUEST_CSUM, HOST_TSO4, GUEST_TSO4, MRG_RXBUF; CTRL_VQ
+        and MQ with more than one queue pair."""
+        if self.queue_pairs > 1:
+            return NET_FEATURES | bit(NetF.CTRL_VQ) | bit(NetF.MQ)
         return NET_FEATURES
 
     def config(self) -> bytes:
-        """The config space (§5.1.4): MAC, status (LINK_UP), one queue pair, MTU."""
+        """The config space (§5.1.4): MAC, status (LINK_UP), max_virtqueue_pairs, MTU."""
         return self.net_config.pack()
 
     @property
     def net_config(self) -> NetConfig:
         """The config space as a dataclass."""
-        return NetConfig(self.mac, S_LINK_UP if self.link_up else 0, 1, self.mtu)
+        return NetConfig(self.mac, S_LINK_UP if self.link_up else 0, self.queue_pairs, self.mtu)
 
     def activate(self, features: int) -> None:
         """Take the negotiated features.
@@ -418,6 +510,14 @@ class NetDevice(Device):
         self._host_csum = bool(features & bit(NetF.CSUM))
         self._host_tso4 = bool(features & bit(NetF.HOST_TSO4))
         self._mtu_negotiated = bool(features & bit(NetF.MTU))
+        # §5.1.2: the control queue is 2N with MQ, 2 with CTRL_VQ alone; only pair 1
+        # is active until VQ_PAIRS_SET (§5.1.6.5.6.1)
+        self._mq = bool(features & bit(NetF.MQ))
+        ctrl = self.queue_pairs > 1 and bool(features & bit(NetF.CTRL_VQ))
+        self._ctrl_q = ctrl_queue_index(self.queue_pairs, self._mq) if ctrl else -1
+        self._pairs_usable = self.queue_pairs if self._mq else 1
+        self.active_pairs = 1
+        self._flows.clear()
         injector = getattr(self._session, "injector", None)
         self._faulty = injector is not None
         self._tx_views = self.backend.takes_views and not self._faulty  # held: copies
@@ -438,13 +538,19 @@ class NetDevice(Device):
 
     def released(self, queue: int) -> None:
         """The session dropped the chains kept on ``queue``: forget the receive buffers."""
-        if queue == RX_QUEUE:
-            self._rx.clear()
+        if queue % 2 == 0 and queue // 2 < self.queue_pairs and queue != self._ctrl_q:
+            self._rxs[queue // 2].clear()
 
     def reset(self) -> None:
-        """Forget the kept receive buffers and what was negotiated; frames held by
-        faults (delay, reorder, rate limit) are dropped and counted."""
-        self._rx.clear()
+        """Forget the kept receive buffers and what was negotiated (the active pairs
+        go back to 1); frames held by faults (delay, reorder, rate limit) are dropped
+        and counted."""
+        for rx in self._rxs:
+            rx.clear()
+        self.active_pairs = self._pairs_usable = 1
+        self._ctrl_q = -1
+        self._mq = False
+        self._flows.clear()
         for d in (self._fault_tx, self._fault_rx):
             dropped = d.drop_all()
             if dropped:
@@ -457,34 +563,85 @@ class NetDevice(Device):
 
     def close(self) -> None:
         """Close the backend."""
-        self._rx.clear()
+        for rx in self._rxs:
+            rx.clear()
         self.backend.close()
 
     def handle(self, queue: int, chain: Chain) -> int | Pending:
-        """Transmit one frame (queue 1) or keep one receive buffer (queue 0)."""
+        """Transmit one frame (an odd queue), keep one receive buffer (an even queue)
+        or answer a control command (the control queue)."""
         if queue == TX_QUEUE:
             self._transmit(chain)
             return 0
         if queue == RX_QUEUE:
             return self._post_rx_buffer(chain)
-        return 0  # num_queues is 2: the runtime never asks for another
+        if queue == self._ctrl_q:
+            return self._control(chain)
+        pair = queue // 2
+        if pair >= self._pairs_usable:
+            # §5.1.2: without MQ only receiveq1/transmitq1 (and the control queue) exist
+            self.metrics.inc("queue_unused")
+            return 0
+        if queue & 1:
+            self._transmit(chain, queue)
+            return 0
+        return self._post_rx_buffer(chain, pair)
+
+    # ------------------------------------------------------------------ control queue
+    def _control(self, chain: Chain) -> int:
+        """Answer one control command (§5.1.6.5); returns the used length (the ack)."""
+        m = self.metrics
+        m.inc("ctrl_commands")
+        if chain.writable_len < 1:
+            m.inc("ctrl_bad")  # §5.1.6.5: the ack byte is device-writable: none to write
+            return 0
+        n = chain.readable_len
+        ack = CTRL_ERR
+        if n < CTRL_HDR_SIZE or n > CTRL_HDR_SIZE + CTRL_DATA_MAX:
+            m.inc("ctrl_bad")  # §5.1.6.5: class and command, then the command's data
+        else:
+            cmd = chain.read(0, n)
+            cls, code, data = cmd[0], cmd[1], cmd[CTRL_HDR_SIZE:]
+            if cls != CTRL_CLASS_MQ or code != CTRL_MQ_VQ_PAIRS_SET or not self._mq:
+                m.inc("ctrl_unsupported")  # only MQ VQ_PAIRS_SET, and only with MQ
+            elif len(data) != 2:
+                m.inc("ctrl_bad")  # §5.1.6.5.6: struct virtio_net_ctrl_mq is one le16
+            else:
+                pairs = int.from_bytes(data, "little")
+                # §5.1.6.5.6: virtqueue_pairs in 1..max_virtqueue_pairs
+                if not 1 <= pairs <= self.queue_pairs:
+                    m.inc("ctrl_bad")
+                else:
+                    self.active_pairs = pairs
+                    m.inc("mq_pairs_set")
+                    ack = CTRL_OK
+        if ack == CTRL_OK:
+            m.inc("ctrl_ok")
+        chain.write(0, bytes((ack,)))
+        return 1
 
     # ------------------------------------------------------------------ FrameSink
     def rx_buffers_available(self) -> bool:
-        """True if the driver has posted receive buffers not used yet."""
-        return bool(self._rx) or self._pull_rx()
+        """True if the driver has posted receive buffers not used yet (on any active
+        receive queue)."""
+        if self.active_pairs == 1:
+            return bool(self._rx) or self._pull_rx()
+        for p in range(self.active_pairs):  # bounded: at most MAX_QUEUE_PAIRS
+            if self._rxs[p] or self._pull_rx(p):
+                return True
+        return False
 
-    def _pull_rx(self) -> bool:
+    def _pull_rx(self, pair: int = 0) -> bool:
         """Take the receive buffers the driver posted since the receive queue was last
         drained -- a driver need not kick for them (a polling device is expected to
         look, :meth:`~vdev.Device.pull_available`); True if any are kept now."""
-        self.pull_available(RX_QUEUE)
-        return bool(self._rx)
+        self.pull_available(2 * pair)
+        return bool(self._rxs[pair])
 
     @property
     def rx_buffers(self) -> int:
-        """How many receive buffers are kept, waiting for frames."""
-        return len(self._rx)
+        """How many receive buffers are kept, waiting for frames (every queue)."""
+        return sum(len(rx) for rx in self._rxs)
 
     def count(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the counter ``name`` (backends count their own events here)."""
@@ -516,8 +673,11 @@ class NetDevice(Device):
         if not self.link_up:
             m.inc("rx_dropped_link_down")
             return False
-        if not self._rx and not self._pull_rx():  # the common drop: check before any work
+        pair = self._steer(frame) if self.active_pairs > 1 else 0
+        if not self._rxs[pair] and not self._pull_rx(pair):  # the common drop: check first
             m.inc("rx_dropped_no_buffer")
+            if self.queue_pairs > 1:
+                m.inc(f"rxq{pair + 1}_dropped_no_buffer")
             return False
         frames = self._shape_rx(hdr, frame)
         if frames is None:
@@ -525,12 +685,42 @@ class NetDevice(Device):
             return False
         ok = True
         for h, f in frames:
-            if not self._deliver(h, f):
+            if not self._deliver(h, f, pair):
                 ok = False
         return ok
 
+    # ------------------------------------------------------------------ steering
+    def _steer(self, frame: bytes | memoryview) -> int:
+        """The pair whose receive queue gets ``frame`` (several pairs active): the pair
+        its flow last transmitted on, else a hash of the flow; receiveq1 for anything
+        but IPv4 (§5.1.6.5.6)."""
+        key = flow_key(frame, received=True)
+        if key is None:
+            return 0
+        active = self.active_pairs
+        pair = self._flows.get(key)
+        if pair is not None and pair < active:
+            self.metrics.inc("rx_steered_flow")
+            return pair
+        self.metrics.inc("rx_steered_hash")
+        return flow_hash(key) % active
+
+    def _learn(self, frame: bytes | memoryview, pair: int) -> None:
+        """Remember that ``frame``'s flow transmits on ``pair`` (the table is bounded:
+        the oldest flow goes first)."""
+        key = flow_key(frame)
+        if key is None:
+            return
+        flows = self._flows
+        if flows.get(key) == pair:
+            return
+        if key not in flows and len(flows) >= FLOW_TABLE_MAX:
+            del flows[next(iter(flows))]
+            self.metrics.inc("flow_evictions")
+        flows[key] = pair
+
     # ------------------------------------------------------------------ transmit
-    def _transmit(self, chain: Chain) -> None:
+    def _transmit(self, chain: Chain, queue: int = TX_QUEUE) -> None:
         m = self.metrics
         n = chain.readable_len - NET_HDR_SIZE
         if chain.writable_len or n < ETH_HLEN:
@@ -562,8 +752,16 @@ class NetDevice(Device):
             m.inc("tx_gso_frames")
         if hdr.flags & HDR_F_NEEDS_CSUM:
             m.inc("tx_csum_offloaded")
+        if self.active_pairs > 1:
+            pair = queue // 2
+            if pair < self.active_pairs:
+                self._learn(frame, pair)
+            else:
+                m.inc("tx_inactive_pair")
+        elif queue != TX_QUEUE:
+            m.inc("tx_inactive_pair")
         if self._faulty:
-            self._fault_frame(self._fault_tx, TX_QUEUE, hdr, frame)
+            self._fault_frame(self._fault_tx, queue, hdr, frame)
             return
         self._tx_send(hdr, frame)
 
@@ -636,12 +834,12 @@ class NetDevice(Device):
         return True
 
     # ------------------------------------------------------------------ receive
-    def _post_rx_buffer(self, chain: Chain) -> int | Pending:
+    def _post_rx_buffer(self, chain: Chain, pair: int = 0) -> int | Pending:
         # §5.1.6.3.1: receive buffers are device-writable and at least hold the header
         if chain.readable_len or chain.writable_len < NET_HDR_SIZE:
             self.metrics.inc("rx_bad_buffers")
             return 0
-        rx = self._rx
+        rx = self._rxs[pair]
         rx.append(chain)
         if len(rx) == 1:
             self._resume_rx()  # the first buffer after none: the backend reads again now
@@ -700,16 +898,20 @@ class NetDevice(Device):
             return [(NetHdr(HDR_F_DATA_VALID), frame)]
         return [(_PLAIN, frame)]
 
-    def _deliver(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
-        """Write one shaped frame into the kept buffers and complete them."""
+    def _deliver(self, hdr: NetHdr, frame: bytes | memoryview, pair: int = 0) -> bool:
+        """Write one shaped frame into the kept buffers of ``pair``'s receive queue and
+        complete them."""
         m = self.metrics
         n = len(frame)
         if self._mtu_negotiated and hdr.gso_type == GSO_NONE and n > self.mtu + _l2_len(frame):
             m.inc("rx_dropped_over_mtu")  # §5.1.4.1
             return False
-        rx = self._rx
-        if not rx and not self._pull_rx():
+        rx = self._rxs[pair]
+        rxq = 2 * pair
+        if not rx and not self._pull_rx(pair):
             m.inc("rx_dropped_no_buffer")
+            if self.queue_pairs > 1:
+                m.inc(f"rxq{pair + 1}_dropped_no_buffer")
             return False
         total = NET_HDR_SIZE + n
         if not self._mrg:
@@ -719,7 +921,7 @@ class NetDevice(Device):
                 return False
             rx.popleft()
             self._fill(chain, hdr, frame, 0, n)
-            self.complete(RX_QUEUE, chain, total)
+            self.complete(rxq, chain, total)
         else:
             for attempt in (0, 1):  # the second time with the buffers posted meanwhile
                 need = total
@@ -729,10 +931,12 @@ class NetDevice(Device):
                     need -= chain.writable_len
                     if need <= 0:
                         break
-                if need <= 0 or attempt or not self.pull_available(RX_QUEUE):
+                if need <= 0 or attempt or not self.pull_available(rxq):
                     break
             if need > 0:
                 m.inc("rx_dropped_no_buffer")
+                if self.queue_pairs > 1:
+                    m.inc(f"rxq{pair + 1}_dropped_no_buffer")
                 return False
             chains = [rx.popleft() for _ in range(count)]
             # §5.1.6.4: num_buffers in the first header; every buffer but the last is
@@ -760,7 +964,7 @@ class NetDevice(Device):
                 done += take
             # all buffers of the frame appear in the used ring together: the driver
             # reads num_buffers from the first and expects the rest to be there
-            self.complete_many(RX_QUEUE, list(zip(chains, lens, strict=True)))
+            self.complete_many(rxq, list(zip(chains, lens, strict=True)))
             if count > 1:
                 m.inc("rx_merged")
         m.inc("rx_frames")

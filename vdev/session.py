@@ -727,12 +727,22 @@ class DeviceSession:
                 self._device_callback(entry[1])
             else:
                 entry[1]()
-        self.after_round()
+        self._after_round()
 
     def after_round(self) -> None:
         """The rest of a round once the sources' callbacks have run: the timers that
         are due, the pending rings, the owed interrupts, then (nothing pending) the
-        poll of the unarmed rings. A hosted session's host calls it every round."""
+        poll of the unarmed rings. A hosted session's host calls it every round; an
+        exception escaping it then goes to ``on_error`` (given to :meth:`open`)."""
+        if self._on_error is None:
+            self._after_round()
+            return
+        try:
+            self._after_round()
+        except Exception as e:
+            self._on_error(e)
+
+    def _after_round(self) -> None:
         if self.stopping:
             return
         if self._timers:

@@ -15,12 +15,26 @@ Every frame on receiveq/transmitq is preceded by ``struct virtio_net_hdr`` (§5.
 Config space (§5.1.4), the part we use: ``u8 mac[6]; le16 status; le16
 max_virtqueue_pairs; le16 mtu``. ``status`` bit 0 is LINK_UP (with VIRTIO_NET_F_STATUS).
 
-Queues: receiveq1 = 0, transmitq1 = 1 (no MQ, no control queue).
+Queues (§5.1.2): receiveq1 = 0, transmitq1 = 1. With VIRTIO_NET_F_MQ, ``N =
+max_virtqueue_pairs``: receiveqK = 2(K-1), transmitqK = 2(K-1)+1 for K in 1..N and the
+control queue is 2N; with VIRTIO_NET_F_CTRL_VQ but not MQ it is queue 2
+(:func:`ctrl_queue_index`).
+
+Control queue (§5.1.6.5): a chain whose readable part is ``u8 class; u8 command;
+command-specific-data[]`` and whose writable part starts with the ``u8 ack`` the device
+writes (:data:`CTRL_OK` / :data:`CTRL_ERR`). The one command used here is
+VIRTIO_NET_CTRL_MQ (class 4) VQ_PAIRS_SET (command 0) with ``le16 virtqueue_pairs`` in
+1..max_virtqueue_pairs (§5.1.6.5.6): :func:`mq_pairs_set`.
+
+Receive steering (§5.1.6.5.6 "Automatic receive steering"): a flow is identified by
+:func:`flow_key` (the IPv4 5-tuple; the 3-tuple for fragments and protocols without
+ports), from the local end's side whichever way the frame goes.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass
 
 __all__ = [
@@ -47,6 +61,21 @@ __all__ = [
     "MAX_MTU",
     "format_mac",
     "parse_mac",
+    "MAX_QUEUE_PAIRS",
+    "CTRL_HDR_SIZE",
+    "CTRL_OK",
+    "CTRL_ERR",
+    "CTRL_CLASS_MQ",
+    "CTRL_MQ_VQ_PAIRS_SET",
+    "CTRL_MQ_PAIRS_MIN",
+    "CTRL_MQ_PAIRS_MAX",
+    "CTRL_DATA_MAX",
+    "rx_queue_index",
+    "tx_queue_index",
+    "ctrl_queue_index",
+    "mq_pairs_set",
+    "flow_key",
+    "flow_hash",
 ]
 
 NET_HDR = struct.Struct("<BBHHHHH")
@@ -74,6 +103,27 @@ ETH_HLEN = 14
 #: The MTU range the device accepts (§5.1.4.1: at least 68; at most 65535).
 MIN_MTU = 68
 MAX_MTU = 65535
+
+#: Most queue pairs our device and driver support (the spec allows up to 0x8000).
+MAX_QUEUE_PAIRS = 16
+
+#: ``u8 class; u8 command`` at the start of every control command (§5.1.6.5).
+CTRL_HDR_SIZE = 2
+#: The ack byte the device writes (§5.1.6.5): VIRTIO_NET_OK / VIRTIO_NET_ERR.
+CTRL_OK = 0
+CTRL_ERR = 1
+#: VIRTIO_NET_CTRL_MQ and its VQ_PAIRS_SET command (§5.1.6.5.6).
+CTRL_CLASS_MQ = 4
+CTRL_MQ_VQ_PAIRS_SET = 0
+#: The range of ``virtqueue_pairs`` the spec allows (§5.1.6.5.6).
+CTRL_MQ_PAIRS_MIN = 1
+CTRL_MQ_PAIRS_MAX = 0x8000
+#: Most command-specific bytes a device reads (the largest command we know is 2 bytes;
+#: the spec's biggest, RSS_CONFIG, stays well below this).
+CTRL_DATA_MAX = 4096
+
+_LE16 = struct.Struct("<H")
+_NO_PORTS = bytes(4)
 
 _CONFIG = struct.Struct("<6sHHH")
 NET_CONFIG_BYTES = _CONFIG.size  # 12
@@ -158,3 +208,63 @@ def parse_mac(text: str) -> bytes:
         return bytes(int(p, 16) for p in parts)
     except ValueError:
         raise ValueError(f"not a MAC address: {text!r} (want aa:bb:cc:dd:ee:ff)") from None
+
+
+def rx_queue_index(pair: int) -> int:
+    """The virtqueue of receiveq(pair+1) (§5.1.2; ``pair`` counts from 0)."""
+    return 2 * pair
+
+
+def tx_queue_index(pair: int) -> int:
+    """The virtqueue of transmitq(pair+1) (§5.1.2; ``pair`` counts from 0)."""
+    return 2 * pair + 1
+
+
+def ctrl_queue_index(max_pairs: int, mq: bool) -> int:
+    """The control queue's index (§5.1.2): 2N with VIRTIO_NET_F_MQ negotiated (N =
+    ``max_virtqueue_pairs``), else 2."""
+    return 2 * max_pairs if mq else 2
+
+
+def mq_pairs_set(pairs: int) -> bytes:
+    """The readable part of a VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET command (§5.1.6.5.6);
+    ValueError outside 1..0x8000."""
+    if not CTRL_MQ_PAIRS_MIN <= pairs <= CTRL_MQ_PAIRS_MAX:
+        raise ValueError(f"virtqueue_pairs {pairs} not in 1..{CTRL_MQ_PAIRS_MAX}")
+    return bytes((CTRL_CLASS_MQ, CTRL_MQ_VQ_PAIRS_SET)) + _LE16.pack(pairs)
+
+
+def flow_key(frame: bytes | memoryview, received: bool = False) -> bytes | None:
+    """The flow an Ethernet frame belongs to, for receive steering: 13 bytes
+    ``protocol, local address, remote address, local port, remote port`` of an IPv4
+    packet (``received``: the frame came in, so its destination is the local end), or
+    None for anything else (not IPv4, truncated). Fragments (and protocols other than
+    TCP and UDP) have zero ports: every fragment of a datagram is of one flow."""
+    n = len(frame)
+    # RFC 791: an IPv4 header is at least 20 bytes (IHL >= 5) after the Ethernet header
+    if n < 34 or frame[12] != 0x08 or frame[13] != 0x00:
+        return None
+    vihl = frame[14]
+    ihl = (vihl & 0x0F) * 4
+    if vihl >> 4 != 4 or ihl < 20 or n < 14 + ihl:
+        return None
+    proto = frame[23]
+    l4 = 14 + ihl
+    fragment = ((frame[20] << 8) | frame[21]) & 0x3FFF  # MF flag or a fragment offset
+    if proto in (6, 17) and not fragment and n >= l4 + 4:
+        sport = bytes(frame[l4 : l4 + 2])
+        dport = bytes(frame[l4 + 2 : l4 + 4])
+    else:
+        sport = dport = _NO_PORTS[:2]
+    src = bytes(frame[26:30])
+    dst = bytes(frame[30:34])
+    if received:
+        return bytes((proto,)) + dst + src + dport + sport
+    return bytes((proto,)) + src + dst + sport + dport
+
+
+def flow_hash(key: bytes) -> int:
+    """A 16-bit hash of a :func:`flow_key`, for spreading unknown flows over queues:
+    CRC-32 (linear: flows that differ in one port bit would differ in few hash bits)
+    mixed by Fibonacci hashing, whose high bits depend on every bit of the CRC."""
+    return ((zlib.crc32(key) * 0x9E3779B1) & 0xFFFFFFFF) >> 16
