@@ -69,6 +69,7 @@ from hostops.control import ControlClient
 from hostops.doorbell import DoorbellListener
 from hostops.errors import ChannelTimeout, TransportError
 from hostops.fdmem import new_memfd, size_and_seal
+from hostops.framechan import unix_socket_in_use
 from hostops.poll import Pollable
 from hostops.rundir import RuntimeDir
 from hostops.sync import Lock
@@ -226,6 +227,14 @@ class AttachTransport(ZmqTransport):
                 )
             _attached.add(self.endpoint)
             self._holds_endpoint = True
+        # a kernel of another process attached: binding its call doorbell's path would
+        # take the doorbell from under it (libzmq replaces the socket file), so refuse
+        if unix_socket_in_use(self._call_ep[len("ipc://") :]):
+            raise DeviceProbeError(
+                self.name,
+                f"{self.endpoint} is in use: another kernel is attached "
+                f"(its call doorbell {self._call_ep} answers); one kernel at a time",
+            )
         try:
             self._call = DoorbellListener(self._call_ep)
         except Exception as e:
@@ -257,6 +266,12 @@ class AttachTransport(ZmqTransport):
             raise self.probe_error(f"device reports no usable queue: {info}")
         pid = r.get("pid")  # typed by check_reply (control.OPTIONAL_REPLY_TYPES)
         self._device_pid = pid if isinstance(pid, int) and pid > 0 else None
+        kpid = r.get("attached_pid")  # the kernel whose memory the device maps now
+        if isinstance(kpid, int) and kpid > 0 and kpid != os.getpid():
+            raise DeviceProbeError(
+                self.name,
+                f"{self.endpoint} is in use by the kernel in process {kpid}; one kernel at a time",
+            )
         self.info = info
         return info
 

@@ -561,8 +561,10 @@ class DeviceRuntime:
             "max_queue_size": int(d.max_queue_size),
             "name": str(d.name),
         }
-        if self.shm_by_name:  # the optional field (control.OPTIONAL_REPLY_TYPES)
+        if self.shm_by_name:  # the optional fields (control.OPTIONAL_REPLY_TYPES)
             info["pid"] = os.getpid()
+            if self._kernel is not None:  # a kernel is attached (and alive)
+                info["attached_pid"] = self._kernel.pid
         return info
 
     def _get_features(self, req: Request) -> dict[str, Any]:

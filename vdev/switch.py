@@ -1701,6 +1701,7 @@ class SwitchServer:
                 "endpoint": r.endpoint,
                 "mac": format_mac(r.mac),
                 "attached": r.runtime.driver_ok,
+                "kernels_gone": r.runtime.counters["kernels_gone"],
                 "device": r.device.metrics.snapshot(),
             }
             for r in self.rings

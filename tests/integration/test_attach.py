@@ -344,8 +344,9 @@ def test_sigkilled_kernel_leaves_nothing_and_the_next_one_resets_the_device(
     devices: Devices, image: str
 ) -> None:
     """A kernel SIGKILLed while attached leaves nothing in /dev/shm (its region is a
-    memfd, gone with the last mapping), and the device -- still mapping the old region,
-    still in DRIVER_OK -- is reset by the next kernel that attaches."""
+    memfd, gone with the last mapping), and the next kernel that attaches brings the
+    device up again (the device reset itself when the kernel died: see the
+    ``kernels_gone`` test below)."""
     ep = devices.endpoint()
     p = devices.start("blk", "--image", image, ep=ep)
     child = subprocess.Popen(
@@ -372,6 +373,60 @@ def test_sigkilled_kernel_leaves_nothing_and_the_next_one_resets_the_device(
         assert k.sys.pread(fd, 512, 0) == b"k" * 512
         assert k.devices[0].pid == p.pid
     assert p.alive()
+
+
+def test_sigkilled_kernel_resets_the_device_at_once(devices: Devices, image: str) -> None:
+    """A ``--shm-by-name`` device watches the kernel whose memory it maps: when that
+    kernel (a child process) is SIGKILLed the device resets by itself -- status 0 and
+    ``kernels_gone`` 1 before any other kernel comes, its log names the dead kernel --
+    and the next kernel attaches, sees the count and the data, and works."""
+    ep = devices.endpoint()
+    p = devices.start("blk", "--image", image, ep=ep)
+    child = subprocess.Popen(
+        [sys.executable, "-c", KERNEL_CHILD, ep],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=str(ROOT),
+    )
+    try:
+        assert child.stdout is not None
+        ready, _, _ = select.select([child.stdout], [], [], TIMEOUT)
+        assert ready, "the kernel child did not attach"
+        assert child.stdout.readline().decode().startswith(f"/proc/{child.pid}/fd/")
+        child.kill()
+        assert child.wait(TIMEOUT) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(TIMEOUT)
+        for f in (child.stdin, child.stdout):
+            if f is not None:
+                f.close()
+    # Nobody else talks to the device: it reset on its own. (The pidfd and this
+    # request may be ready in the same round: a bounded series of round trips.)
+    with ControlClient(ep, peer_alive=p.alive) as c:
+        for _ in range(200):
+            reply = c.call(encode_request("GET_METRICS"), timeout_s=TIMEOUT)
+            if decode_reply(reply)["device"]["kernels_gone"] == 1:
+                break
+        else:
+            raise AssertionError(f"the device never noticed: {devices.log_text()}")
+        status = decode_reply(c.call(encode_request("GET_STATUS"), timeout_s=TIMEOUT))
+    assert status["status"] == 0
+    assert f"the attached kernel (pid {child.pid}) exited: resetting" in devices.log_text()
+    with kernel.boot(devices=[kernel.Attach(ep)]) as k:
+        dev = k.devices[0]
+        assert dev.pid == p.pid
+        assert dev.metrics()["device"]["kernels_gone"] == 1
+        fd = k.sys.open("/dev/vda", os.O_RDWR)
+        assert k.sys.pread(fd, 512, 0) == b"k" * 512  # what the dead kernel wrote
+        assert k.sys.pwrite(fd, b"n" * 512, 512) == 512
+        k.sys.fsync(fd)
+        assert k.sys.pread(fd, 1024, 0) == b"k" * 512 + b"n" * 512
+    assert p.alive()
+    with ControlClient(ep, peer_alive=p.alive) as c:  # a clean detach is not "gone"
+        reply = c.call(encode_request("GET_METRICS"), timeout_s=TIMEOUT)
+    assert decode_reply(reply)["device"]["kernels_gone"] == 1
 
 
 def test_attach_spec_checks_its_options() -> None:

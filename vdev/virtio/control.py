@@ -110,7 +110,7 @@ REPLY_TYPES: dict[str, dict[str, type]] = {
 #: ``pid`` is the device process's own pid (an attachable device sends it: a kernel
 #: that did not start the process cannot learn it otherwise).
 OPTIONAL_REPLY_TYPES: dict[str, dict[str, type]] = {
-    "GET_DEVICE_INFO": {"pid": int},
+    "GET_DEVICE_INFO": {"pid": int, "attached_pid": int},
 }
 
 _U64 = (1 << 64) - 1
