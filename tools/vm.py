@@ -38,6 +38,12 @@ Theory of operation
   release, the package and the load order. A cache made before the network modules
   were in the list still boots disk-only guests; ``--setup`` again adds them (a net
   guest says so, :class:`MissingPrerequisite`).
+* **PVH boot** (:func:`pvh_vmlinux`): QEMU boots the kernel's uncompressed ELF image
+  (made once from ``vmlinuz`` -- its xz or gzip payload -- and kept beside it in the
+  cache) through the PVH entry point: no SeaBIOS, no real-mode set-up, no
+  self-decompression, which under TCG took longer than the kernel's own boot (a guest
+  is up in ≈ 2.3 s instead of ≈ 4.9 s). A kernel without the PVH note boots from
+  ``vmlinuz`` as before.
 * **Initramfs** (:mod:`tools.initramfs`): busybox, applet links, modules and ``/init``
   in a newc cpio written by us, cached as ``initramfs-<hash of inputs>.cpio``. Commands
   do not go into the archive: ``/init`` reads them from the serial console (base64),
@@ -111,6 +117,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,6 +333,98 @@ class KernelFiles:
         """The uncompressed ``.ko`` file of module ``name``."""
         return self.directory / "modules" / f"{name}.ko"
 
+    @property
+    def boot_image(self) -> Path:
+        """What QEMU's ``-kernel`` gets: the uncompressed ``vmlinux`` for a PVH boot
+        when one could be made (:func:`pvh_vmlinux`), else ``vmlinuz``."""
+        return pvh_vmlinux(self.vmlinuz) or self.vmlinuz
+
+
+#: XEN_ELFNOTE_PHYS32_ENTRY: the ELF note that makes a ``vmlinux`` bootable with PVH.
+_PVH_NOTE = 18
+_PT_NOTE = 4
+
+
+def _has_pvh_note(elf: bytes) -> bool:
+    """Whether ``elf`` (an ELF64 image) has the Xen PVH entry note (bounded walk of
+    its program headers and notes)."""
+    if elf[:4] != b"\x7fELF" or len(elf) < 64 or elf[4] != 2:
+        return False
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    if phnum > 64 or phentsize < 56 or phoff + phnum * phentsize > len(elf):
+        return False
+    for i in range(phnum):
+        ptype, _flags, off, _va, _pa, filesz = struct.unpack_from(
+            "<IIQQQQ", elf, phoff + i * phentsize
+        )
+        if ptype != _PT_NOTE or off + filesz > len(elf):
+            continue
+        pos, end = off, off + filesz
+        for _ in range(256):  # bounded: notes in one segment
+            if pos + 12 > end:
+                break
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, pos)
+            name = elf[pos + 12 : pos + 12 + namesz]
+            if name == b"Xen\0" and ntype == _PVH_NOTE:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def _unpack_whole(magic: bytes, data: bytes) -> bytes:
+    """The xz or gzip stream at the start of ``data`` decompressed, or b"" if it is
+    corrupt or cut short (what follows the stream is ignored)."""
+    dec: Any = (
+        lzma.LZMADecompressor(format=lzma.FORMAT_XZ) if magic[0] == 0xFD else zlib.decompressobj(31)
+    )
+    try:
+        out: bytes = dec.decompress(data)
+    except (lzma.LZMAError, zlib.error, EOFError):
+        return b""
+    return out if dec.eof else b""
+
+
+def pvh_vmlinux(vmlinuz: Path) -> Path | None:
+    """The uncompressed kernel beside ``vmlinuz`` (``vmlinux-<size>-<mtime>``, made once
+    and kept in the cache), if its payload is xz or gzip and it has the PVH entry note;
+    else None.
+
+    Why: under TCG, SeaBIOS, the real-mode set-up and the kernel decompressing itself
+    take longer than the kernel's own boot; QEMU loads a PVH ``vmlinux`` straight into
+    guest memory and jumps to its 32-bit entry, so a guest is up in about half the
+    time. Made atomically (a temporary file renamed), so guests booting at once can
+    all ask; anything unexpected means "boot vmlinuz as before"."""
+    try:
+        st = vmlinuz.stat()
+    except OSError:
+        return None
+    tag = f"{st.st_size}-{st.st_mtime_ns}"  # a vmlinuz unpacked again gets a new one
+    out = vmlinuz.with_name(f"vmlinux-{tag}")
+    if out.is_file():
+        return out
+    none = vmlinuz.with_name(f"vmlinux-{tag}.none")  # remembered: this kernel cannot
+    if none.exists():
+        return None
+    try:
+        packed = vmlinuz.read_bytes()
+        elf = b""
+        for magic in (b"\xfd7zXZ\x00", b"\x1f\x8b\x08\x00"):  # xz, gzip
+            at = packed.find(magic)
+            if at >= 0:
+                elf = _unpack_whole(magic, packed[at:])
+                if elf[:4] == b"\x7fELF":
+                    break
+        if not _has_pvh_note(elf):
+            none.touch()
+            return None
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(elf)
+        os.replace(tmp, out)
+    except OSError:
+        return None
+    return out
+
 
 def load_kernel(cache: Path | None = None) -> KernelFiles:
     """The kernel :func:`setup` left in the cache, or :class:`MissingPrerequisite`."""
@@ -472,7 +571,7 @@ def setup(cache: Path | None = None, log: Callable[[str], None] = print) -> Kern
     try:
         k = load_kernel(cache)
         if k.package == pkg and set(ROOT_MODULES) <= set(k.modules):
-            log(f"guest kernel {k.release} ({pkg}) already in {cache}")
+            log(f"guest kernel {k.release} ({pkg}) already in {cache}; boots {k.boot_image.name}")
             return k
     except MissingPrerequisite:
         pass
@@ -521,6 +620,7 @@ def setup(cache: Path | None = None, log: Callable[[str], None] = print) -> Kern
     k = load_kernel(cache)
     log(f"guest kernel {k.release} ({pkg}) unpacked to {k.directory}")
     log(f"modules (load order): {' '.join(k.modules)}")
+    log(f"boots {k.boot_image.name}")  # makes the PVH vmlinux now, not at the first boot
     return k
 
 
@@ -1106,7 +1206,7 @@ class Guest:
             "-serial", "stdio",
             "-monitor", "none",
             "-no-reboot",
-            "-kernel", str(kernel.vmlinuz),
+            "-kernel", str(kernel.boot_image),
             "-initrd", str(initramfs),
             "-append", append,
         ]  # fmt: skip
