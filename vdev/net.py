@@ -558,6 +558,7 @@ class NetDevice(Device):
         self._active = False
         self._mrg = self._guest_csum = self._guest_tso4 = False
         self._host_csum = self._host_tso4 = self._mtu_negotiated = False
+        self.backend.reset()
         self.mtu = self.configured_mtu
         super().reset()
 
@@ -621,6 +622,11 @@ class NetDevice(Device):
         return 1
 
     # ------------------------------------------------------------------ FrameSink
+    @property
+    def active(self) -> bool:
+        """A driver has the device running (DRIVER_OK, not reset since)."""
+        return self._active
+
     def rx_buffers_available(self) -> bool:
         """True if the driver has posted receive buffers not used yet (on any active
         receive queue)."""

@@ -101,6 +101,10 @@ class NetBackend:
         """The driver posted a receive buffer after having none: a backend that stopped
         reading for lack of buffers reads again now. The default does nothing."""
 
+    def reset(self) -> None:
+        """The device was reset: the driver and its buffers are gone, so frames the
+        backend holds for them are dropped. The default does nothing."""
+
     def offloads(self) -> frozenset[str]:
         """What this backend accepts as-is: ``"csum"`` (NEEDS_CSUM frames) and/or
         ``"tso4"`` (GSO_TCPV4 super-frames). The default: nothing."""

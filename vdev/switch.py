@@ -84,7 +84,10 @@ thread, no locks). A frame a ring port's driver transmits is decided while it is
 in the driver's transmit buffer and copied once, straight into the receive buffer of a
 ring port it goes to (``NetDevice.receive``) -- ring to ring, as OVS-DPDK, VPP and
 Snabb do -- or into one ZeroMQ message for a port of the ZeroMQ kind. No device
-process sits between a ring port's kernel and the switch. Ring ports do not busy-poll
+process sits between a ring port's kernel and the switch. A frame for a ring port whose
+driver has no free receive buffer waits in the port's backlog (bounded:
+:data:`RING_BACKLOG_FRAMES`, :data:`RING_BACKLOG_BYTES`; beyond, dropped and counted
+``full``) and goes in, in order, when the driver posts buffers. Ring ports do not busy-poll
 (one device's spin would stall the rest) and are not traced on the switch's side (the
 kernel's side is). A kernel that exits (SIGKILL included) resets its port at once; the
 next kernel may attach.
@@ -113,7 +116,7 @@ import heapq
 import json
 import os
 import sys
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -126,7 +129,7 @@ from hostops.poll import Poller, Waker
 from hostops.process import ParentWatch
 from hostops.signals import on_terminate, wake_on_signals
 from hostops.tap import TapError
-from vdev.netbackend import NetBackend
+from vdev.netbackend import FrameSink, NetBackend
 from vdev.virtio.net import (
     ETH_HLEN,
     GSO_ECN,
@@ -611,6 +614,10 @@ class SwitchCore:
 # --------------------------------------------------------------------- impairment
 #: Longest a frame held back for reordering waits for a frame to overtake it.
 REORDER_HOLD_S = 0.005
+#: Frames (and bytes) a ring port holds while its driver has no free receive buffer;
+#: beyond that they are dropped, counted ``full`` (a ZeroMQ port's --hwm, for rings).
+RING_BACKLOG_FRAMES = 1024
+RING_BACKLOG_BYTES = 8 << 20
 
 #: The fates :meth:`Impairment.draw` gives a frame.
 PASS = 0
@@ -1017,6 +1024,7 @@ class _Link:
     local: Callable[[NetHdr, bytes | memoryview], bool] | None = None
     watch: PeerProcess | None = None
     batch: bool = False  # the port said it takes batch messages
+    ring: _RingBackend | None = None  # a ring port (``local`` is its device's receive)
 
 
 class _RingBackend(NetBackend):
@@ -1032,6 +1040,58 @@ class _RingBackend(NetBackend):
         super().__init__()
         self._server = server
         self.number = number
+        #: Frames for this port that found its driver without a free receive buffer,
+        #: oldest first (at most RING_BACKLOG_FRAMES / RING_BACKLOG_BYTES).
+        self.backlog: deque[tuple[NetHdr, bytes]] = deque()
+        self.backlog_bytes = 0
+        self._flush_timer: Any = None
+        self._device: Any = None  # the NetDevice (its ``active``)
+
+    def attach(self, sink: FrameSink) -> None:
+        """The port's device."""
+        super().attach(sink)
+        self._device = sink
+
+    def deliver(self, hdr: NetHdr, frame: bytes | memoryview) -> bool | None:
+        """Hand a frame to the driver, or queue it while the driver has no free
+        receive buffer (then and while older frames wait): True delivered or queued,
+        False dropped by the device (counted there), None: the backlog is full."""
+        sink = self.sink
+        if sink is None:
+            return None
+        if not self.backlog and (sink.rx_buffers_available() or not self._device.active):
+            return sink.receive(hdr, frame)  # no driver attached: dropped, counted there
+        if (
+            len(self.backlog) >= RING_BACKLOG_FRAMES
+            or self.backlog_bytes + len(frame) > RING_BACKLOG_BYTES
+        ):
+            return None
+        self.backlog.append((hdr, bytes(frame)))
+        self.backlog_bytes += len(frame)
+        self.count("ring_backlogged")
+        return True
+
+    def resume_rx(self) -> None:
+        """The driver posted receive buffers after having none: deliver the backlog
+        (from the loop, right after the drain that took the buffers)."""
+        if self.backlog and self._flush_timer is None and self.sink is not None:
+            self._flush_timer = self.sink.call_later(0.0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_timer = None
+        sink = self.sink
+        backlog = self.backlog
+        while backlog and sink is not None and sink.rx_buffers_available():
+            hdr, frame = backlog.popleft()  # bounded: the backlog's length
+            self.backlog_bytes -= len(frame)
+            sink.receive(hdr, frame)
+
+    def reset(self) -> None:
+        """The port's driver is gone: the frames waiting for it are dropped."""
+        if self.backlog:
+            self.count("ring_backlog_dropped_reset", len(self.backlog))
+        self.backlog.clear()
+        self.backlog_bytes = 0
 
     def offloads(self) -> frozenset[str]:
         """Offloaded frames cross as they are (a receiving device shapes them)."""
@@ -1494,6 +1554,15 @@ class SwitchServer:
     def _send_local(
         self, number: int, link: _Link, hdr: NetHdr, frame: bytes | memoryview, flooded: bool
     ) -> None:
+        if link.ring is not None:
+            took = link.ring.deliver(hdr, frame)
+            if took is None:
+                self.core.count_full(number)
+            elif took:
+                self.core.count_tx(number, len(frame), flooded)
+            else:  # refused by the device (link down, over its MTU: counted there)
+                self.core.count_drop(number)
+            return
         if link.local is not None and link.local(hdr, frame):
             self.core.count_tx(number, len(frame), flooded)
         else:
@@ -1622,8 +1691,9 @@ class SwitchServer:
         endpoint = f"{self.endpoint}.ring{index}"
         mac = bytes((0x02, 0x76, 0x6C)) + os.urandom(3)  # locally administered, unicast
         port = self.core.add_port(f"ring{index}", mac=mac, accepts=OFFLOADS, pid=os.getpid())
-        device = NetDevice(_RingBackend(self, port.number), mac=mac, mtu=mtu)
-        self._links[port.number] = _Link(local=device.receive)
+        backend = _RingBackend(self, port.number)
+        device = NetDevice(backend, mac=mac, mtu=mtu)
+        self._links[port.number] = _Link(local=device.receive, ring=backend)
         runtime = DeviceRuntime(
             device,
             endpoint,
