@@ -1018,13 +1018,13 @@ class RxGate:
 @dataclass(slots=True)
 class _Link:
     """How the server reaches one port: a ZeroMQ peer, or in this process (the TAP
-    backend's ``send``, a ring port device's ``receive``)."""
+    backend's ``send``; a ring port's backend, which hands frames to its device)."""
 
     peer: bytes | None = None
     local: Callable[[NetHdr, bytes | memoryview], bool] | None = None
     watch: PeerProcess | None = None
     batch: bool = False  # the port said it takes batch messages
-    ring: _RingBackend | None = None  # a ring port (``local`` is its device's receive)
+    ring: _RingBackend | None = None  # a ring port
 
 
 class _RingBackend(NetBackend):
@@ -1693,7 +1693,7 @@ class SwitchServer:
         port = self.core.add_port(f"ring{index}", mac=mac, accepts=OFFLOADS, pid=os.getpid())
         backend = _RingBackend(self, port.number)
         device = NetDevice(backend, mac=mac, mtu=mtu)
-        self._links[port.number] = _Link(local=device.receive, ring=backend)
+        self._links[port.number] = _Link(ring=backend)
         runtime = DeviceRuntime(
             device,
             endpoint,

@@ -25,12 +25,14 @@ and is a port of the switch, so nothing sleeps or polls.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,22 @@ BACKEND_START_S = 20.0
 
 
 # =========================================================================== helpers
+
+
+@contextlib.contextmanager
+def running_switch() -> Iterator[Switch]:
+    """A started :class:`Switch` in a runtime directory of its own; stopped and the
+    directory removed on the way out (the body of the tests' ``switch`` fixtures)."""
+    from hostops.rundir import RuntimeDir
+
+    rundir = RuntimeDir.create()
+    sw = Switch(rundir)
+    sw.start()
+    try:
+        yield sw
+    finally:
+        sw.stop()
+        rundir.cleanup()
 
 
 class Switch:

@@ -340,15 +340,9 @@ sys.stdin.read()
 """
 
 
-def test_sigkilled_kernel_leaves_nothing_and_the_next_one_resets_the_device(
-    devices: Devices, image: str
-) -> None:
-    """A kernel SIGKILLed while attached leaves nothing in /dev/shm (its region is a
-    memfd, gone with the last mapping), and the next kernel that attaches brings the
-    device up again (the device reset itself when the kernel died: see the
-    ``kernels_gone`` test below)."""
-    ep = devices.endpoint()
-    p = devices.start("blk", "--image", image, ep=ep)
+def _attach_a_kernel_child_and_kill_it(ep: str) -> int:
+    """A kernel in a child process attaches to ``ep`` (its memory: its memfd through
+    /proc, nothing in /dev/shm), then is SIGKILLed; returns its pid."""
     child = subprocess.Popen(
         [sys.executable, "-c", KERNEL_CHILD, ep],
         stdin=subprocess.PIPE,
@@ -363,11 +357,27 @@ def test_sigkilled_kernel_leaves_nothing_and_the_next_one_resets_the_device(
         assert path.startswith(f"/proc/{child.pid}/fd/")
         assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"vlab-{child.pid}-")]
         child.kill()
-        child.wait(TIMEOUT)
+        assert child.wait(TIMEOUT) == -signal.SIGKILL
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(TIMEOUT)
+        for f in (child.stdin, child.stdout):
+            if f is not None:
+                f.close()
+    return child.pid
+
+
+def test_sigkilled_kernel_leaves_nothing_and_the_next_one_resets_the_device(
+    devices: Devices, image: str
+) -> None:
+    """A kernel SIGKILLed while attached leaves nothing in /dev/shm (its region is a
+    memfd, gone with the last mapping), and the next kernel that attaches brings the
+    device up again (the device reset itself when the kernel died: see the
+    ``kernels_gone`` test below)."""
+    ep = devices.endpoint()
+    p = devices.start("blk", "--image", image, ep=ep)
+    _attach_a_kernel_child_and_kill_it(ep)
     with kernel.boot(devices=[kernel.Attach(ep)]) as k:
         fd = k.sys.open("/dev/vda", os.O_RDWR)
         assert k.sys.pread(fd, 512, 0) == b"k" * 512
@@ -382,26 +392,7 @@ def test_sigkilled_kernel_resets_the_device_at_once(devices: Devices, image: str
     and the next kernel attaches, sees the count and the data, and works."""
     ep = devices.endpoint()
     p = devices.start("blk", "--image", image, ep=ep)
-    child = subprocess.Popen(
-        [sys.executable, "-c", KERNEL_CHILD, ep],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=str(ROOT),
-    )
-    try:
-        assert child.stdout is not None
-        ready, _, _ = select.select([child.stdout], [], [], TIMEOUT)
-        assert ready, "the kernel child did not attach"
-        assert child.stdout.readline().decode().startswith(f"/proc/{child.pid}/fd/")
-        child.kill()
-        assert child.wait(TIMEOUT) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(TIMEOUT)
-        for f in (child.stdin, child.stdout):
-            if f is not None:
-                f.close()
+    kpid = _attach_a_kernel_child_and_kill_it(ep)
     # Nobody else talks to the device: it reset on its own. (The pidfd and this
     # request may be ready in the same round: a bounded series of round trips.)
     with ControlClient(ep, peer_alive=p.alive) as c:
@@ -413,7 +404,7 @@ def test_sigkilled_kernel_resets_the_device_at_once(devices: Devices, image: str
             raise AssertionError(f"the device never noticed: {devices.log_text()}")
         status = decode_reply(c.call(encode_request("GET_STATUS"), timeout_s=TIMEOUT))
     assert status["status"] == 0
-    assert f"the attached kernel (pid {child.pid}) exited: resetting" in devices.log_text()
+    assert f"the attached kernel (pid {kpid}) exited: resetting" in devices.log_text()
     with kernel.boot(devices=[kernel.Attach(ep)]) as k:
         dev = k.devices[0]
         assert dev.pid == p.pid

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netpeer import Peer, Switch
+from netpeer import Peer, Switch, running_switch
 
 import kernel
-from hostops.rundir import RuntimeDir
 from kernel import hijack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -115,14 +114,8 @@ def _needs_tcp() -> None:
 
 @pytest.fixture
 def switch() -> Iterator[Switch]:
-    rundir = RuntimeDir.create()
-    sw = Switch(rundir)
-    sw.start()
-    try:
+    with running_switch() as sw:
         yield sw
-    finally:
-        sw.stop()
-        rundir.cleanup()
 
 
 @pytest.fixture

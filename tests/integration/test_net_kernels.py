@@ -18,10 +18,9 @@ import random
 from collections.abc import Iterator
 
 import pytest
-from netpeer import Nics, Peer, Switch
+from netpeer import Nics, Peer, Switch, running_switch
 
 import kernel
-from hostops.rundir import RuntimeDir
 from kernel.files import SO_BROADCAST, SOL_SOCKET
 
 pytestmark = pytest.mark.integration
@@ -29,14 +28,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def switch() -> Iterator[Switch]:
-    rundir = RuntimeDir.create()
-    sw = Switch(rundir)
-    sw.start()
-    try:
+    with running_switch() as sw:
         yield sw
-    finally:
-        sw.stop()
-        rundir.cleanup()
 
 
 @pytest.fixture(params=["zmq", "vhost-user"])

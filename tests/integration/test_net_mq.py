@@ -23,11 +23,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from netpeer import Switch
+from netpeer import Switch, running_switch
 
 import kernel
 import kernel.virtio_net
-from hostops.rundir import RuntimeDir
 from hostops.sync import start_thread
 from kernel.files import SHUT_WR, SOCK_STREAM
 from vdev.virtio.net import rx_queue_index, tx_queue_index
@@ -50,14 +49,8 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def switch() -> Iterator[Switch]:
-    rundir = RuntimeDir.create()
-    sw = Switch(rundir)
-    sw.start()
-    try:
+    with running_switch() as sw:
         yield sw
-    finally:
-        sw.stop()
-        rundir.cleanup()
 
 
 @pytest.fixture(scope="module")

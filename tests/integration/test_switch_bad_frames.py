@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from netpeer import NetBackendProcess, Peer, Switch
+from netpeer import NetBackendProcess, Peer, Switch, running_switch
 
 import kernel
-from hostops.rundir import RuntimeDir
 from hostops.sync import Condition, Event, Lock
 from kernel.bus import VirtioBus, VirtioDriver
 from kernel.files import SO_BROADCAST, SOL_SOCKET
@@ -301,14 +300,8 @@ class RawNetDriver(VirtioDriver):
 
 @pytest.fixture
 def switch() -> Iterator[Switch]:
-    rundir = RuntimeDir.create()
-    sw = Switch(rundir)
-    sw.start()
-    try:
+    with running_switch() as sw:
         yield sw
-    finally:
-        sw.stop()
-        rundir.cleanup()
 
 
 @pytest.fixture

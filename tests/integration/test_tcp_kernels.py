@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netpeer import Switch
+from netpeer import Switch, running_switch
 from tcppeer import TcpPeer, pattern
 
 import kernel
-from hostops.rundir import RuntimeDir
 from hostops.sync import start_thread
 from kernel.files import SHUT_WR, SOCK_STREAM
 
@@ -36,14 +35,8 @@ PEER_IP = "10.0.0.2"
 
 @pytest.fixture(scope="module")
 def switch() -> Iterator[Switch]:
-    rundir = RuntimeDir.create()
-    sw = Switch(rundir)
-    sw.start()
-    try:
+    with running_switch() as sw:
         yield sw
-    finally:
-        sw.stop()
-        rundir.cleanup()
 
 
 @pytest.fixture(scope="module")

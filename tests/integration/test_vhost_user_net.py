@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from netpeer import NetBackendProcess, Switch
+from netpeer import NetBackendProcess, Switch, running_switch
 
 import kernel
 from hostops.errors import PeerGone
-from hostops.rundir import RuntimeDir
 from hostops.unix import UnixConnection, UnixServer
 from kernel.specs import NET_FRONTEND_FEATURES
 from vdev.virtio import DeviceId, F, NetF, bit
@@ -63,14 +62,8 @@ OFFLOADS = bit(NetF.CSUM) | bit(NetF.GUEST_CSUM) | bit(NetF.HOST_TSO4) | bit(Net
 
 @pytest.fixture
 def switch() -> Iterator[Switch]:
-    rundir = RuntimeDir.create()
-    sw = Switch(rundir)
-    sw.start()
-    try:
+    with running_switch() as sw:
         yield sw
-    finally:
-        sw.stop()
-        rundir.cleanup()
 
 
 @pytest.fixture
