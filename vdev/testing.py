@@ -75,9 +75,11 @@ from types import TracebackType
 
 from hostops.shm import PageAllocator
 from vdev.device import PENDING, RING_FEATURES, Device, Pending
+from vdev.netbackend import NetBackend
 from vdev.session import DeviceSession, Ring
 from vdev.virtio import DriverQueue, F, FlatMemory, RingLayout, bit
 from vdev.virtio.errors import UsageError
+from vdev.virtio.net import NetHdr
 from vdev.virtio.queue import Chain
 from vdev.virtio.ring import DESC, USED_ELEM
 
@@ -100,6 +102,7 @@ __all__ = [
     "CASE_BLOCK_BYTES",
     "REFUSED_KINDS",
     "RING_KINDS",
+    "RecordingBackend",
 ]
 
 _ALIGN = 64
@@ -1094,3 +1097,51 @@ def hostile_driver(
             case = random_case(rng, qs, [chosen[i % len(chosen)]])
             driver.run(case)
         return driver.report
+
+
+class RecordingBackend(NetBackend):
+    """A virtio-net backend for tests: it records every frame the device sends
+    (:attr:`sent`, header and bytes; :attr:`frames`, the bytes alone), answers
+    ``send`` with :attr:`accept`, takes the ``offloads`` it is given, and plays frames
+    to the device as if they came from outside (:meth:`play`)::
+
+        wire = RecordingBackend()
+        with DeviceHarness(NetDevice(wire, mac=MAC)) as h:
+            ...                                 # transmit on queue 1
+            assert wire.frames == [frame]
+    """
+
+    name = "recording"
+
+    def __init__(self, offloads: frozenset[str] = frozenset(), accept: bool = True) -> None:
+        super().__init__()
+        self._offloads = offloads
+        #: What :meth:`send` returns (False: the backend "drops" every frame).
+        self.accept = accept
+        #: Every frame the device sent: ``(header, frame bytes)``, oldest first.
+        self.sent: list[tuple[NetHdr, bytes]] = []
+        #: True once the device closed the backend.
+        self.closed = False
+
+    @property
+    def frames(self) -> list[bytes]:
+        """The frames sent, without their headers."""
+        return [f for _, f in self.sent]
+
+    def offloads(self) -> frozenset[str]:
+        """The offloads given to the constructor."""
+        return self._offloads
+
+    def send(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
+        """Record the frame; return :attr:`accept`."""
+        self.sent.append((hdr, bytes(frame)))
+        return self.accept
+
+    def play(self, frame: bytes, hdr: NetHdr | None = None) -> bool:
+        """Deliver ``frame`` to the device (``NetDevice.receive``); its answer."""
+        assert self.sink is not None, "the backend is not attached to a device"
+        return self.sink.receive(hdr if hdr is not None else NetHdr(), frame)
+
+    def close(self) -> None:
+        """Remember that the device closed it."""
+        self.closed = True

@@ -29,6 +29,7 @@ from vdev.net import (
 from vdev.net_pcap import PcapBackend
 from vdev.netbackend import NetBackend
 from vdev.session import DeviceSession, Ring
+from vdev.testing import RecordingBackend as Wire
 from vdev.virtio import (
     DeviceId,
     DriverQueue,
@@ -130,30 +131,6 @@ CSUM_HDR = NetHdr(HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=16)
 
 
 # --------------------------------------------------------------------------- the rig
-
-
-class Wire(NetBackend):
-    """A backend that records what the device hands it; ``accept`` says what ``send``
-    returns."""
-
-    name = "wire"
-
-    def __init__(self, offloads: frozenset[str] = frozenset(), accept: bool = True) -> None:
-        super().__init__()
-        self._offloads = offloads
-        self.accept = accept
-        self.sent: list[tuple[NetHdr, bytes]] = []
-        self.closed = False
-
-    def offloads(self) -> frozenset[str]:
-        return self._offloads
-
-    def send(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
-        self.sent.append((hdr, bytes(frame)))
-        return self.accept
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class Transport:

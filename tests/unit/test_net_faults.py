@@ -14,8 +14,8 @@ import pytest
 import vdev.net
 from vdev.injector import FaultInjector
 from vdev.net import REORDER_MAX_HOLD_S, NetDevice
-from vdev.netbackend import NetBackend
 from vdev.testing import DeviceHarness
+from vdev.testing import RecordingBackend as Wire
 from vdev.virtio.faults import FaultPlan
 from vdev.virtio.net import NET_HDR_SIZE, RX_QUEUE, S_LINK_UP, TX_QUEUE, NetHdr
 
@@ -23,24 +23,6 @@ pytestmark = pytest.mark.timeout(60)
 
 MAC = b"\x02\x00\x00\x00\x00\x01"
 HDR = NetHdr().pack()
-
-
-class Wire(NetBackend):
-    """A backend that keeps every frame the device sends, and plays frames to it."""
-
-    name = "wire"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent: list[bytes] = []
-
-    def send(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
-        self.sent.append(bytes(frame))
-        return True
-
-    def play(self, frame: bytes) -> bool:
-        assert self.sink is not None
-        return self.sink.receive(NetHdr(), frame)
 
 
 def frame(i: int, n: int = 64) -> bytes:
@@ -72,7 +54,7 @@ class Nic:
             assert self.h.request(TX_QUEUE, out=[HDR + frame(i)]).len == 0
 
     def sent(self) -> list[int]:
-        return [number(f) for f in self.wire.sent]
+        return [number(f) for f in self.wire.frames]
 
     def post(self, n: int) -> None:
         for _ in range(n):
@@ -185,7 +167,7 @@ def test_corrupt_byte_after_the_virtio_header(nics: list[Nic]) -> None:
 def test_corrupt_byte_on_tx_beyond_the_frame(nics: list[Nic]) -> None:
     n = nic(nics, rule("net.tx", "corrupt_byte", params={"offset": 5000}))
     n.tx(1)
-    assert n.wire.sent == [frame(1)] and n.m["faults_out_of_range"] == 1
+    assert n.wire.frames == [frame(1)] and n.m["faults_out_of_range"] == 1
 
 
 # --------------------------------------------------------------------------- reorder, delay

@@ -15,8 +15,8 @@ import pytest
 
 import vdev.net
 from vdev.net import NET_FEATURES, NET_MQ_COUNTERS, NetDevice
-from vdev.netbackend import NetBackend
 from vdev.testing import HOSTILE_KINDS, DeviceHarness, hostile_driver
+from vdev.testing import RecordingBackend as Wire
 from vdev.virtio import F, NetF, ProtocolError, bit
 from vdev.virtio.net import (
     CTRL_CLASS_MQ,
@@ -42,20 +42,6 @@ REMOTE = bytes([10, 0, 0, 2])
 RING = bit(F.VERSION_1) | bit(F.EVENT_IDX)
 MQ = bit(NetF.MQ) | bit(NetF.CTRL_VQ)
 HDR = NetHdr().pack()
-
-
-class Wire(NetBackend):
-    """Records every frame the device hands it."""
-
-    name = "wire"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent: list[bytes] = []
-
-    def send(self, hdr: NetHdr, frame: bytes | memoryview) -> bool:
-        self.sent.append(bytes(frame))
-        return True
 
 
 def udp(src: bytes, sport: int, dst: bytes, dport: int, payload: bytes = b"x" * 20) -> bytes:
@@ -262,7 +248,7 @@ def test_received_frames_follow_the_last_transmit_pair(harnesses: list[DeviceHar
     post_rx(h, 1)
     transmit(h, 1, out(1000))
     transmit(h, 0, out(1001))
-    assert wire.sent == [out(1000), out(1001)]
+    assert wire.frames == [out(1000), out(1001)]
     assert dev.receive(NetHdr(), back(1000)) and dev.receive(NetHdr(), back(1001))
     assert received_on(h, 2) == {0: [back(1001)], 1: [back(1000)]}
     # the flow moves to the other pair: its answers follow
