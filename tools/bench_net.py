@@ -755,7 +755,7 @@ def _run_net(
                 vpeer.close()
                 npeer.close()
     stages = "CPU time per received packet, by process on the virtio path (µs):"
-    _report(rows, as_json, plot, stage_rows if stages_table else None, stages, _queue_pairs())
+    _report(rows, as_json, plot, stage_rows if stages_table else None, stages, _queue_pairs(), ring)
     _profile_done(profiler, as_json)
     return 0
 
@@ -823,9 +823,10 @@ def _report(
     stage_rows: list[list[Any]] | None,
     stages_title: str,
     queue_pairs: int = 1,
+    ring: bool = False,
 ) -> None:
     """Print the rows (and the per-process table), draw the plot."""
-    _print(rows, as_json, queue_pairs)
+    _print(rows, as_json, queue_pairs, ring)
     if stage_rows is not None and not as_json:
         print()
         print(stages_title)
@@ -851,7 +852,7 @@ def _run_net_tcp(
     with _bench_switch(TCP_MTU if ring else None) as (switch_ep, switch_pid):
         rows, stage_rows = _run_tcp(wanted, seconds, switch_ep, switch_pid, profiler)
     stages = "CPU time per MiB received, by process on the virtio path (ms):"
-    _report(rows, as_json, plot, stage_rows if stages_table else None, stages, _queue_pairs())
+    _report(rows, as_json, plot, stage_rows if stages_table else None, stages, _queue_pairs(), ring)
     _profile_done(profiler, as_json)
     return 0
 
@@ -924,11 +925,13 @@ def _row(
     return row, cpu
 
 
-def _print(rows: list[NetRow], as_json: bool, queue_pairs: int = 1) -> None:
+def _print(rows: list[NetRow], as_json: bool, queue_pairs: int = 1, ring: bool = False) -> None:
+    ports = "ring" if ring else "device processes"
     if as_json:
-        print(json.dumps({"queue_pairs": queue_pairs, "rows": [asdict(r) for r in rows]}))
+        doc = {"queue_pairs": queue_pairs, "ports": ports, "rows": [asdict(r) for r in rows]}
+        print(json.dumps(doc))
     else:
-        print(f"virtio-net queue pairs: {queue_pairs}")
+        print(f"virtio-net queue pairs: {queue_pairs}; switch ports: {ports}")
         print(
             render_table(
                 ["workload", "unit", "virtio", "native", "virtio/native", "kicks/pkt", "irqs/pkt"],

@@ -555,3 +555,29 @@ def test_bad_ring_options_exit_2_with_one_line(args: list[str], says: str, tmp_p
     assert says in r.stderr, r.stderr
     assert r.stdout == ""
     assert os.listdir(tmp_path) == []  # it never listened
+
+
+def test_vlab_bench_net_on_ring_ports_reports_them(tmp_path: Path) -> None:
+    """``vlab bench net --ring``: both kernels on ring ports; the JSON says so and the
+    rows carry traffic; ``--ring`` with ``--queue-pairs`` is a usage error."""
+    import json
+    import sys
+
+    vlab = [sys.executable, "-m", "tools.cli", "bench", "net"]
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    r = subprocess.run(
+        [*vlab, "--ring", "--seconds", "0.2", "--json", "--only", "udp-1024"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout.splitlines()[-1])
+    assert doc["ports"] == "ring" and doc["queue_pairs"] == 1
+    assert [row["name"] for row in doc["rows"]] == ["udp-1024"]
+    assert doc["rows"][0]["virtio"] > 0 and doc["rows"][0]["native"] > 0
+    bad = subprocess.run(
+        [*vlab, "--ring", "--queue-pairs", "2"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
