@@ -75,7 +75,8 @@ work per wake-up (``budget`` messages).
 
 *Ring ports* (``--ring-ports N``): the switch itself serves N virtio-net devices
 (:class:`vdev.net.NetDevice`, control endpoint ``<ENDPOINT>.ring<i>``, MAC
-``02:76:6c:xx:xx:xx``, MTU ``--ring-mtu``) the way a ``--shm-by-name`` device process
+``02:76:6c:xx:xx:xx`` from a hash of that endpoint -- the same after a restart --,
+MTU ``--ring-mtu``) the way a ``--shm-by-name`` device process
 does: a kernel attaches to one (``kernel.Attach("ipc://.../sw.sock.ring0", ip=...)``,
 one kernel per port at a time), the switch maps that kernel's memory, and the port's
 rings are served by the switch's own loop (each device's
@@ -112,6 +113,7 @@ stderr, exit 2. The switch also exits when the process that launched it with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
 import json
 import os
@@ -1689,7 +1691,9 @@ class SwitchServer:
         from vdev.runtime import DeviceRuntime
 
         endpoint = f"{self.endpoint}.ring{index}"
-        mac = bytes((0x02, 0x76, 0x6C)) + os.urandom(3)  # locally administered, unicast
+        # locally administered, unicast, from the endpoint: a switch restarted on the
+        # same endpoint gives its ports the MACs the attached kernels already use
+        mac = bytes((0x02, 0x76, 0x6C)) + hashlib.sha256(endpoint.encode()).digest()[:3]
         port = self.core.add_port(f"ring{index}", mac=mac, accepts=OFFLOADS, pid=os.getpid())
         backend = _RingBackend(self, port.number)
         device = NetDevice(backend, mac=mac, mtu=mtu)
