@@ -215,7 +215,7 @@ import argparse
 import importlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Protocol
 
 from hostops.clock import monotonic
@@ -241,6 +241,7 @@ from vdev.virtio.net import (
     MAX_MTU,
     MAX_QUEUE_PAIRS,
     MIN_MTU,
+    NET_HDR,
     NET_HDR_SIZE,
     RX_QUEUE,
     S_LINK_UP,
@@ -387,6 +388,8 @@ NET_FAULT_COUNTERS = (
 
 
 _PLAIN = NetHdr()
+#: Distinct transmit headers a device remembers (then it forgets them all).
+_HDR_CACHE = 64
 _VLAN_TAG = ETHERTYPE_VLAN.to_bytes(2, "big")
 
 
@@ -473,6 +476,10 @@ class NetDevice(Device):
         self._backend_csum = "csum" in offloads
         self._backend_tso4 = "tso4" in offloads
         self._tx_views = backend.takes_views
+        # transmit headers seen, raw bytes -> parsed, and parsed -> what the backend
+        # gets (both at most _HDR_CACHE entries; NetHdr is immutable)
+        self._tx_hdrs: dict[bytes, NetHdr] = {}
+        self._tx_out: dict[NetHdr, NetHdr] = {}
         backend.attach(self)  # its watches and timers start when the runtime does
 
     # ------------------------------------------------------------------ Device API
@@ -733,10 +740,16 @@ class NetDevice(Device):
             m.inc("tx_bad_frames")  # §5.1.6.2: header + at least an Ethernet header
             return
         first = chain.readable[0]
-        if len(first) >= NET_HDR_SIZE:
-            hdr = NetHdr.unpack(first)
-        else:
-            hdr = NetHdr.unpack(chain.read(0, NET_HDR_SIZE))
+        raw = bytes(first[:NET_HDR_SIZE]) if len(first) >= NET_HDR_SIZE else None
+        if raw is None:
+            raw = chain.read(0, NET_HDR_SIZE)
+        hdr = self._tx_hdrs.get(raw)  # a stream's frames mostly share one header
+        if hdr is None:
+            hdr = NetHdr.unpack(raw)
+            if len(self._tx_hdrs) >= _HDR_CACHE:  # bounded: the driver picks the bytes
+                self._tx_hdrs.clear()
+                self._tx_out.clear()
+            self._tx_hdrs[raw] = hdr
         if len(first) == chain.readable_len:  # the usual layout: one buffer
             # a view for a backend that copies it on (the driver may rewrite its
             # buffer under us: the lengths checked stay what they were, a view's
@@ -779,14 +792,16 @@ class NetDevice(Device):
         send = self.backend.send
         if hdr.gso_type != GSO_NONE:
             if self._backend_tso4:
-                out = NetHdr(
-                    HDR_F_NEEDS_CSUM,
-                    hdr.gso_type,
-                    hdr.hdr_len,
-                    hdr.gso_size,
-                    hdr.csum_start,
-                    hdr.csum_offset,
-                )
+                out = self._tx_out.get(hdr)
+                if out is None:
+                    out = self._tx_out[hdr] = NetHdr(
+                        HDR_F_NEEDS_CSUM,
+                        hdr.gso_type,
+                        hdr.hdr_len,
+                        hdr.gso_size,
+                        hdr.csum_start,
+                        hdr.csum_offset,
+                    )
                 if not send(out, frame):
                     m.inc("tx_dropped_backend")
                     return False
@@ -801,9 +816,11 @@ class NetDevice(Device):
             return ok
         if needs_csum:
             if self._backend_csum:
-                out = NetHdr(
-                    HDR_F_NEEDS_CSUM, csum_start=hdr.csum_start, csum_offset=hdr.csum_offset
-                )
+                out = self._tx_out.get(hdr)
+                if out is None:
+                    out = self._tx_out[hdr] = NetHdr(
+                        HDR_F_NEEDS_CSUM, csum_start=hdr.csum_start, csum_offset=hdr.csum_offset
+                    )
                 if not send(out, frame):
                     m.inc("tx_dropped_backend")
                     return False
@@ -920,7 +937,28 @@ class NetDevice(Device):
                 m.inc(f"rxq{pair + 1}_dropped_no_buffer")
             return False
         total = NET_HDR_SIZE + n
-        if not self._mrg:
+        first_chain = rx[0]
+        if self._mrg and first_chain.writable_len >= total:
+            # the usual case with MRG_RXBUF: one buffer holds the frame (num_buffers 1)
+            rx.popleft()
+            buf = first_chain.writable[0]
+            if len(buf) >= total:
+                NET_HDR.pack_into(
+                    buf,
+                    0,
+                    hdr.flags,
+                    hdr.gso_type,
+                    hdr.hdr_len,
+                    hdr.gso_size,
+                    hdr.csum_start,
+                    hdr.csum_offset,
+                    1,
+                )
+                buf[NET_HDR_SIZE:total] = frame
+            else:
+                self._fill(first_chain, replace(hdr, num_buffers=1), frame, 0, n)
+            self.complete(rxq, first_chain, total)
+        elif not self._mrg:
             chain = rx[0]
             if chain.writable_len < total:
                 m.inc("rx_dropped_too_big")  # one buffer per frame without MRG_RXBUF
