@@ -241,7 +241,6 @@ from vdev.virtio.net import (
     MAX_MTU,
     MAX_QUEUE_PAIRS,
     MIN_MTU,
-    NET_HDR,
     NET_HDR_SIZE,
     RX_QUEUE,
     S_LINK_UP,
@@ -943,17 +942,7 @@ class NetDevice(Device):
             rx.popleft()
             buf = first_chain.writable[0]
             if len(buf) >= total:
-                NET_HDR.pack_into(
-                    buf,
-                    0,
-                    hdr.flags,
-                    hdr.gso_type,
-                    hdr.hdr_len,
-                    hdr.gso_size,
-                    hdr.csum_start,
-                    hdr.csum_offset,
-                    1,
-                )
+                hdr.pack_into(buf, 0, num_buffers=1)
                 buf[NET_HDR_SIZE:total] = frame
             else:
                 self._fill(first_chain, replace(hdr, num_buffers=1), frame, 0, n)
@@ -985,15 +974,7 @@ class NetDevice(Device):
             chains = [rx.popleft() for _ in range(count)]
             # §5.1.6.4: num_buffers in the first header; every buffer but the last is
             # used up to its full length
-            head = NetHdr(
-                hdr.flags,
-                hdr.gso_type,
-                hdr.hdr_len,
-                hdr.gso_size,
-                hdr.csum_start,
-                hdr.csum_offset,
-                count,
-            )
+            head = replace(hdr, num_buffers=count)
             done = 0
             lens: list[int] = []
             for i, chain in enumerate(chains):

@@ -153,8 +153,11 @@ class NetHdr:
             self.num_buffers,
         )
 
-    def pack_into(self, buf: memoryview | bytearray, offset: int = 0) -> None:
-        """Write the header into ``buf`` at ``offset``."""
+    def pack_into(
+        self, buf: memoryview | bytearray, offset: int = 0, num_buffers: int | None = None
+    ) -> None:
+        """Write the header into ``buf`` at ``offset`` (with ``num_buffers`` instead of
+        this header's own, when given: a receive header written as it is delivered)."""
         NET_HDR.pack_into(
             buf,
             offset,
@@ -164,7 +167,7 @@ class NetHdr:
             self.gso_size,
             self.csum_start,
             self.csum_offset,
-            self.num_buffers,
+            self.num_buffers if num_buffers is None else num_buffers,
         )
 
     @classmethod
