@@ -846,13 +846,7 @@ class BlockDevice:
         """Publish every chain queued with ``kick=False`` (one doorbell per queue at
         most)."""
         for h in self._hctx:
-            q = h.queue
-            with q.lock:
-                if q.failed is not None or q.paused:
-                    continue
-                need = q.publish()
-            if need:
-                q.notify()
+            h.queue.kick()
 
     def _check_range(self, offset: int, length: int) -> None:
         if not isinstance(offset, int) or not isinstance(length, int):

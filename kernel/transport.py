@@ -835,9 +835,7 @@ class VirtioTransport:
                     continue
                 # the queues are rebuilt (armed) by a recovery, or gone
                 self._unarmed.clear()
-                if self._armed_waiters:
-                    with self._armed:
-                        self._armed.notify_all()
+                self._tell_armed()
                 # a recovery may replace the sources (a new process): let go of them
                 for src in sources:
                     try:
@@ -857,8 +855,7 @@ class VirtioTransport:
             self.fail(io_error(errno.EIO, crash, culprit="device-gone"))
         finally:
             self._unarmed.clear()  # the thread is gone: nobody polls
-            with self._armed:
-                self._armed.notify_all()
+            self._tell_armed()
             for src in (*sources, waker):
                 try:
                     poller.unregister(src)
@@ -900,6 +897,10 @@ class VirtioTransport:
             self.service_queue(q)
         unarmed.clear()
         self._armed_at = monotonic()
+        self._tell_armed()
+
+    def _tell_armed(self) -> None:
+        """Wake :meth:`wait_armed` callers (the queues polled have changed)."""
         if self._armed_waiters:
             with self._armed:
                 self._armed.notify_all()

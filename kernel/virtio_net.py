@@ -624,12 +624,7 @@ class NetLink:
         with self._tx_room:
             self._tx_room.notify_all()
         # publish what was added while the batch completed
-        if q is None:
-            q = self.txq
-        with q.lock:
-            need = q.publish() if q.failed is None and not q.paused else False
-        if need:
-            q.notify()
+        (q if q is not None else self.txq).kick()
 
     def _tx_reset(
         self, tokens: list[Any], error: OSError | None, q: KernelQueue | None = None

@@ -71,10 +71,11 @@ import argparse
 import os
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vdev.virtio.constants import MAX_QUEUE_SIZE
+from vdev.virtio.net import MAX_QUEUE_PAIRS
 from vdev.virtio.poll import DEFAULT_POLL_US, MAX_POLL_US
 from vdev.virtio.units import parse_size
 
@@ -108,26 +109,23 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _num_queues(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= n <= 16:
-        raise argparse.ArgumentTypeError(f"{n} queues: not in 1..16")
-    return n
+def _count(what: str, most: int) -> Callable[[str], int]:
+    """A parser of a count of ``what`` in 1..``most`` (queues, queue pairs)."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not 1 <= n <= most:
+            raise argparse.ArgumentTypeError(f"{n} {what}: not in 1..{most}")
+        return n
+
+    return parse
 
 
-def _queue_pairs(text: str) -> int:
-    from vdev.virtio.net import MAX_QUEUE_PAIRS
-
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= n <= MAX_QUEUE_PAIRS:
-        raise argparse.ArgumentTypeError(f"{n} queue pairs: not in 1..{MAX_QUEUE_PAIRS}")
-    return n
+_num_queues = _count("queues", 16)  # blk --num-queues
+_queue_pairs = _count("queue pairs", MAX_QUEUE_PAIRS)  # net --queue-pairs
 
 
 def _queue_size(text: str) -> int:

@@ -544,8 +544,7 @@ class Device:
         """
         host = self._session
         if host is None:
-            if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
-                raise UsageError(f"queue {queue!r} does not exist ({self.num_queues} queues)")
+            self._check_queue(queue)
             return 0
         return host.pull_available(queue)
 
@@ -554,10 +553,15 @@ class Device:
         for and not yet completed or released)."""
         host = self._session
         if host is None:
-            if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
-                raise UsageError(f"queue {queue!r} does not exist ({self.num_queues} queues)")
+            self._check_queue(queue)
             return 0
         return host.kept(queue)
+
+    def _check_queue(self, queue: object) -> None:
+        """UsageError unless ``queue`` is one of this device's queue indices (asked
+        with no session attached)."""
+        if not isinstance(queue, int) or not 0 <= queue < self.num_queues:
+            raise UsageError(f"queue {queue!r} does not exist ({self.num_queues} queues)")
 
     # ------------------------------------------------------------------ fault injection
     def faults(

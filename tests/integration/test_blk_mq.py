@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from callbacks import Done
 
 import kernel
-from hostops.sync import Condition, Lock
 from kernel.errors import culprit_of
 from vdev.virtio.trace import read_events
 
@@ -53,23 +53,6 @@ def _run(threads: list[threading.Thread]) -> None:
     for t in threads:
         t.join(WAIT_S)
     assert not any(t.is_alive() for t in threads)
-
-
-class Done:
-    """Counts block callbacks; wait for a number of them (no sleeps)."""
-
-    def __init__(self) -> None:
-        self.results: list[Any] = []
-        self._cond = Condition(Lock())
-
-    def __call__(self, result: Any) -> None:
-        with self._cond:
-            self.results.append(result)
-            self._cond.notify_all()
-
-    def wait_for(self, n: int) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.results) >= n, WAIT_S)
 
 
 # --------------------------------------------------------------------------- data

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from callbacks import Done
 
 import kernel
 from hostops.rundir import sweep_stale_rundirs
 from hostops.shm import sweep_stale_segments
-from hostops.sync import Condition, Lock
 from vdev.virtio.trace import read_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -99,23 +99,6 @@ def _device_irqs(events: list[dict[str, Any]], dev: str) -> tuple[int, dict[str,
     exits = _by(events, dev=dev, side="device", kind="proc", event="exit")
     assert len(exits) == 1, "the device process recorded its exit"
     return irqs, exits[0]["counters"]
-
-
-class Done:
-    """Counts block callbacks; wait for a number of them (no sleeps)."""
-
-    def __init__(self) -> None:
-        self.results: list[Any] = []
-        self._cond = Condition(Lock())
-
-    def __call__(self, result: Any) -> None:
-        with self._cond:
-            self.results.append(result)
-            self._cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 20.0) -> None:
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.results) >= n, timeout)
 
 
 def test_traced_blk_session(tmp_path: Path) -> None:
